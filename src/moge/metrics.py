@@ -1,0 +1,52 @@
+"""Load-balance metrics (spec section 3): device loads, Imbalance Score, max/mean load, expert CV.
+
+Shape legend: T tokens, K experts per token, N experts, D devices (each owning a contiguous block of
+N/D experts; with one group per device, device g is group g).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check(num_experts: int, num_devices: int) -> None:
+    if num_devices < 1 or num_experts % num_devices:
+        raise ValueError(f"num_experts={num_experts} must be divisible by num_devices={num_devices} "
+                         f"(devices own contiguous equal blocks of experts)")
+
+
+def device_loads(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> Tensor:
+    """``T_i(X)``: token-expert pairs landing on each device, ``[D]`` int64."""
+    _check(num_experts, num_devices)
+    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    return device_loads_from_counts(counts_N, num_devices)
+
+
+def device_loads_from_counts(expert_counts_N: Tensor, num_devices: int) -> Tensor:
+    """Per-device loads from per-expert counts ``[N] -> [D]``."""
+    _check(expert_counts_N.numel(), num_devices)
+    return expert_counts_N.reshape(num_devices, -1).sum(-1)
+
+
+def imbalance_score(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> float:
+    """``IS(X) = (max_i T_i - min_i T_i) / |X|`` with |X| the number of tokens (rows of ids)."""
+    loads_D = device_loads(expert_ids_TK, num_experts, num_devices)
+    t = expert_ids_TK.shape[0]
+    if t == 0:
+        raise ValueError("imbalance_score of an empty batch (0 tokens) is undefined")
+    return float(loads_D.max() - loads_D.min()) / t
+
+
+def max_over_mean_load(loads: Tensor) -> float:
+    """Busiest device's load over the mean load: the step-time factor under expert parallelism."""
+    loads = loads.float()
+    mean = loads.mean()
+    return float(loads.max() / mean) if float(mean) > 0 else 1.0
+
+
+def expert_load_cv(expert_ids_TK: Tensor, num_experts: int) -> float:
+    """Coefficient of variation (std / mean, population std) of per-expert token counts."""
+    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).double()
+    mean = counts_N.mean()
+    return float(counts_N.std(unbiased=False) / mean) if float(mean) > 0 else 0.0
