@@ -1,0 +1,80 @@
+"""Expert parallelism on CPU/gloo with 2 and 4 real processes (see ``_worker.py`` for the checks)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moge.layer import MoGELayer
+from moge.parallel import (ExpertParallelError, apply_expert_parallel, init_distributed, is_expert_sharded,
+                           shard_named_tensor)
+
+from .launch import launch
+
+WORKER = "tests/parallel/_worker.py"
+
+
+def _ok(results, scenario):
+    for r in results:
+        assert r.returncode == 0 and f"OK {scenario}" in r.stdout, f"rank {r.rank} failed:\n{r.stderr[-4000:]}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_matches_single_device_and_moge_dispatch_is_sync_free(world):
+    """Outputs, stats and gradients (input, router, router_scale, shared, experts) for MoGE, top-K and
+    group-limited equal the single-device layer; state dicts round-trip; the MoGE dispatch passes only
+    equal splits and never syncs with the host; mismatched configs are caught."""
+    _ok(launch([WORKER, "equivalence"], world), "equivalence")
+
+
+@pytest.mark.timeout(120)
+def test_rank_that_raises_stops_the_others_naming_it():
+    t0 = time.monotonic()
+    res = launch([WORKER, "raise"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "30"})
+    assert time.monotonic() - t0 < 60
+    assert res[1].returncode not in (0, None) and "injected failure on rank 1" in res[1].stderr
+    assert res[0].returncode not in (0, None), res[0].stdout
+    assert "RankFailedError" in res[0].stderr and "rank 1 failed: ValueError: injected failure on rank 1" \
+        in res[0].stderr, res[0].stderr[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_stuck_rank_makes_the_others_fail_at_the_timeout():
+    res = launch([WORKER, "hang"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "4"}, kill_ranks_after={1})
+    assert res[0].returncode not in (0, None), "rank 0 should give up after the collective timeout"
+    assert "RankFailedError" in res[0].stderr and "no rank reported an error" in res[0].stderr, res[0].stderr[-3000:]
+
+
+def test_groups_must_divide_ranks_and_single_process_is_identity(monkeypatch):
+    for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.group) == (0, 1, None)
+    layer = MoGELayer(8, 6, 3, 4, 0, num_groups=3)
+    assert apply_expert_parallel(layer, None) is layer  # one rank: nothing to shard
+    with pytest.raises(ExpertParallelError, match=r"M=3 .*E=2"):
+        _fake_world(layer, 2)
+
+
+def _fake_world(layer, world):
+    import moge.parallel.expert_parallel as ep
+    real = ep.rank_and_world
+    ep.rank_and_world = lambda group: (0, world)
+    try:
+        return ep.ExpertParallelMoGELayer(layer, None)
+    finally:
+        ep.rank_and_world = real
+
+
+def test_shard_named_tensor_splits_only_expert_tensors():
+    full = torch.arange(8 * 3).view(8, 3)
+    assert is_expert_sharded("layers.0.mlp.experts.gate_up_proj")
+    assert is_expert_sharded("experts.down_proj.exp_avg")
+    assert not is_expert_sharded("layers.0.mlp.shared_expert.down_proj.weight")
+    assert torch.equal(shard_named_tensor("mlp.experts.down_proj", full, 1, 4), full[2:4])
+    assert shard_named_tensor("mlp.gate.weight", full, 1, 4) is full
+    with pytest.raises(ExpertParallelError, match="divisible"):
+        shard_named_tensor("mlp.experts.down_proj", full, 0, 3)
