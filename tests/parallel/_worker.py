@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moge.layer import MoGELayer
-from moge.parallel import (ConfigMismatchError, apply_expert_parallel, check_config_consistent, fault_guard,
+from moge.parallel import (ConfigMismatchError, ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent, fault_guard,
                            full_state_dict, init_distributed, is_expert_sharded, load_full_state_dict,
                            sync_gradients)
 
@@ -148,6 +148,33 @@ def check_no_host_sync(group, rank: int, world: int) -> None:
     assert calls and calls[0][0] == torch.int64, f"top-K should exchange int64 counts first: {calls}"
 
 
+def check_model(group, rank: int, world: int) -> None:
+    """A whole decoder: EP (experts sharded, the rest data parallel) + sync_gradients == one process."""
+    from moge.config import get_config
+    from moge.model import MoGEForCausalLM
+    cfg = get_config("debug", router_aux_loss_coef=0.0, experts_backend="eager")
+    torch.manual_seed(0)
+    model = MoGEForCausalLM(cfg).double()
+    ids = torch.randint(0, cfg.vocab_size, (world * 2, 8), generator=torch.Generator().manual_seed(3))
+    mine = slice(rank * 2, (rank + 1) * 2)
+    ref = copy.deepcopy(model)
+    ref(ids, labels=ids).loss.backward()
+    ep = apply_expert_parallel(copy.deepcopy(model), group)
+    n_ep = sum(isinstance(m, ExpertParallelMoGELayer) for m in ep.modules())
+    assert n_ep == cfg.num_hidden_layers, f"{n_ep} layers sharded"
+    ep(ids[mine], labels=ids[mine]).loss.backward()
+    sync_gradients(ep, group)
+    ref_params = dict(ref.named_parameters())
+    n_local = cfg.num_experts // world
+    for name, p in ep.named_parameters():
+        want = ref_params[name].grad
+        if is_expert_sharded(name):
+            want = want[rank * n_local:(rank + 1) * n_local]
+        close(p.grad, want, f"model grad of {name}", 1e-6)
+    full = full_state_dict(ep, group)
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+
+
 def check_config(group, rank: int, world: int) -> None:
     cfg = {"hidden_size": 16, "router": "moge", "seed": 0}
     check_config_consistent(cfg, group)  # equal: passes
@@ -172,6 +199,7 @@ def main() -> None:
             check_equivalence(group, rank, world, router, torch.float64, "eager")
             check_equivalence(group, rank, world, router, torch.float32, "auto")
         check_no_host_sync(group, rank, world)
+        check_model(group, rank, world)
     elif scenario in ("raise", "hang"):
         ep = apply_expert_parallel(make_layer("moge", torch.float32, "auto"), group)
         with fault_guard(info, grace_s=2.0):
