@@ -6,9 +6,9 @@ and, for each router/dispatcher variant, measures on one EP-sharded layer:
 * step time: forward + backward of the layer on every rank's local tokens, between barriers (the
   slowest rank sets it), median over ``--steps``;
 * per-rank expert compute: the expert MLPs' forward + backward on exactly the rows that rank received,
-  replayed *one rank at a time* (the others wait at a barrier) and taking the minimum over ``--steps``
-  repeats, so each number is that rank's own work with as little interference as the machine allows;
-  max/mean over ranks is the load-imbalance factor of the step;
+  replayed *one rank at a time* (the others wait at a barrier), minimum over ``--steps`` repeats. On
+  CPU it is the process CPU time (one thread per rank), so other processes sharing the cores do not
+  inflate it; on GPU it is synchronised wall time. max/mean over ranks is the imbalance factor;
 * token-expert pairs per rank (max/mean).
 
 Usage: ``PYTHONPATH=src python benchmarks/bench_ep.py --ranks 2 4 8 --out benchmarks/RESULTS_EP.md``.
@@ -62,6 +62,8 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend, rank=rank, world_size=world, timeout=timedelta(seconds=300))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # On CPU, a rank's own work is its process CPU time: immune to other processes sharing the cores.
+    clock = time.perf_counter if cuda else time.process_time
     rows = []
     for router, dispatch in VARIANTS:
         torch.manual_seed(0)
@@ -103,11 +105,11 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
                 times = []
                 for _ in range(args.steps):
                     sync()
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     out = real(xs, captured["ids"], captured["w"], ep.experts.gate_up_proj, ep.experts.down_proj)
                     out.square().mean().backward()
                     sync()
-                    times.append(time.perf_counter() - t0)
+                    times.append(clock() - t0)
                 compute_s = min(times)  # min: robust to other processes on a shared machine
         dist.barrier()
         mine = dict(router=router, dispatch=dispatch, step_s=statistics.median(step_s), step_min_s=min(step_s),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from moge.layer import MoGELayer
 from moge.parallel import (ConfigMismatchError, ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent, fault_guard,
-                           full_state_dict, init_distributed, is_expert_sharded, load_full_state_dict,
+                           clip_grad_norm_, full_state_dict, init_distributed, is_expert_sharded, load_full_state_dict,
                            sync_gradients)
 
 H, F, SHARED, T = 16, 12, 10, 6  # hidden, expert width, shared width, tokens per rank
@@ -164,6 +164,11 @@ def check_model(group, rank: int, world: int) -> None:
     assert n_ep == cfg.num_hidden_layers, f"{n_ep} layers sharded"
     ep(ids[mine], labels=ids[mine]).loss.backward()
     sync_gradients(ep, group)
+    # global-norm clipping sees the unsharded norm and clips every shard by the same factor
+    norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    norm_ep = clip_grad_norm_(ep, 0.05, group)
+    close(norm_ep.double(), norm_ref.double(), "global grad norm", 1e-6)
+    assert norm_ref > 0.05, "test must actually clip"
     ref_params = dict(ref.named_parameters())
     n_local = cfg.num_experts // world
     for name, p in ep.named_parameters():

@@ -12,12 +12,12 @@ from .distributed import (ConfigMismatchError, DistInfo, RankFailedError, check_
                           fault_guard, init_distributed)
 from .expert_parallel import (ExpertParallelError, ExpertParallelMoGELayer, apply_expert_parallel, fixed_split_moe,
                               variable_split_moe)
-from .state import (full_state_dict, gather_named_tensor, is_expert_sharded, load_full_state_dict,
+from .state import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather_named_tensor, is_expert_sharded, load_full_state_dict,
                     shard_named_tensor, sync_gradients)
 
 __all__ = [
     "ConfigMismatchError", "DistInfo", "ExpertParallelError", "ExpertParallelMoGELayer", "RankFailedError",
-    "all_to_all", "apply_expert_parallel", "check_config_consistent", "failed_ranks", "fault_guard",
+    "all_reduce_mean", "all_to_all", "apply_expert_parallel", "check_config_consistent", "clip_grad_norm_", "failed_ranks", "fault_guard",
     "fixed_split_moe", "full_state_dict", "gather_named_tensor", "init_distributed", "is_expert_sharded",
     "load_full_state_dict", "rank_and_world", "shard_named_tensor", "sync_gradients", "variable_split_moe",
 ]

@@ -73,6 +73,47 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
             offset += g.numel()
 
 
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None) -> Tensor:
+    """Global gradient-norm clipping of an expert-parallel model (call after :func:`sync_gradients`).
+
+    The norm is the one the unsharded model would have: replicated gradients (equal on every rank)
+    count once, expert shards are summed over ranks. Returns the total norm before clipping, like
+    ``torch.nn.utils.clip_grad_norm_``, which it equals for a single process. Costs one scalar
+    all-reduce and no host sync.
+    """
+    _, world = rank_and_world(group)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if world == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoGELayer)
+               for p in m.experts.parameters()}
+    device = params[0].grad.device if params else torch.device("cpu")
+    shard_sq = torch.zeros((), dtype=torch.float32, device=device)
+    repl_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        sq = p.grad.detach().float().square().sum()
+        if id(p) in sharded:
+            shard_sq += sq
+        else:
+            repl_sq += sq
+    dist.all_reduce(shard_sq, group=group)
+    total = (shard_sq + repl_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return total
+
+
+def all_reduce_mean(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Mean of ``t`` over ranks (a new tensor; ``t`` itself for one process), e.g. for logging losses."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out / world
+
+
 def shard_named_tensor(name: str, full: Tensor, rank: int, world: int) -> Tensor:
     """This rank's part of the unsharded tensor ``name``: its expert block if sharded, else ``full``."""
     if world == 1 or not is_expert_sharded(name):
