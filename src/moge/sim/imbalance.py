@@ -338,7 +338,7 @@ def plot_study(study: dict, path: str | Path, hist_tokens: int, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.3))
     key = str(hist_tokens)
     is_topk, is_moge = study["topk"][key]["is"], study["moge"][key]["is"]
     step = 1.0 / hist_tokens
@@ -353,16 +353,20 @@ def plot_study(study: dict, path: str | Path, hist_tokens: int, title: str = "")
     ax1.set_title(f"IS distribution, |X| = {hist_tokens} tokens")
     ax1.legend()
     ts = sorted(int(t) for t in study["topk"])
-    for router, color in (("topk", "tab:red"), ("moge", "tab:blue")):
-        ax2.plot(ts, [study[router][str(t)]["p_imbalanced"] for t in ts], "o-", color=color,
-                 label=f"{router}: P(IS>0)")
-        ax2.plot(ts, [study[router][str(t)]["mean_max_over_mean_load"] for t in ts], "s--", color=color,
-                 label=f"{router}: E[max/mean load]")
-    ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("tokens per batch |X|")
-    ax2.set_title("imbalance vs batch size")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    for router, color, label in (("topk", "tab:red", "top-K"), ("moge", "tab:blue", "MoGE")):
+        ax2.plot(ts, [study[router][str(t)]["p_imbalanced"] for t in ts], "o-", color=color, label=label)
+        ax3.plot(ts, [study[router][str(t)]["mean_max_over_mean_load"] for t in ts], "s-", color=color,
+                 label=f"{label}: mean")
+        ax3.plot(ts, [study[router][str(t)]["p99_max_over_mean_load"] for t in ts], "^:", color=color,
+                 label=f"{label}: 99th percentile")
+    for ax in (ax2, ax3):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per batch |X|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_title("P(IS > 0): probability a batch is imbalanced")
+    ax3.set_title("busiest device load / mean load")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
