@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "moge.train",
     "generate": "moge.generate",
     "convert": "moge.checkpoint",
-    "info": "moge.model",
+    "info": "moge.info",
     "route": "moge.routing_demo",
     "simulate": "moge.sim.cli",
 }

@@ -1,0 +1,273 @@
+"""The Pangu Pro MoE decoder language model (spec section 5), single-device, at any size.
+
+Shape legend
+    B  batch        S  new positions in this call     P  cached positions     L = P + S
+    H  hidden size  V  vocabulary                     h  query heads           g  key/value heads
+    D  head dim
+
+Pre-RMSNorm decoder layers: grouped-query attention with biases on q, k, v and o, rotate-half RoPE,
+PyTorch SDPA; the MoGE layer (or a dense SwiGLU for ``mlp_only_layers``) as the MLP; final RMSNorm;
+an untied output head. Module names equal the published checkpoint's tensor names, except that the
+routed experts are stacked (``mlp.experts.gate_up_proj [N,2F,H]``, ``mlp.experts.down_proj [N,H,F]``).
+Expert parallelism lives in :mod:`moge.parallel` and wraps this code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoGEConfig
+from .experts import SwiGLU
+from .layer import MoGELayer, RouterStats
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (GPT-NeoX / Llama) RoPE tables for given positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # Not persistent: recomputed from the config, and ignored in checkpoints (spec section 5).
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs_BSd = position_ids_BS.float().unsqueeze(-1) * self.inv_freq.float()
+        emb_BSD = torch.cat([freqs_BSd, freqs_BSd], dim=-1)
+        return emb_BSD.cos().to(dtype), emb_BSD.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BhSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
+    return x_BhSD * cos_BSD.unsqueeze(1) + rotate_half(x_BhSD) * sin_BSD.unsqueeze(1)
+
+
+class KVCache:
+    """Growing per-layer key/value cache for incremental decoding.
+
+    Same ``update`` / ``get_seq_length`` interface as Hugging Face's ``DynamicCache``, so the model
+    accepts either.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(self, k_BgSD: Tensor, v_BgSD: Tensor, layer_idx: int, cache_kwargs: dict | None = None):
+        """Append this call's keys/values for ``layer_idx`` and return the full ``[B,g,L,D]`` tensors."""
+        if layer_idx == len(self.keys):
+            self.keys.append(k_BgSD)
+            self.values.append(v_BgSD)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k_BgSD], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v_BgSD], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self.keys = [k.index_select(0, beam_idx) for k in self.keys]
+        self.values = [v.index_select(0, beam_idx) for v in self.values]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with q/k/v/o biases and RoPE, through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, config: MoGEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                  config.resolved_head_dim)
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=True)
+
+    def forward(self, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        b, s, _ = x_BSH.shape
+        q = self.q_proj(x_BSH).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSH).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSH).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        # Without a mask, causal masking is implicit: only valid when queries and keys start together.
+        causal = mask_B1SL is None and s > 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: MoGEConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = (MoGELayer.from_config(config) if self.is_moe
+                    else SwiGLU(config.hidden_size, config.dense_intermediate_size))
+
+    def forward(self, x_BSH: Tensor, cos_sin, mask, cache) -> tuple[Tensor, RouterStats | None]:
+        x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache)
+        h_BSH = self.post_attention_layernorm(x_BSH)
+        if self.is_moe:
+            m_BSH, stats = self.mlp(h_BSH)
+        else:
+            m_BSH, stats = self.mlp(h_BSH), None
+        return x_BSH + m_BSH, stats
+
+
+@dataclass
+class ModelOutput:
+    """What :class:`MoGEForCausalLM` returns; ``loss`` is the LM loss only, ``aux_loss`` the routers' sum."""
+    logits: Tensor | None
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    router_stats: list[RouterStats | None] = field(default_factory=list)
+    past_key_values: KVCache | None = None
+    hidden_states: Tensor | None = None
+
+
+def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past: int,
+                         device: torch.device) -> Tensor | None:
+    """Boolean SDPA mask ``[B,1,S,L]`` (True = attend), or None when plain causal masking suffices.
+
+    Queries are the last S of L positions. Padded keys are masked; a query whose every key is masked
+    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs).
+    """
+    if attention_mask_BL is None and (past == 0 or s == 1):
+        return None
+    L = past + s
+    q_pos_S = torch.arange(past, L, device=device)
+    allowed_SL = torch.arange(L, device=device).view(1, L) <= q_pos_S.view(s, 1)
+    mask_B1SL = allowed_SL.view(1, 1, s, L).expand(b, 1, s, L)
+    if attention_mask_BL is not None:
+        if attention_mask_BL.shape != (b, L):
+            raise ValueError(f"attention_mask must be [B, past+S] = [{b}, {L}], got {tuple(attention_mask_BL.shape)}")
+        mask_B1SL = mask_B1SL & attention_mask_BL.bool().view(b, 1, 1, L)
+        self_SL = torch.zeros(s, L, dtype=torch.bool, device=device)
+        self_SL[torch.arange(s, device=device), q_pos_S] = True
+        mask_B1SL = mask_B1SL | (self_SL & ~mask_B1SL.any(-1, keepdim=True))
+    return mask_B1SL
+
+
+class MoGEModel(nn.Module):
+    """Embedding, decoder layers and the final norm (no output head)."""
+
+    def __init__(self, config: MoGEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+
+    def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+                inputs_embeds: Tensor | None = None) -> tuple[Tensor, list[RouterStats | None]]:
+        x_BSH = self.embed_tokens(input_ids_BS) if inputs_embeds is None else inputs_embeds
+        b, s, _ = x_BSH.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: a row's first real token is position 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + s, device=x_BSH.device).expand(b, s)
+        cos_sin = self.rotary(position_ids, x_BSH.dtype)
+        mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
+        stats: list[RouterStats | None] = []
+        for layer in self.layers:
+            x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
+            stats.append(st)
+        return self.norm(x_BSH), stats
+
+
+class MoGEForCausalLM(nn.Module):
+    """Pangu Pro MoE causal LM: :class:`MoGEModel` plus an untied ``lm_head``."""
+
+    def __init__(self, config: MoGEConfig):
+        super().__init__()
+        self.config = config
+        self.model = MoGEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms and scales."""
+        std = self.config.initializer_range
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.normal_(0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+            elif isinstance(mod, MoGELayer):
+                mod.router_scale.fill_(1.0)
+                mod.experts.reset_parameters(std)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """Logits ``[B,S,V]``; with ``labels`` the shifted mean cross-entropy (``-100`` ignored).
+
+        ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
+        """
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        logits = self.lm_head(h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        aux = [st.aux_loss + st.z_loss for st in stats if st is not None]
+        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None,
+                           router_stats=stats, past_key_values=past_key_values if use_cache else None)
+
+
+def count_parameters(config: MoGEConfig) -> dict[str, int]:
+    """Total and per-token activated parameters, counted on the meta device (nothing is allocated).
+
+    Activated counts every parameter a token touches, embedding and output head included (spec
+    section 5): all but the (N - K) unchosen routed experts of each MoE layer.
+    """
+    with torch.device("meta"):
+        model = MoGEForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for layer in model.model.layers:
+        if layer.is_moe:
+            per_expert = sum(p[0].numel() for p in layer.mlp.experts.parameters())
+            idle += (config.num_experts - config.num_experts_per_tok) * per_expert
+    return {"total": total, "activated": total - idle}
