@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--decode-batch", type=int, default=4)
     p.add_argument("--decode-context", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is used)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repetitions (the fastest is used)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for calibration and comparison")
     p.add_argument("--json", action="store_true")
     p.set_defaults(_sim=_run_calibrate)
 

@@ -46,6 +46,10 @@ class HardwareProfile:
     # measured (flops per matmul, achieved GFLOP/s) points; when present the GEMM rate is interpolated
     # from them instead of peak x matmul_eff (small GEMMs on a CPU run far below the large-GEMM rate)
     matmul_curve: tuple[tuple[float, float], ...] = field(default=())
+    # measured (flops per attention call, achieved GFLOP/s) of scaled-dot-product attention, likewise
+    attn_curve: tuple[tuple[float, float], ...] = field(default=())
+    # measured (expert-matmul flops per call, achieved GFLOP/s) of the whole routed-experts operator
+    experts_curve: tuple[tuple[float, float], ...] = field(default=())
     source: str = ""
 
     def compute_tflops(self, weights: str) -> float:
@@ -61,13 +65,16 @@ class HardwareProfile:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["matmul_curve"] = [list(p) for p in self.matmul_curve]
+        d["attn_curve"] = [list(p) for p in self.attn_curve]
+        d["experts_curve"] = [list(p) for p in self.experts_curve]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "HardwareProfile":
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw["matmul_curve"] = tuple(tuple(map(float, p)) for p in kw.get("matmul_curve", ()))
+        for key in ("matmul_curve", "attn_curve", "experts_curve"):
+            kw[key] = tuple(tuple(map(float, p)) for p in kw.get(key, ()))
         try:
             return cls(**kw)
         except TypeError as e:

@@ -30,15 +30,16 @@ from .imbalance import expected_max_over_mean
 WEIGHT_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 KV_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 
-# Eager PyTorch ops per simulator operator (counted from a plain single-device implementation: RMSNorm
-# = to-float, pow, mean, add, rsqrt, mul, cast, weight-mul; RoPE = cos/sin slicing + rotate-half on q
-# and k; router = linear, float, softmax, group view, top-k, gather, scale multiply; grouped_mm experts =
-# argsort, bincount, cumsum, gather, 2 grouped mms, chunk, silu, mul, weight gather/mul, zeros,
-# index_add). Used only by ``eager`` profiles (the local CPU); fused profiles count 1 per operator.
+# Eager PyTorch (aten) ops per simulator operator, as dispatched by this package's single-device model
+# (``moge.model``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
+# 3-D input = t + addmm + 2 views); RoPE with the head views/transposes 14; KV-cache concat + SDPA + output
+# reshapes 13; o_proj 4; router plus its inference-time statistics (counts, aux loss) 30; grouped_mm
+# experts 20; shared SwiGLU 8; embedding + RoPE tables 7. Used only by ``eager`` profiles (the local
+# CPU); fused profiles count one launch per operator.
 EAGER_LAUNCHES = {
-    "embed": 1, "attn_norm": 8, "qkv_proj": 3, "rope": 12, "attention": 6, "o_proj": 1, "residual": 1,
-    "mlp_norm": 8, "router": 8, "experts": 16, "shared_expert": 5, "dense_mlp": 5, "final_norm": 8,
-    "lm_head": 1,
+    "embed": 7, "attn_norm": 6, "qkv_proj": 12, "rope": 14, "attention": 13, "o_proj": 4, "residual": 1,
+    "mlp_norm": 6, "router": 30, "experts": 20, "shared_expert": 8, "dense_mlp": 8, "final_norm": 6,
+    "lm_head": 4,
 }
 
 
@@ -258,18 +259,35 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
     # all tokens of a shared-expert TP group (it spans shared_tp cards = shared_tp/attn_tp DP ranks' slices)
     t_shared = min(t_total, t_sp * L.shared_tp)
 
-    def gemm_ms(flops: float, rate_tflops: float) -> float:
-        if hw.matmul_curve:
-            return flops / (_interp_rate(hw.matmul_curve, flops) * 1e9) * 1e3
+    def gemm_ms(flops: float, rate_tflops: float, calls: float) -> float:
+        # eager profiles run an operator as `calls` separate matmuls (e.g. one per active expert on a
+        # CPU grouped_mm); with a measured curve each call runs at the rate of its own size
+        if hw.matmul_curve and flops > 0:
+            per = flops / max(calls, 1.0)
+            return max(calls, 1.0) * per / (_interp_rate(hw.matmul_curve, per) * 1e9) * 1e3
         return flops / (rate_tflops * 1e12) * 1e3
 
     def launches(name: str) -> float:
         return (EAGER_LAUNCHES.get(name, 1) if hw.eager else 1) * hw.op_overhead_us / 1e3
 
-    def compute(name: str, count: int, flops: float, nbytes: float, rate: float = gemm_tflops, gemm: bool = True) -> OpCost:
-        cm = gemm_ms(flops, rate) if gemm else flops / (rate * 1e12) * 1e3
+    def compute(name: str, count: int, flops: float, nbytes: float, rate: float = gemm_tflops,
+                kind: str = "gemm", calls: float = 1.0) -> OpCost:
+        """``kind``: gemm (matmul rate), attn / experts (the measured curve of that operator if the profile
+        has one), vector (element-wise)."""
+        if kind == "gemm":
+            cm = gemm_ms(flops, rate, calls if hw.eager else 1.0)
+        elif kind == "attn" and hw.attn_curve and flops > 0:
+            cm = flops / (_interp_rate(hw.attn_curve, flops) * 1e9) * 1e3
+        elif kind == "experts" and hw.experts_curve and flops > 0:
+            cm = flops / (_interp_rate(hw.experts_curve, flops) * 1e9) * 1e3
+        elif kind == "experts":
+            cm = gemm_ms(flops, rate, calls if hw.eager else 1.0)
+        else:
+            cm = flops / (rate * 1e12) * 1e3
+        # a measured experts curve already includes that operator's dispatch overhead
+        over = 0.0 if kind == "experts" and hw.experts_curve else launches(name)
         return OpCost(name, "compute", count, flops, nbytes, compute_ms=cm, memory_ms=nbytes / bw * 1e3,
-                      overhead_ms=launches(name))
+                      overhead_ms=over)
 
     def comm(name: str, count: int, nbytes: float, steps: int) -> OpCost:
         if steps <= 0 or nbytes <= 0:
@@ -284,28 +302,28 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
         return nbytes_full * (ranks - 1) / ranks, 1 if hw.full_mesh else ranks - 1
 
     layers = c.num_hidden_layers
-    ops: list[OpCost] = [compute("embed", 1, 0.0, t_a * h * emb_b * 2, gemm=False)]
+    ops: list[OpCost] = [compute("embed", 1, 0.0, t_a * h * emb_b * 2, kind="vector")]
 
     # attention block (every layer)
     ag = ring(t_a * h * ab, L.attn_tp)
-    ops.append(compute("attn_norm", layers, 4 * t_sp * h, 2 * t_sp * h * ab, gemm=False))
+    ops.append(compute("attn_norm", layers, 4 * t_sp * h, 2 * t_sp * h * ab, kind="vector"))
     ops.append(comm("attn_allgather", layers, *ag))
     qkv_out = (q_dim + 2 * kv_dim) / L.attn_tp
     ops.append(compute("qkv_proj", layers, 2 * t_a * h * qkv_out,
-                       h * qkv_out * wb + t_a * (h + qkv_out) * ab))
+                       h * qkv_out * wb + t_a * (h + qkv_out) * ab, calls=3))
     ops.append(compute("rope", layers, 6 * t_a * (q_dim + kv_dim) / L.attn_tp,
-                       2 * t_a * (q_dim + kv_dim) / L.attn_tp * ab, gemm=False))
+                       2 * t_a * (q_dim + kv_dim) / L.attn_tp * ab, kind="vector"))
     kv_card = 2 * kv_heads_card * hd
     attn_bytes = b_a * kv_len * kv_card * kvb + 2 * t_a * q_dim / L.attn_tp * ab
     if phase == "prefill":
         attn_bytes += t_a * kv_card * kvb                        # writing the new cache
     ops.append(compute("attention", layers, 4 * t_a * keys_per_query * q_dim / L.attn_tp, attn_bytes,
-                       rate=attn_tflops, gemm=False))
+                       rate=attn_tflops, kind="attn"))
     ops.append(compute("o_proj", layers, 2 * t_a * q_dim / L.attn_tp * h,
                        q_dim / L.attn_tp * h * wb + t_a * (q_dim / L.attn_tp + h) * ab))
     ops.append(comm("attn_reducescatter", layers, *ring(t_a * h * ab, L.attn_tp)))
-    ops.append(compute("residual", 2 * layers, t_sp * h, 3 * t_sp * h * ab, gemm=False))
-    ops.append(compute("mlp_norm", layers, 4 * t_sp * h, 2 * t_sp * h * ab, gemm=False))
+    ops.append(compute("residual", 2 * layers, t_sp * h, 3 * t_sp * h * ab, kind="vector"))
+    ops.append(compute("mlp_norm", layers, 4 * t_sp * h, 2 * t_sp * h * ab, kind="vector"))
 
     factor = 1.0
     if n_moe:
@@ -327,23 +345,24 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
         experts_rank = n // ep
         p_used = 1 - (1 - k / n) ** t_total                     # chance an expert gets >= 1 token
         ops.append(compute("experts", n_moe, 2 * pairs * 3 * h * f / etp,
-                           experts_rank * p_used * 3 * h * f / etp * wb + pairs * (2 * h + 3 * f / etp) * ab))
+                           experts_rank * p_used * 3 * h * f / etp * wb + pairs * (2 * h + 3 * f / etp) * ab,
+                           kind="experts", calls=2 * max(1.0, experts_rank * p_used)))
         if etp > 1:
             ops.append(comm("expert_tp_reduce", n_moe, *ring(pairs * h * ab, etp)))
         ops.append(comm("combine_all2all", n_moe, a2a_rows * h * ab, a2a_steps))
         if fs:
             ops.append(comm("shared_allgather", n_moe, *ring(t_shared * h * ab, L.shared_tp)))
             ops.append(compute("shared_expert", n_moe, 2 * t_shared * 3 * h * fs / L.shared_tp,
-                               3 * h * fs / L.shared_tp * wb + t_shared * (2 * h + 3 * fs / L.shared_tp) * ab))
+                               3 * h * fs / L.shared_tp * wb + t_shared * (2 * h + 3 * fs / L.shared_tp) * ab, calls=3))
             ops.append(comm("shared_reducescatter", n_moe, *ring(t_shared * h * ab, L.shared_tp)))
     if n_dense:
         fd = c.dense_intermediate_size
         ops.append(comm("mlp_allgather", n_dense, *ring(t_shared * h * ab, L.shared_tp)))
         ops.append(compute("dense_mlp", n_dense, 2 * t_shared * 3 * h * fd / L.shared_tp,
-                           3 * h * fd / L.shared_tp * wb + t_shared * (2 * h + 3 * fd / L.shared_tp) * ab))
+                           3 * h * fd / L.shared_tp * wb + t_shared * (2 * h + 3 * fd / L.shared_tp) * ab, calls=3))
         ops.append(comm("mlp_reducescatter", n_dense, *ring(t_shared * h * ab, L.shared_tp)))
     # logits only for each sequence's last position; vocab split over attention TP
-    ops.append(compute("final_norm", 1, 4 * b_a * h, 2 * b_a * h * ab, gemm=False))
+    ops.append(compute("final_norm", 1, 4 * b_a * h, 2 * b_a * h * ab, kind="vector"))
     v_card = c.vocab_size / L.attn_tp
     ops.append(compute("lm_head", 1, 2 * b_a * h * v_card, h * v_card * emb_b + b_a * v_card * 4, rate=attn_tflops))
 
