@@ -389,7 +389,7 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
     if check_memory and mem["total"] > usable:
         raise MemoryFitError(
             f"does not fit: needs {mem['total']:.1f} GB per card (weights {weights_gb:.1f} + KV cache "
-            f"{kv_gb:.1f} + activations {act_gb:.1f}) but a {hw.name} card has {usable:.1f} GB usable "
+            f"{kv_gb:.1f} + activations {act_gb:.1f}) but each {hw.name} card has {usable:.1f} GB usable "
             f"({hw.memory_gb:g} GB x {hw.usable_memory_frac:g}); use more cards, --weights int8, or a "
             f"smaller --batch / --context")
     return PerfResult(phase, batch, context, cards, L, step_ms, tps, step_ms if phase == "prefill" else None,
