@@ -68,7 +68,7 @@ def test_topk_busiest_device_is_slower_than_moge():
 
 
 def test_memory_check_refuses_impossible_fit():
-    with pytest.raises(MemoryFitError, match=r"does not fit: needs [0-9.]+ GB per card \\(weights"):
+    with pytest.raises(MemoryFitError, match=r"does not fit: needs [0-9.]+ GB per card \(weights"):
         simulate(PANGU, A2, 1, "decode", 1, 2048, "bf16")
     # the same model fits on 4 cards in int8
     res = simulate(PANGU, A2, 4, "decode", 1, 2048, "int8")
