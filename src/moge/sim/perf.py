@@ -343,7 +343,9 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
         ops.append(comm("dispatch_all2all", n_moe, a2a_rows * h * dispatch_b, a2a_steps))
         pairs = t_total * k / ep * factor                       # token-expert pairs on the busiest EP rank
         experts_rank = n // ep
-        p_used = 1 - (1 - k / n) ** t_total                     # chance an expert gets >= 1 token
+        # distinct experts the busiest rank must read: its pairs spread like balls into its expert bins
+        # (small decode batches are weight-read bound, so top-K's extra pairs mean extra weights too)
+        p_used = 1 - (1 - 1 / experts_rank) ** pairs if experts_rank > 1 else 1.0
         ops.append(compute("experts", n_moe, 2 * pairs * 3 * h * f / etp,
                            experts_rank * p_used * 3 * h * f / etp * wb + pairs * (2 * h + 3 * f / etp) * ab,
                            kind="experts", calls=2 * max(1.0, experts_rank * p_used)))
