@@ -284,8 +284,19 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
             cm = gemm_ms(flops, rate, calls if hw.eager else 1.0)
         else:
             cm = flops / (rate * 1e12) * 1e3
-        # a measured experts curve already includes that operator's dispatch overhead
-        over = 0.0 if kind == "experts" and hw.experts_curve else launches(name)
+        over = launches(name)
+        if hw.eager:
+            n_launch = EAGER_LAUNCHES.get(name, 1)
+            # measured curves time whole calls, dispatch included: do not charge those launches twice
+            if kind == "experts" and hw.experts_curve:
+                over = 0.0
+            elif kind == "gemm" and hw.matmul_curve:
+                over = max(0.0, n_launch - calls) * hw.op_overhead_us / 1e3
+            elif kind == "attn" and hw.attn_curve:
+                over = max(0.0, n_launch - 1) * hw.op_overhead_us / 1e3
+            elif kind == "vector":
+                # un-fused element-wise code makes one pass over the tensor per eager op
+                nbytes *= n_launch
         return OpCost(name, "compute", count, flops, nbytes, compute_ms=cm, memory_ms=nbytes / bw * 1e3,
                       overhead_ms=over)
 
