@@ -133,7 +133,8 @@ def _progress(total: int, desc: str):
 
 
 def _run_imbalance(args: argparse.Namespace) -> int:
-    from .imbalance import exact_imbalance, imbalance_study, load_frequencies, plot_study, ImbalanceInputError
+    from .imbalance import (ImbalanceInputError, check_shape, exact_imbalance, imbalance_study,
+                            load_frequencies, plot_study)
 
     freqs = None
     n = args.experts
@@ -144,6 +145,9 @@ def _run_imbalance(args: argparse.Namespace) -> int:
         elif n != len(freqs):
             raise ImbalanceInputError(f"{args.from_metrics} has {len(freqs)} experts but --experts is {n}")
     n = 64 if n is None else n
+    check_shape(n, args.k, args.devices)
+    if args.trials < 1 or min(args.tokens) < 1:
+        raise ImbalanceInputError("--trials and --tokens must be >= 1")
     hist_t = args.hist_tokens or (16 if 16 in args.tokens else args.tokens[0])
     tokens = list(dict.fromkeys(args.tokens + ([hist_t] if args.plot and hist_t not in args.tokens else [])))
     bar = _progress(2 * args.trials * len(tokens), "imbalance")

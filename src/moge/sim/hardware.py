@@ -169,4 +169,7 @@ def get_profile(name: str, calibration: str | Path | None = None, **overrides) -
         prof = PROFILES[name]
     else:
         raise HardwareError(f"unknown hardware {name!r}; choose one of {sorted(PROFILES)} or a profile .json")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(HardwareProfile)}
+    if unknown:
+        raise HardwareError(f"unknown hardware profile field(s) {sorted(unknown)}")
     return dataclasses.replace(prof, **overrides) if overrides else prof
