@@ -192,7 +192,7 @@ def _run_imbalance(args: argparse.Namespace) -> int:
 
 def _run_perf(args: argparse.Namespace) -> int:
     from .hardware import get_profile
-    from .perf import check_layout, default_layout, format_result, resolve_model, simulate, Layout
+    from .perf import check_layout, default_layout, format_result, resolve_model, simulate
 
     config = resolve_model(args.model)
     hw = get_profile(args.hardware, args.calibration, **_overrides(args.set))
