@@ -1,0 +1,111 @@
+"""Test helpers: a tiny random checkpoint in the published Pangu Pro MoE layout, written straight
+through safetensors (not through moge's writer), so loading is tested against an independent file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# The published config keys (spec section 5) -- deliberately WITHOUT num_groups: groups must read as
+# num_experts_per_tok (one expert per group), like the real Pangu Pro MoE config.
+TINY_CONFIG = {
+    "model_type": "PanGuMoE",
+    "architectures": ["PanGuMoEForCausalLM"],
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 16000000.0,
+    "tie_word_embeddings": False,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 24,
+    "num_experts_per_tok": 4,
+    "num_experts": 8,
+    "router_aux_loss_coef": 0.001,
+    "initializer_range": 0.02,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
+def published_tensors(cfg: dict, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random float32 weights under the exact published tensor names (one entry per expert matrix)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, mean=0.0):
+        return (torch.randn(*shape, generator=g) * std + mean).float()
+
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // nh
+    n, f, fs = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
+    t = {"model.embed_tokens.weight": rnd(v, h, mean=0.0) * 5, "model.norm.weight": rnd(h, mean=1.0),
+         "lm_head.weight": rnd(v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = rnd(h, mean=1.0)
+        t[p + "post_attention_layernorm.weight"] = rnd(h, mean=1.0)
+        for name, out in (("q", nh * d), ("k", nkv * d), ("v", nkv * d)):
+            t[p + f"self_attn.{name}_proj.weight"] = rnd(out, h)
+            t[p + f"self_attn.{name}_proj.bias"] = rnd(out)
+        t[p + "self_attn.o_proj.weight"] = rnd(h, nh * d)
+        t[p + "self_attn.o_proj.bias"] = rnd(h)
+        t[p + "mlp.gate.weight"] = rnd(n, h) * 5  # sharp router: clear per-group winners
+        t[p + "mlp.router_scale"] = rnd(1, n, mean=1.0)
+        for e in range(n):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = rnd(f, h)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = rnd(f, h)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = rnd(h, f)
+        t[p + "mlp.shared_expert.gate_proj.weight"] = rnd(fs, h)
+        t[p + "mlp.shared_expert.up_proj.weight"] = rnd(fs, h)
+        t[p + "mlp.shared_expert.down_proj.weight"] = rnd(h, fs)
+    return t
+
+
+def write_published_checkpoint(directory, cfg: dict | None = None, seed: int = 0, shards: int = 1,
+                               tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``config.json`` and the weights (one file, or ``shards`` files plus an index) and return the dir."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = dict(TINY_CONFIG if cfg is None else cfg)
+    tensors = published_tensors(cfg, seed) if tensors is None else tensors
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        save_file(part, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def train_tokenizer(path, lines: list[str] | None = None) -> Path:
+    """A tiny ByteLevel BPE tokenizer (``<pad>``=0, ``<bos>``=1, ``<eos>``=2) saved as ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    lines = lines or ["the quick brown fox jumps over the lazy dog", "hello world, hello moge",
+                      "mixture of grouped experts balances devices", "pangu pro moe generates text"] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    path = Path(path)
+    tok.save(str(path))
+    return path
