@@ -109,3 +109,78 @@ def train_tokenizer(path, lines: list[str] | None = None) -> Path:
     path = Path(path)
     tok.save(str(path))
     return path
+
+
+def reference_logits(tensors: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Independent float64 forward of Pangu Pro MoE written from the spec (no moge code), ``[B,S,V]``.
+
+    Embedding; per layer pre-RMSNorm GQA attention with q/k/v/o biases and rotate-half RoPE, then
+    pre-RMSNorm MoGE: global softmax over N router logits, top-K' in each of M contiguous groups
+    (M = num_groups or num_experts_per_tok), weight = score * router_scale (no renormalisation),
+    SwiGLU experts plus the ungated shared expert; final RMSNorm; untied head. No padding.
+    """
+    t = {k: v.double() for k, v in tensors.items()}
+    b, s = ids.shape
+    h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // nh
+    n, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    m = cfg.get("num_groups") or k
+    gsize, kg = n // m, k // m
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    def swiglu(x, wg, wu, wd):
+        a = x @ wg.T
+        return (a * torch.sigmoid(a) * (x @ wu.T)) @ wd.T
+
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(s, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+
+    def rope(x):  # [B, heads, S, d]
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    x = t["model.embed_tokens.weight"][ids]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(x, t[p + "input_layernorm.weight"])
+        q = (a @ t[p + "self_attn.q_proj.weight"].T + t[p + "self_attn.q_proj.bias"]).view(b, s, nh, d).transpose(1, 2)
+        kk = (a @ t[p + "self_attn.k_proj.weight"].T + t[p + "self_attn.k_proj.bias"]).view(b, s, nkv, d).transpose(1, 2)
+        vv = (a @ t[p + "self_attn.v_proj.weight"].T + t[p + "self_attn.v_proj.bias"]).view(b, s, nkv, d).transpose(1, 2)
+        q, kk = rope(q), rope(kk)
+        kk, vv = kk.repeat_interleave(nh // nkv, dim=1), vv.repeat_interleave(nh // nkv, dim=1)
+        att = (q @ kk.transpose(-1, -2)) / d ** 0.5
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        o = (att @ vv).transpose(1, 2).reshape(b, s, nh * d)
+        x = x + o @ t[p + "self_attn.o_proj.weight"].T + t[p + "self_attn.o_proj.bias"]
+
+        a = rms(x, t[p + "post_attention_layernorm.weight"]).reshape(b * s, h)
+        scores = (a @ t[p + "mlp.gate.weight"].T).softmax(-1)
+        scale = t[p + "mlp.router_scale"].reshape(n)
+        y = swiglu(a, t[p + "mlp.shared_expert.gate_proj.weight"], t[p + "mlp.shared_expert.up_proj.weight"],
+                   t[p + "mlp.shared_expert.down_proj.weight"])
+        for tok in range(b * s):
+            for g in range(m):
+                block = scores[tok, g * gsize:(g + 1) * gsize]
+                for local in torch.topk(block, kg).indices.tolist():
+                    e = g * gsize + local
+                    w = scores[tok, e] * scale[e]
+                    y[tok] += w * swiglu(a[tok], t[p + f"mlp.experts.{e}.gate_proj.weight"],
+                                         t[p + f"mlp.experts.{e}.up_proj.weight"],
+                                         t[p + f"mlp.experts.{e}.down_proj.weight"])
+        x = x + y.view(b, s, h)
+    x = rms(x, t["model.norm.weight"])
+    return x @ t["lm_head.weight"].T
+
+
+def greedy_uncached(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by re-running the full forward on the whole sequence each step (no cache)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    return ids
