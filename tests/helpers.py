@@ -7,8 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module", autouse=False)
+def single_thread():
+    """Run a test module with one intra-op thread: on a busy 2-core machine two threads spend most of
+    a tiny op waiting on each other (measured: SDPA on a toy shape 4 ms with 2 threads, 9 us with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # The published config keys (spec section 5) -- deliberately WITHOUT num_groups: groups must read as
 # num_experts_per_tok (one expert per group), like the real Pangu Pro MoE config.
@@ -95,7 +106,8 @@ def write_published_checkpoint(directory, cfg: dict | None = None, seed: int = 0
 
 
 def train_tokenizer(path, lines: list[str] | None = None) -> Path:
-    """A tiny ByteLevel BPE tokenizer (``<pad>``=0, ``<bos>``=1, ``<eos>``=2) saved as ``tokenizer.json``."""
+    """A tiny ByteLevel BPE tokenizer (``<pad>``=0, ``<bos>``=1, ``<eos>``=2, 259 + merges <= 300 ids)
+    saved as ``tokenizer.json``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     lines = lines or ["the quick brown fox jumps over the lazy dog", "hello world, hello moge",
@@ -103,7 +115,7 @@ def train_tokenizer(path, lines: list[str] | None = None) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<bos>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(lines, trainer)
     path = Path(path)

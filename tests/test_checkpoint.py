@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_CONFIG, published_tensors, write_published_checkpoint
+from helpers import TINY_CONFIG, published_tensors, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.checkpoint import (CheckpointError, from_published_state_dict, load_pretrained, parse_size,
                              save_pretrained, to_published_state_dict)
 from moge.cli import main as cli_main
@@ -20,6 +20,8 @@ SPEC_KEYS = ["model_type", "vocab_size", "hidden_size", "num_hidden_layers", "nu
              "num_experts_per_tok", "num_experts", "router_aux_loss_coef", "initializer_range", "pad_token_id",
              "bos_token_id", "eos_token_id"]
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12]])
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import moge  # noqa: F401  (registers PanGuMoE with transformers)
-from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint
+from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.generate import generate
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 96], [1, 44, 3, 3, 18, 61, 90, 7]])
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,6 @@ print(m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, min_new_tokens=3, 
 """
     src = str(Path(moge.__file__).parents[1])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "6"

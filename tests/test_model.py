@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint
+from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.checkpoint import load_pretrained, read_config
 from moge.config import get_config
 from moge.model import count_parameters
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
