@@ -90,6 +90,21 @@ def test_state_dict_conversion_functions_round_trip():
         assert torch.equal(back[k], sd[k]), k
 
 
+def test_tied_embeddings_and_compiled_wrapper_round_trip(tmp_path):
+    cfg = MoGEConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                     shared_expert_intermediate_size=0, tie_word_embeddings=True)
+    model = MoGEForCausalLM(cfg)
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile's OptimizedModule looks like from outside
+    out = save_pretrained(wrapped, tmp_path / "tied")
+    saved = _read_all(out)
+    assert "lm_head.weight" not in saved and not any(k.startswith("_orig_mod") for k in saved)
+    back = load_pretrained(out)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(back), _logits(model), rtol=0, atol=0)
+
+
 def test_sharded_save_writes_index_and_loads_back(ckpt, tmp_path):
     model = load_pretrained(ckpt)
     out = save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")

@@ -120,6 +120,18 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, write)
 
 
+def unwrap_model(model: Any) -> Any:
+    """The plain module inside ``torch.compile`` (``_orig_mod``) and DDP / FSDP-style (``module``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(getattr(model, "module", None), torch.nn.Module) \
+                and not hasattr(model, "lm_head"):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def model_config(model: Any) -> MoGEConfig:
     """The :class:`MoGEConfig` of a native model or of the transformers wrapper (:mod:`moge.hf`)."""
     cfg = getattr(model, "config", None)
@@ -482,13 +494,15 @@ def save_pretrained(model: Any, directory: str | Path, max_shard_size: int | str
     """Write ``model`` in the published layout: weights (``model.safetensors`` or shards plus
     ``model.safetensors.index.json``), then ``config.json``, then optionally ``tokenizer.json``.
 
-    Works for :class:`~moge.model.MoGEForCausalLM` and the transformers wrapper. Each file is written
+    Works for :class:`~moge.model.MoGEForCausalLM` and the transformers wrapper, also inside
+    ``torch.compile`` / DDP wrappers. Each file is written
     atomically (temporary file, fsync, ``os.replace``); ``config.json`` comes after the weights, so a
     directory with a config always has a complete set of weights. Returns the directory.
     """
     directory = Path(directory)
+    model = unwrap_model(model)
     config = model_config(model)
-    published = to_published_state_dict(model.state_dict(), config)
+    published = to_published_state_dict(_normalise_names(model.state_dict()), config)
     save_state_dict(published, directory, max_shard_size, progress)
     d = config.to_hf_dict()
     dtypes = {t.dtype for t in published.values() if t.is_floating_point()}

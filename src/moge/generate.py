@@ -202,11 +202,14 @@ def run(args: argparse.Namespace) -> int:
                    eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad)
     dt = time.perf_counter() - t0
     new = out[:, ids.shape[1]:].tolist()
+    eos = set([] if cfg.eos_token_id is None else
+              [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id)
     n_new = 0
     for i, r in enumerate(rows):
         toks = new[i]
-        if cfg.eos_token_id is not None and cfg.eos_token_id in toks:
-            toks = toks[:toks.index(cfg.eos_token_id) + 1]
+        stop = next((j for j, t in enumerate(toks) if t in eos), None)
+        if stop is not None:
+            toks = toks[:stop + 1]
         n_new += len(toks)
         if tokenizer is not None:
             print(f"[{i}] {args.prompt[i]}{tokenizer.decode(toks, skip_special_tokens=True)}")
