@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import TINY_CONFIG, published_tensors, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
-from moge.checkpoint import (CheckpointError, from_published_state_dict, load_pretrained, parse_size,
+from moge.checkpoint import (CheckpointError, _umask, from_published_state_dict, load_pretrained, parse_size,
                              save_pretrained, to_published_state_dict)
 from moge.cli import main as cli_main
 from moge.config import MoGEConfig
@@ -63,6 +63,8 @@ def test_load_save_round_trip_is_bit_exact(ckpt, tensors, tmp_path):
     assert all(k in cfg for k in SPEC_KEYS)
     assert cfg["model_type"] == "PanGuMoE" and cfg["num_groups"] == 4 and cfg["router"] == "moge"
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    mode = (out / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (out / "config.json").stat().st_mode & 0o777 and mode & 0o044 == 0o044 & ~_umask()
     torch.testing.assert_close(_logits(load_pretrained(out)), _logits(model), rtol=0, atol=0)
 
 

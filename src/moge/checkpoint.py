@@ -95,6 +95,7 @@ def _atomic_write(path: Path, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -110,6 +111,20 @@ def _atomic_write(path: Path, write_fn) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (os.umask is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, obj: Any) -> None:
