@@ -80,9 +80,9 @@ def _register_with_transformers() -> None:
         def find_spec(self, fullname, path, target=None):
             if fullname not in pending:
                 return None
+            # Stays on sys.meta_path afterwards (a dict miss per import): removing it here would
+            # mutate the list the import system is iterating.
             pending.pop(fullname)
-            if not pending:
-                sys.meta_path.remove(self)
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
                     continue
