@@ -135,6 +135,19 @@ def test_load_frequencies_formats(tmp_path):
     assert freqs.sum() == pytest.approx(1.0)
     assert freqs == pytest.approx(np.array([6, 6, 6, 10]) / 28)
     assert load_frequencies(f, layer=1) == pytest.approx(np.array([4, 3, 2, 5]) / 14)
+    # the trainer's records: per-layer dicts with a "layer" field (dense layers have no counts), and
+    # eval lines with per-domain lists of per-layer counts (None for dense layers)
+    t = tmp_path / "train.jsonl"
+    t.write_text("\n".join(json.dumps(x) for x in [
+        {"type": "train", "step": 10, "layers": [{"layer": 0, "dense": True},
+                                                 {"layer": 1, "imbalance_score": 0.0, "expert_counts": [2, 0, 1, 1]},
+                                                 {"layer": 2, "expert_counts": [1, 1, 1, 1]}]},
+        {"type": "eval", "expert_counts": {"code": [None, [0, 0, 4, 0], [1, 1, 1, 1]], "web": [None, [4, 0, 0, 0], None]}},
+    ]))
+    assert load_frequencies(t, layer=1) == pytest.approx(np.array([6, 0, 5, 1]) / 12)
+    assert load_frequencies(t) == pytest.approx(np.array([8, 2, 7, 3]) / 20)
+    with pytest.raises(ImbalanceInputError, match="layer 0"):
+        load_frequencies(t, layer=0)
     g = tmp_path / "f.json"
     g.write_text("[0.5, 0.25, 0.25]")
     assert load_frequencies(g) == pytest.approx([0.5, 0.25, 0.25])

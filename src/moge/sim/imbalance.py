@@ -45,31 +45,43 @@ def check_shape(num_experts: int, k: int, devices: int) -> None:
 
 
 # ---- measured frequencies ---------------------------------------------------------------------------
-def _collect_counts(obj, layer: int | None, found: list[list[float]]) -> None:
-    """Append every per-expert count vector under an ``expert_counts`` key (any nesting) to ``found``."""
-    if isinstance(obj, dict):
-        for key, val in obj.items():
-            if key in ("expert_counts", "expert_frequencies", "frequencies"):
-                vectors = _as_vectors(val)
-                if layer is not None:
-                    vectors = [vectors[layer]] if layer < len(vectors) else []
-                found.extend(vectors)
-            else:
-                _collect_counts(val, layer, found)
-    elif isinstance(obj, list) and obj and all(isinstance(v, (dict, list)) for v in obj):
-        for v in obj:
-            _collect_counts(v, layer, found)
+_COUNT_KEYS = ("expert_counts", "expert_frequencies", "frequencies")
 
 
-def _as_vectors(val) -> list[list[float]]:
-    """A count vector, a list of per-layer vectors, or a {layer: vector} dict -> list of vectors."""
-    if isinstance(val, dict):
-        val = [val[k] for k in sorted(val, key=lambda s: int(s) if str(s).isdigit() else str(s))]
-    if isinstance(val, list) and val and all(isinstance(v, (int, float)) for v in val):
-        return [list(map(float, val))]
+def _leaf_vectors(val, layer: int | None) -> list[tuple[int | None, list[float]]]:
+    """Every numeric vector inside ``val`` with the layer it belongs to (None when unknown).
+
+    A flat number list is one vector; a list of lists (or ``None`` for dense layers) is one vector per
+    layer; a dict keyed by layer numbers likewise; other dicts (e.g. per data domain) are walked through.
+    """
+    if isinstance(val, list) and val and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in val):
+        return [(layer, [float(v) for v in val])]
+    out: list[tuple[int | None, list[float]]] = []
     if isinstance(val, list):
-        return [list(map(float, v)) for v in val if isinstance(v, list) and v]
-    return []
+        for i, v in enumerate(val):
+            if v is not None:
+                out.extend(_leaf_vectors(v, i if layer is None else layer))
+    elif isinstance(val, dict):
+        for k, v in val.items():
+            idx = int(k) if str(k).isdigit() and layer is None else layer
+            out.extend(_leaf_vectors(v, idx))
+    return out
+
+
+def _collect_counts(obj, found: list[tuple[int | None, list[float]]]) -> None:
+    """Append every per-expert count vector under an ``expert_counts`` key (any nesting) to ``found``;
+    a sibling ``layer`` field (as in per-layer metric records) names the layer."""
+    if isinstance(obj, dict):
+        here = obj.get("layer") if isinstance(obj.get("layer"), int) else None
+        for key, val in obj.items():
+            if key in _COUNT_KEYS:
+                found.extend(_leaf_vectors(val, here))
+            else:
+                _collect_counts(val, found)
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                _collect_counts(v, found)
 
 
 def load_frequencies(path: str | Path, layer: int | None = None) -> np.ndarray:
@@ -94,18 +106,22 @@ def load_frequencies(path: str | Path, layer: int | None = None) -> np.ndarray:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ImbalanceInputError(f"{path}:{i + 1} is not valid JSON: {e}") from None
-    found: list[list[float]] = []
+    found: list[tuple[int | None, list[float]]] = []
     for rec in records:
         if isinstance(rec, list) and rec and all(isinstance(v, (int, float)) for v in rec):
-            found.append(list(map(float, rec)))
+            found.append((None, [float(v) for v in rec]))
         else:
-            _collect_counts(rec, layer, found)
-    if not found:
-        raise ImbalanceInputError(f"{path} holds no per-expert frequencies (no 'expert_counts' list found)")
-    sizes = {len(v) for v in found}
+            _collect_counts(rec, found)
+    if layer is not None:
+        found = [(i, v) for i, v in found if i == layer]
+    found_vecs = [v for _, v in found]
+    if not found_vecs:
+        where = f" for layer {layer}" if layer is not None else ""
+        raise ImbalanceInputError(f"{path} holds no per-expert frequencies{where} (no 'expert_counts' list found)")
+    sizes = {len(v) for v in found_vecs}
     if len(sizes) > 1:
         raise ImbalanceInputError(f"{path}: expert count vectors of different lengths {sorted(sizes)}; pick one with --layer")
-    counts_N = np.asarray(found, dtype=np.float64).sum(0)
+    counts_N = np.asarray(found_vecs, dtype=np.float64).sum(0)
     if (counts_N < 0).any() or not np.isfinite(counts_N).all() or counts_N.sum() <= 0:
         raise ImbalanceInputError(f"{path}: expert frequencies must be finite, non-negative and not all zero")
     return counts_N / counts_N.sum()
