@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from moge.layer import MoGELayer
-from moge.parallel import (ConfigMismatchError, ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent, fault_guard,
-                           clip_grad_norm_, full_state_dict, init_distributed, is_expert_sharded, load_full_state_dict,
-                           sync_gradients)
+from moge.parallel import (ConfigMismatchError, ExpertParallelMoGELayer, apply_expert_parallel,
+                           check_config_consistent, clip_grad_norm_, fault_guard, full_state_dict, init_distributed,
+                           is_expert_sharded, load_full_state_dict, sync_gradients)
 
 H, F, SHARED, T = 16, 12, 10, 6  # hidden, expert width, shared width, tokens per rank
 

@@ -10,14 +10,15 @@ no host sync. The rest is what a data-parallel + expert-parallel trainer needs: 
 from .comm import all_to_all, rank_and_world
 from .distributed import (ConfigMismatchError, DistInfo, RankFailedError, check_config_consistent, failed_ranks,
                           fault_guard, init_distributed)
-from .expert_parallel import (ExpertParallelError, ExpertParallelMoGELayer, apply_expert_parallel, fixed_split_moe,
-                              variable_split_moe)
-from .state import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather_named_tensor, is_expert_sharded, load_full_state_dict,
-                    shard_named_tensor, sync_gradients)
+from .expert_parallel import (ExpertParallelError, ExpertParallelMoGELayer, apply_expert_parallel,
+                              fixed_split_moe, variable_split_moe)
+from .state import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather_named_tensor, is_expert_sharded,
+                    load_full_state_dict, shard_named_tensor, sync_gradients)
 
 __all__ = [
     "ConfigMismatchError", "DistInfo", "ExpertParallelError", "ExpertParallelMoGELayer", "RankFailedError",
-    "all_reduce_mean", "all_to_all", "apply_expert_parallel", "check_config_consistent", "clip_grad_norm_", "failed_ranks", "fault_guard",
-    "fixed_split_moe", "full_state_dict", "gather_named_tensor", "init_distributed", "is_expert_sharded",
-    "load_full_state_dict", "rank_and_world", "shard_named_tensor", "sync_gradients", "variable_split_moe",
+    "all_reduce_mean", "all_to_all", "apply_expert_parallel", "check_config_consistent", "clip_grad_norm_",
+    "failed_ranks", "fault_guard", "fixed_split_moe", "full_state_dict", "gather_named_tensor", "init_distributed",
+    "is_expert_sharded", "load_full_state_dict", "rank_and_world", "shard_named_tensor", "sync_gradients",
+    "variable_split_moe",
 ]
