@@ -19,6 +19,7 @@ validation loss and expert counts per data domain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -91,6 +92,9 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     progress: bool = True
+    # CPU only: deterministic kernels (the grouped-matmul backward otherwise sums in thread order), so an
+    # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
+    deterministic: bool = True
 
     def validate(self) -> None:
         """Raise :class:`TrainingConfigError` naming the option that is out of range."""
@@ -453,6 +457,19 @@ class Trainer:
         c = self.cfg
         return lr_at(step, c.lr, c.warmup, c.steps, c.min_lr_ratio)
 
+    @contextlib.contextmanager
+    def _determinism(self):
+        """Deterministic kernels for the duration of a step (CPU), restoring the caller's setting."""
+        if not (self.cfg.deterministic and self.device.type == "cpu"):
+            yield
+            return
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -460,6 +477,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; raises on a non-finite loss."""
+        with self._determinism():
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, Any]:
         c = self.cfg
         self.model.train()
         lr = self.lr(self.step)
