@@ -1,0 +1,220 @@
+"""Generate text from a checkpoint: KV-cached greedy or sampled decoding of one or more prompts.
+
+``moge generate CHECKPOINT --prompt TEXT [--prompt TEXT ...]`` uses ``CHECKPOINT/tokenizer.json``;
+without a tokenizer pass token ids, ``--prompt-ids "1 2 3"`` (repeatable), and ids are printed.
+Prompts are batched with left padding. ``--temperature 0`` (the default) is greedy decoding.
+
+Shape legend
+    B  batch     S  prompt length (padded)     V  vocabulary     N  tokens generated so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import MoGEError
+
+
+class GenerationError(MoGEError, ValueError):
+    """Bad generation arguments or inputs; the message names the argument."""
+
+
+def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, temperature: float,
+                top_k: int, top_p: float) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise GenerationError("input_ids must be an integer tensor [batch, seq]"
+                              + (f", got shape {tuple(input_ids.shape)} {input_ids.dtype}"
+                                 if isinstance(input_ids, Tensor) else f", got {type(input_ids).__name__}"))
+    if input_ids.shape[1] == 0:
+        raise GenerationError("input_ids is empty: every prompt needs at least one token (e.g. <bos>)")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                                  f"shape {tuple(input_ids.shape)}")
+        am = attention_mask.bool()
+        if not bool(am[:, -1].all()):
+            raise GenerationError("attention_mask has padding at the end of a row: pad prompts on the LEFT")
+        if bool((am[:, 1:].long() - am[:, :-1].long() < 0).any()):
+            raise GenerationError("attention_mask is not left padding (a 0 follows a 1 in some row)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row: argmax at temperature 0, else sample from the temperature-scaled,
+    top-k and nucleus (top-p) filtered softmax. Computed in float32; returns ``[B]`` int64."""
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV / temperature
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
+        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
+        logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
+    probs_BV = logits_BV.softmax(-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+             pad_token_id: int | None = None) -> Tensor:
+    """Decode up to ``max_new_tokens`` tokens after each prompt with the KV cache; returns ``[B, S+n]``.
+
+    One prefill over the (left-padded, ``attention_mask`` 1 = real token) prompts, then one token per
+    step against the cache. Temperature 0 is greedy; otherwise temperature / top-k / top-p sampling
+    with ``generator``. A row that emits ``eos_token_id`` (an id or a list) is finished: it keeps the
+    EOS and gets ``pad_token_id`` (default: the config's pad, else the EOS) afterwards; decoding stops
+    early when every row is finished, so n <= max_new_tokens. Works with :class:`MoGEForCausalLM` and
+    the transformers wrapper.
+    """
+    from .model import KVCache
+
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    ids_BS = input_ids.to(device=device, dtype=torch.long)
+    if max_new_tokens == 0:
+        return ids_BS
+    mask_BL = attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None else None
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None:
+        pad_token_id = getattr(model.config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos_E = torch.tensor(eos, device=device, dtype=torch.long)
+    cache = KVCache()
+    b = ids_BS.shape[0]
+    finished_B = torch.zeros(b, dtype=torch.bool, device=device)
+    out = [ids_BS]
+    step_ids = ids_BS
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            res = model(input_ids=step_ids, attention_mask=mask_BL, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            next_B = sample_next(res.logits[:, -1], temperature, top_k, top_p, generator)
+            next_B = torch.where(finished_B, torch.full_like(next_B, pad_token_id), next_B)
+            out.append(next_B.unsqueeze(1))
+            if eos:
+                finished_B |= torch.isin(next_B, eos_E)
+                if bool(finished_B.all()):
+                    break
+            step_ids = next_B.unsqueeze(1)
+            if mask_BL is not None:
+                mask_BL = torch.cat([mask_BL, mask_BL.new_ones(b, 1)], dim=1)
+    finally:
+        model.train(was_training)
+    return torch.cat(out, dim=1)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (published layout; tokenizer.json optional)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], help='prompt as token ids, e.g. "1 2 3" (repeatable)')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to text prompts")
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, load_pretrained
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt} does not exist" if not ckpt.exists()
+                              else f"{ckpt} is not a checkpoint directory")
+    if not args.prompt and not args.prompt_ids:
+        raise GenerationError("give at least one --prompt TEXT or --prompt-ids \"1 2 3\"")
+    if args.prompt and args.prompt_ids:
+        raise GenerationError("use either --prompt or --prompt-ids, not both")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationError(f"--device {args.device}: CUDA is not available")
+    tokenizer = None
+    if args.prompt:
+        tok_path = ckpt / "tokenizer.json"
+        if not tok_path.is_file():
+            raise GenerationError(f"no tokenizer.json in {ckpt}: pass token ids with --prompt-ids \"1 2 3\"")
+        from tokenizers import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read tokenizer {tok_path}: {e}") from None
+
+    model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
+    cfg = model.config
+    if tokenizer is not None:
+        rows = [tokenizer.encode(t).ids for t in args.prompt]
+        if not args.no_bos and cfg.bos_token_id is not None:
+            rows = [r if r[:1] == [cfg.bos_token_id] else [cfg.bos_token_id, *r] for r in rows]
+    else:
+        try:
+            rows = [[int(x) for x in s.replace(",", " ").split()] for s in args.prompt_ids]
+        except ValueError:
+            raise GenerationError(f"--prompt-ids must be integers separated by spaces, got {args.prompt_ids}") from None
+    for r in rows:
+        if not r:
+            raise GenerationError("an empty prompt: give at least one token")
+        bad = [i for i in r if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"token ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = _left_pad(rows, pad)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = generate(model, ids, mask, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    new = out[:, ids.shape[1]:].tolist()
+    eos = set([] if cfg.eos_token_id is None else
+              [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id)
+    n_new = 0
+    for i, r in enumerate(rows):
+        toks = new[i]
+        stop = next((j for j, t in enumerate(toks) if t in eos), None)
+        if stop is not None:
+            toks = toks[:stop + 1]
+        n_new += len(toks)
+        if tokenizer is not None:
+            print(f"[{i}] {args.prompt[i]}{tokenizer.decode(toks, skip_special_tokens=True)}")
+        else:
+            print(f"[{i}] {' '.join(map(str, r))} -> {' '.join(map(str, toks))}")
+    print(f"generated {n_new} tokens for {len(rows)} prompt(s) in {dt:.2f} s ({n_new / max(dt, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""``PanGuMoEConfig``: the transformers configuration class of ``model_type: "PanGuMoE"`` checkpoints.
+
+Kept apart from :mod:`moge.hf` because it needs only ``transformers.configuration_utils``: registering
+it with ``AutoConfig`` must not pull in transformers' modeling stack (see ``moge/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.configuration_utils import PreTrainedConfig
+
+from .config import MoGEConfig
+
+
+class PanGuMoEConfig(PreTrainedConfig):
+    """transformers view of :class:`moge.config.MoGEConfig`: the same fields, defaults and JSON keys.
+
+    A config without ``num_groups`` reads groups = ``num_experts_per_tok`` (the published Pangu Pro MoE
+    config). :meth:`to_moge_config` validates and returns the native config the model is built from.
+    """
+
+    model_type = "PanGuMoE"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    num_experts: int = 16
+    num_experts_per_tok: int = 4
+    num_groups: int | None = None
+    moe_intermediate_size: int = 128
+    shared_expert_intermediate_size: int = 256
+    router: str = "moge"
+    topk_groups: int | None = None
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    mlp_only_layers: list[int] | None = None
+    intermediate_size: int | None = None
+    experts_backend: str = "auto"
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.mlp_only_layers = [] if self.mlp_only_layers is None else list(self.mlp_only_layers)
+        super().__post_init__(**kwargs)
+        self.to_moge_config()  # fail at load time, naming the field, rather than deep in the model
+
+    def to_moge_config(self) -> MoGEConfig:
+        """The native :class:`MoGEConfig` with these field values (raises ``ConfigError`` if inconsistent)."""
+        return MoGEConfig.from_dict({k: getattr(self, k) for k in MoGEConfig.__dataclass_fields__})
+
+    @classmethod
+    def from_moge_config(cls, config: MoGEConfig, **kwargs: Any) -> "PanGuMoEConfig":
+        """The transformers config of a native :class:`MoGEConfig` (group count made explicit)."""
+        d = config.to_dict()
+        d["num_groups"] = config.groups
+        return cls(**d, **kwargs)

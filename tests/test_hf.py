@@ -1,0 +1,116 @@
+"""transformers integration: AutoConfig / AutoModelForCausalLM after `import moge`, generate, save."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moge  # noqa: F401  (registers PanGuMoE with transformers)
+from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
+from moge.generate import generate
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 96], [1, 44, 3, 3, 18, 61, 90, 7]])
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_published_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(ckpt):
+    return AutoModelForCausalLM.from_pretrained(ckpt)
+
+
+def test_autoconfig_reads_published_config(ckpt):
+    cfg = AutoConfig.from_pretrained(ckpt)
+    assert type(cfg).__name__ == "PanGuMoEConfig" and cfg.model_type == "PanGuMoE"
+    assert cfg.num_groups is None and cfg.to_moge_config().groups == 4
+
+
+def test_automodel_logits_match_float64_reference(hf_model):
+    assert type(hf_model).__name__ == "PanGuMoEForCausalLM"
+    assert hf_model.dtype == torch.float32
+    with torch.no_grad():
+        got = hf_model(input_ids=IDS).logits
+    want = reference_logits(published_tensors(TINY_CONFIG), TINY_CONFIG, IDS)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_is_honoured(ckpt, hf_model):
+    for kw in ({"torch_dtype": torch.bfloat16}, {"dtype": "bfloat16"}):
+        m = AutoModelForCausalLM.from_pretrained(ckpt, **kw)
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}, kw
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
+    assert m.dtype == torch.float32
+    with torch.no_grad():
+        out = m(input_ids=IDS[:1], labels=IDS[:1])
+    assert out.loss is not None and torch.isfinite(out.loss)
+
+
+def test_hf_generate_greedy_equals_ours_with_left_padding(hf_model):
+    ids = torch.tensor([[1, 5, 9, 33, 70], [0, 0, 1, 44, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    hf = hf_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           min_new_tokens=8)
+    ours = generate(hf_model, ids, mask, max_new_tokens=8)
+    assert hf.shape == (2, 13)
+    assert torch.equal(hf, ours)
+
+
+def test_hf_generate_sampling_uses_the_cache(hf_model):
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.tensor([[1, 5, 9, 33]])
+    torch.manual_seed(0)
+    out = hf_model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=0.8, top_k=10,
+                            top_p=0.9, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 10)
+    assert isinstance(out.past_key_values, DynamicCache)
+    assert out.past_key_values.get_seq_length() == 9  # the last token is never fed back
+
+
+def test_save_pretrained_writes_published_layout(hf_model, tmp_path, ckpt):
+    hf_model.save_pretrained(tmp_path / "out", max_shard_size="50KB")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "PanGuMoE" and cfg["num_groups"] == 4
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in index["weight_map"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, hf_model(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_bad_path_is_a_clear_error(tmp_path):
+    from moge.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a local checkpoint directory"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "missing", config=AutoConfig.for_model("PanGuMoE"))
+
+
+@pytest.mark.slow
+def test_fresh_process_import_moge_is_enough(ckpt):
+    """`import moge` alone (transformers not imported yet) makes the Auto classes work, lazily."""
+    code = f"""
+import sys, torch, moge
+assert "transformers" not in sys.modules, "import moge must not import transformers"
+from transformers import AutoConfig, AutoModelForCausalLM
+assert AutoConfig.from_pretrained({str(ckpt)!r}).model_type == "PanGuMoE"
+m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, torch_dtype=torch.bfloat16)
+assert m.dtype == torch.bfloat16
+print(m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1])
+"""
+    src = str(Path(moge.__file__).parents[1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "6"
