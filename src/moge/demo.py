@@ -11,8 +11,12 @@ in every layer. The defaults fit in about ten minutes on two CPU cores.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import MoGEError
@@ -25,17 +29,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     p.add_argument("--routers", default="moge,topk", help="comma-separated routers to compare (default moge,topk)")
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per model (default 250)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per model (default 400)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    p.add_argument("--warmup", type=int, default=30, help="warm-up steps (default 30)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validations (default 50)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validations (default 100)")
     p.add_argument("--log-every", type=int, default=5, help="steps between metrics lines (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each in its own single-threaded process (default: as many "
+                        "as there are CPU cores and routers on CPU, 1 on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_one(cfg, position: int) -> None:
+    """Train one run in a worker process (its progress bar on line ``position``)."""
+    from .train import Trainer
+
+    Trainer(replace(cfg), bar_position=position).train()
 
 
 def generate_samples(run_dir: Path, tokenizer, prompts: list[str], max_new_tokens: int = 40,
@@ -64,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import load_documents, split_documents
     from .report import summary_table, write_report
     from .tokenizer import save_tokenizer, train_tokenizer
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, Trainer, resolve_device
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -83,19 +103,33 @@ def run(args: argparse.Namespace) -> int:
     timings["corpus + tokenizer"] = time.perf_counter() - t0
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens trained in {timings['corpus + tokenizer']:.1f} s")
 
-    run_dirs = {}
-    for router in routers:
+    run_dirs, configs = {}, []
+    for i, router in enumerate(routers):
         run_dir = out / router
         if run_dir.exists():  # the demo owns its output directory: start each run fresh
             shutil.rmtree(run_dir)
-        cfg = TrainConfig(out=str(run_dir), preset=args.preset, router=router, steps=args.steps,
-                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-                          eval_every=args.eval_every, log_every=args.log_every, save_every=0, seed=args.seed,
-                          device=args.device, progress=args.progress)
-        t0 = time.perf_counter()
-        Trainer(cfg, tokenizer=tokenizer).train()
-        timings[f"train {router}"] = time.perf_counter() - t0
+        configs.append(TrainConfig(out=str(run_dir), preset=args.preset, router=router, steps=args.steps,
+                                   batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                   warmup=args.warmup, eval_every=args.eval_every, log_every=args.log_every,
+                                   save_every=0, seed=args.seed, device=args.device, progress=args.progress,
+                                   tokenizer=str(out / "tokenizer.json")))
         run_dirs[router] = run_dir
+    jobs = args.jobs or (1 if resolve_device(args.device).type == "cuda" else
+                         max(1, min(len(configs), os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    if jobs == 1:
+        for cfg in configs:
+            Trainer(cfg, tokenizer=tokenizer).train()
+    else:
+        # One single-threaded process per run: on a small shared CPU this beats multi-threaded
+        # kernels, whose thread barriers stall badly whenever another process takes a core.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(_train_one, cfg, i) for i, cfg in enumerate(configs)]
+            for f in futures:
+                f.result()
+    timings["training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     samples = {r: generate_samples(d, tokenizer, PROMPTS, seed=args.seed) for r, d in run_dirs.items()}

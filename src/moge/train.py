@@ -148,6 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {d.save_every})")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
@@ -162,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``moge train``."""
     cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None}
     trainer = Trainer(cfg, resume=args.resume, resume_overrides=overrides)
     trainer.train()
@@ -408,7 +411,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
-                 tokenizer=None):
+                 tokenizer=None, bar_position: int = 0):
+        self.bar_position = bar_position
         self.out = Path(cfg.out)
         if resume:
             recover_checkpoint_dir(self.out) if self.out.is_dir() else None
@@ -685,7 +689,7 @@ class Trainer:
                        "train_config": asdict(c), "data": self.data.summary,
                        "parameters": _param_counts(self.model_config)})
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=f"train {c.router}",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, position=self.bar_position, mininterval=1.0)
         interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
         last_eval: dict[str, Any] | None = None
         start = time.perf_counter()
@@ -713,7 +717,7 @@ class Trainer:
                 if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
                     last_eval = self.evaluate()
                     self._log({"type": "eval", "step": self.step, **last_eval})
-                    bar.write(f"step {self.step}: val loss " + ", ".join(
+                    bar.write(f"{c.router} step {self.step}: val loss " + ", ".join(
                         f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()))
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                     self.save_checkpoint()
