@@ -159,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     print("wall-clock: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    try:
+        import resource  # Unix only
+
+        cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        print(f"CPU time (this process and its workers): {cpu:.0f} s on {os.cpu_count()} cores")
+    except ImportError:
+        pass
     print(f"report: {report_path}")
     print(f"overview: {out / 'overview.png'}")
     return 0

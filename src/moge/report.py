@@ -219,7 +219,8 @@ def write_plots(out: Path, runs: list[RunMetrics]) -> dict[str, str]:
     if all(r.evals for r in runs):
         layers = runs[0].moe_layers()
         pick = [layers[0], layers[-1]] if len(layers) > 1 else layers
-        fig, axes = plt.subplots(len(runs), len(pick), figsize=(6 * len(pick), 2.2 * len(runs) + 0.8), squeeze=False)
+        fig, axes = plt.subplots(len(runs), len(pick), figsize=(6 * len(pick), 3.0 * len(runs) + 0.8), squeeze=False)
+        fig.subplots_adjust(hspace=0.45)
         plot_expert_share(fig, axes.flatten(), runs, pick)
         fig.savefig(out / "expert_share.png", dpi=110, bbox_inches="tight")
         plt.close(fig)

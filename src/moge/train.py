@@ -415,9 +415,11 @@ class Trainer:
         self.bar_position = bar_position
         self.out = Path(cfg.out)
         if resume:
-            recover_checkpoint_dir(self.out) if self.out.is_dir() else None
+            if self.out.is_dir():
+                recover_checkpoint_dir(self.out)
             state = verify_checkpoint(self.out)
-            saved = TrainConfig(**state["train_config"])
+            known = {f.name for f in fields(TrainConfig)}
+            saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
             for k in resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES:
                 setattr(saved, k, getattr(cfg, k))
             saved.out = cfg.out
@@ -509,20 +511,26 @@ class Trainer:
                     for st in out.router_stats if st is not None]
             if rows:
                 balance.append(torch.stack(rows))
-        loss = float(loss_sum) / c.grad_accum
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(
-                f"training loss is {loss} at step {self.step + 1}; stopped. The last good checkpoint in "
-                f"{self.out} (step {self._last_saved_step()}) is kept; try a lower --lr or more --warmup")
+        loss, aux_loss = float(loss_sum) / c.grad_accum, float(aux_sum) / c.grad_accum
+        if not (math.isfinite(loss) and math.isfinite(aux_loss)):
+            self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss})")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(grad_norm)):
+            self._diverged(f"gradient norm is {float(grad_norm)} (loss {loss})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += c.grad_accum * c.batch_size * c.seq_len
         bal = torch.stack(balance).cpu() if balance else None  # [micro, L_moe, 2]
-        return {"loss": loss, "aux_loss": float(aux_sum) / c.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
+        return {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": float(grad_norm),
                 "counts": [None if t is None else t.cpu() for t in counts], "balance": bal}
+
+    def _diverged(self, what: str) -> None:
+        """Drop this step's gradients and raise :class:`TrainingDivergedError` naming the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"{what} at step {self.step + 1}; stopped before updating the weights. The last good checkpoint "
+            f"in {self.out} (step {self._last_saved_step()}) is kept; try a lower --lr or more --warmup")
 
     def _last_saved_step(self) -> int:
         try:
