@@ -2,17 +2,20 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import single_thread  # noqa: F401 (fixture)
 
 from moge.cli import main as cli_main
 from moge.metrics import imbalance_score
 from moge.train import (COMMIT_DIR, STATE_FILE, CheckpointCorruptError, TrainConfig, Trainer,
                         TrainingConfigError, TrainingDivergedError, layer_balance, recover_checkpoint_dir,
                         verify_checkpoint)
+
+# One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
