@@ -70,11 +70,17 @@ def generate_samples(run_dir: Path, tokenizer, prompts: list[str], max_new_token
     model = load_pretrained(run_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     out = []
-    for prompt in prompts:
-        ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
-        res = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
-                       eos_token_id=EOS_ID, generator=g)
-        out.append((prompt, decode(tokenizer, res[0, len(ids):].tolist())))
+    threads = torch.get_num_threads()
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)  # one-token decode steps are tiny ops: extra threads only wait
+    try:
+        for prompt in prompts:
+            ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
+            res = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+                           eos_token_id=EOS_ID, generator=g)
+            out.append((prompt, decode(tokenizer, res[0, len(ids):].tolist())))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
