@@ -430,15 +430,14 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.out.mkdir(parents=True, exist_ok=True)
-
         overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
+        base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
         if resume:
             tokenizer = load_tokenizer(self.out / TOKENIZER_FILE)
         elif tokenizer is None and cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        base = get_config(cfg.preset, router=cfg.router, **overrides)
         self.tokenizer, self.data = prepare_data(cfg, tokenizer, cfg.vocab_size or base.vocab_size)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
                                          max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
         if resume:
