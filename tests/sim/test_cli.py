@@ -1,0 +1,86 @@
+"""`moge simulate ...` through the top-level CLI entry: JSON shapes, errors, search, calibration."""
+
+import json
+
+import pytest
+
+from moge.cli import main
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_imbalance_json_shape(capsys, tmp_path):
+    plot = tmp_path / "imb.png"
+    out = run_json(capsys, ["simulate", "imbalance", "--tokens", "1", "16", "--trials", "2000", "--json",
+                            "--plot", str(plot)])
+    assert set(out) == {"topk", "moge"}
+    for router in out:
+        assert set(out[router]) == {"1", "16"}
+        for s in out[router].values():
+            for key in ("p_imbalanced", "mean_is", "p99_is", "mean_max_over_mean_load", "p99_max_over_mean_load"):
+                assert isinstance(s[key], float)
+    assert out["topk"]["16"]["p_imbalanced"] > 0.99 and out["moge"]["16"]["p_imbalanced"] == 0.0
+    assert plot.stat().st_size > 10_000
+
+
+def test_imbalance_exact_and_from_metrics(capsys, tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text(json.dumps({"expert_counts": [[5, 1, 1, 1]]}) + "\n")
+    out = run_json(capsys, ["simulate", "imbalance", "--from-metrics", str(f), "--k", "2", "--devices", "2",
+                            "--tokens", "2", "--trials", "3000", "--exact", "--json"])
+    ex = out["topk"]["2"]["exact"]
+    assert abs(out["topk"]["2"]["p_imbalanced"] - ex["p_imbalanced"]) < 0.05
+    assert out["moge"]["2"]["exact"]["p_imbalanced"] == 0.0
+
+
+def test_perf_json_shape(capsys):
+    out = run_json(capsys, ["simulate", "perf", "--model", "pangu-pro-moe-72b", "--hardware", "ascend-800i-a2",
+                            "--cards", "4", "--phase", "decode", "--batch", "64", "--weights", "int8", "--json"])
+    assert out["step_ms"] > 0 and out["tokens_per_s_per_card"] > 0
+    assert out["tokens_per_s_per_card"] == pytest.approx(64 / (out["step_ms"] / 1e3) / 4)
+    assert {"weights", "kv_cache", "activations", "total"} <= set(out["memory_gb"])
+    assert sum(o["total_ms"] for o in out["ops"]) == pytest.approx(out["step_ms"])
+
+
+def test_perf_human_table_and_misfit_error(capsys):
+    assert main(["simulate", "perf", "--model", "tiny", "--hardware", "h100", "--cards", "1",
+                 "--phase", "prefill", "--batch", "2", "--context", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "attention" in text and "TTFT" in text
+    assert main(["simulate", "perf", "--cards", "1", "--weights", "bf16"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_search_json(capsys):
+    out = run_json(capsys, ["simulate", "search", "--hidden", "4096", "5120", "--layers", "40", "48",
+                            "--q-heads", "40", "--kv-heads", "8", "--experts", "64", "--expert-ffn", "1344",
+                            "--params-min", "50", "--params-max", "80", "--top", "3", "--json"])
+    top = out["top"]
+    assert 1 <= len(top) <= 3 and out["latency_ms"] == 50.0
+    tps = [c["tokens_per_s_per_card"] for c in top]
+    assert tps == sorted(tps, reverse=True)
+    for c in top:
+        assert c["step_ms"] <= 50.0 and 50 <= c["total_params_b"] <= 80 and c["batch"] >= 1
+
+
+def test_calibrate_writes_profile_and_compares(capsys, tmp_path):
+    path = tmp_path / "local-cpu.json"
+    out = run_json(capsys, ["simulate", "calibrate", "--out", str(path), "--repeats", "1", "--compare",
+                            "--presets", "debug", "--prefill-tokens", "32", "--decode-batch", "2",
+                            "--decode-context", "16", "--json"])
+    prof = json.loads(path.read_text())
+    assert prof["mem_bw_gbs"] > 0 and prof["op_overhead_us"] > 0 and len(prof["matmul_curve"]) >= 3
+    rows = out["compare"]
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    for r in rows:
+        assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
+        # the simulator's eager op count follows the real model's structure
+        if r["measured_aten_ops"]:
+            assert r["simulated_eager_ops"] == pytest.approx(r["measured_aten_ops"], rel=0.2)
+    # --hardware local-cpu then uses the file
+    res = run_json(capsys, ["simulate", "perf", "--model", "debug", "--hardware", "local-cpu", "--calibration",
+                            str(path), "--cards", "1", "--weights", "fp32", "--json"])
+    assert res["hardware"] == "local-cpu" and res["step_ms"] > 0
