@@ -189,3 +189,9 @@ def test_cli_train_with_user_data(tmp_path, text_dir):
     assert cli_main(["train", "--out", str(out), "--resume", "--steps", "5", "--no-progress"]) == 0
     assert verify_checkpoint(out)["step"] == 5
     assert cli_main(["train", "--out", str(tmp_path / "bad"), "--data", str(tmp_path / "missing")]) == 2
+    # the output directory is a published-layout checkpoint that `moge generate` reads with its tokenizer
+    from moge.checkpoint import load_pretrained
+
+    model = load_pretrained(out)
+    assert model.config.vocab_size == state["model_config"]["vocab_size"]
+    assert cli_main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
