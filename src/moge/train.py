@@ -1,0 +1,739 @@
+"""Train a MoGE (or top-K / group-limited baseline) language model on text, with resumable checkpoints.
+
+The output directory is itself a checkpoint in the published layout (``config.json`` + safetensors
+weights, loadable by ``moge.checkpoint.load_pretrained``) plus ``tokenizer.json``, the optimizer state
+(``optimizer.safetensors``, tensors keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``) and
+``trainer_state.json`` (step, schedule, data position, RNG states, per-file checksums). No pickle.
+
+Checkpoints are committed atomically: every file is written into ``DIR/.ckpt-staging``, the finished
+staging directory is renamed to ``DIR/.ckpt-commit`` (the commit point), and its files are then moved
+into ``DIR``. A run killed at any moment leaves either the previous or the new checkpoint; an
+interrupted move is rolled forward the next time the directory is opened for training.
+
+Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line): ``type: "train"`` lines with the loss,
+auxiliary loss, learning rate, tokens/s and, for every layer, the Imbalance Score with devices = groups,
+max/mean device load, per-group loads and per-expert counts; ``type: "eval"`` lines with the
+validation loss and expert counts per data domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ROUTERS, MoGEConfig, get_config
+from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
+                   pack_documents, shuffled, split_documents)
+from .errors import MoGEError
+from .tokenizer import (BOS_ID, EOS_ID, TOKENIZER_FILE, encode_batch, load_tokenizer, save_tokenizer,
+                        train_tokenizer)
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+STAGING_DIR = ".ckpt-staging"
+COMMIT_DIR = ".ckpt-commit"
+STATE_VERSION = 1
+
+
+class CheckpointCorruptError(MoGEError):
+    """A training checkpoint file is missing, truncated or altered; the message names the file."""
+
+
+class TrainingDivergedError(MoGEError):
+    """The loss became NaN or infinite; the message names the step. The last good checkpoint is kept."""
+
+
+class TrainingConfigError(MoGEError, ValueError):
+    """Training options that cannot work together; the message names the options."""
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every training option; saved in ``trainer_state.json`` so ``--resume`` continues the same run."""
+    out: str = "runs/train"
+    preset: str = "debug"
+    router: str = "moge"
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (paper: 3e-4 -> 3e-5)
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_coef: float | None = None  # None: the preset's router_aux_loss_coef
+    data: list[str] = field(default_factory=list)  # empty: the built-in corpus
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    vocab_size: int | None = None  # None: the preset's vocab_size
+    tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    save_every: int = 100
+    device: str = "auto"
+    compile: bool = False
+    progress: bool = True
+    # CPU only: deterministic kernels (the grouped-matmul backward otherwise sums in thread order), so an
+    # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
+    deterministic: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`TrainingConfigError` naming the option that is out of range."""
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+            if int(getattr(self, name)) < 1:
+                raise TrainingConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "save_every"):
+            if int(getattr(self, name)) < 0:
+                raise TrainingConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise TrainingConfigError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise TrainingConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.router not in ROUTERS:
+            raise TrainingConfigError(f"--router must be one of {ROUTERS}, got {self.router!r}")
+        if self.aux_coef is not None and self.aux_coef < 0:
+            raise TrainingConfigError(f"--aux-coef must be >= 0, got {self.aux_coef}")
+
+
+# Options a resumed run may change; all others are taken from the checkpoint.
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "log_every", "save_every", "device", "progress", "eval_batches")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the ``moge train`` options (defaults left as None are filled from :class:`TrainConfig`)."""
+    d = TrainConfig()
+    p.add_argument("--out", required=True, help="output / checkpoint directory")
+    p.add_argument("--preset", default=None, help=f"model size preset (default {d.preset})")
+    p.add_argument("--router", choices=ROUTERS, default=None, help=f"routing rule (default {d.router})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {d.batch_size})")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off (default {d.grad_clip})")
+    p.add_argument("--aux-coef", type=float, default=None, help="auxiliary balance loss coefficient "
+                   "(default: the preset's router_aux_loss_coef)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files, directories, .jsonl ('text' field) or .parquet ('text' column); "
+                        "default: the built-in code/prose/math corpus")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--eval-every", type=int, default=None, help=f"steps between validations, 0 = only at the end "
+                   f"(default {d.eval_every})")
+    p.add_argument("--eval-batches", type=int, default=None, help=f"validation batches per domain (default {d.eval_batches})")
+    p.add_argument("--log-every", type=int, default=None, help=f"steps between metrics lines (default {d.log_every})")
+    p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints, 0 = only at the end "
+                   f"(default {d.save_every})")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed CLI arguments (unset options keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    return TrainConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``moge train``."""
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None}
+    trainer = Trainer(cfg, resume=args.resume, resume_overrides=overrides)
+    trainer.train()
+    return 0
+
+
+# ---- small pieces ----------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingConfigError(f"--device {name} requested but CUDA is not available")
+    return dev
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up, then cosine decay to ``min_ratio * peak``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
+    """A freshly initialised :class:`moge.model.MoGEForCausalLM` (float32 master weights) on ``device``."""
+    from .model import MoGEForCausalLM
+
+    torch.manual_seed(seed)
+    return MoGEForCausalLM(model_config).to(device)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); weight decay on matrices only (not norms, biases or router scales)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.endswith("router_scale") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False keeps the update a plain per-parameter loop: identical on resume and with EP resharding.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- model weights: the published layout via moge.checkpoint, with a private fallback ----------------
+
+def save_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Write ``config.json`` + safetensors weights of ``model`` into ``directory``."""
+    try:
+        from .checkpoint import save_pretrained
+    except ImportError:  # moge.checkpoint not installed: native names, same file names
+        from safetensors.torch import save_file
+
+        _write_json_atomic(directory / "config.json", model.config.to_hf_dict())
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    save_pretrained(model, directory)
+
+
+def load_model_weights(directory: Path, device: torch.device):
+    """Load the model saved by :func:`save_model_weights` as float32 onto ``device``."""
+    try:
+        from .checkpoint import load_pretrained
+    except ImportError:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from .model import MoGEForCausalLM
+
+        config = MoGEConfig.from_json(directory / "config.json")
+        path = directory / "model.safetensors"
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointCorruptError(f"cannot read {path}: {e}") from None
+        model = MoGEForCausalLM(config)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointCorruptError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.to(device)
+    return load_pretrained(directory, dtype=torch.float32, device=str(device))
+
+
+# ---- RNG state without pickle ------------------------------------------------------------------------
+
+def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch/numpy/python RNG states as uint8/uint32 tensors plus JSON-able scalars."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, pystate, gauss_next = random.getstate()
+    meta = {"numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(pystate), "gauss_next": gauss_next}}
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state_tensors`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n["name"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# ---- checkpoint directory protocol -------------------------------------------------------------------
+
+def recover_checkpoint_dir(out: Path) -> None:
+    """Finish or discard an interrupted checkpoint write in ``out``.
+
+    A complete commit directory is rolled forward (its remaining files moved into place, the state
+    file last); a staging directory that never reached the commit point is deleted.
+    """
+    commit = out / COMMIT_DIR
+    if commit.is_dir():
+        names = sorted(p.name for p in commit.iterdir())
+        for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
+            os.replace(commit / name, out / name)
+        _fsync_dir(out)
+        commit.rmdir()
+    staging = out / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+def verify_checkpoint(out: Path) -> dict[str, Any]:
+    """Read ``trainer_state.json`` and check every file it lists (size and SHA-256); return the state.
+
+    Raises :class:`CheckpointCorruptError` naming the first missing, truncated or altered file.
+    """
+    state_path = out / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointCorruptError(f"{out} holds no training checkpoint ({STATE_FILE} missing)")
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"{state_path} is corrupt or truncated: {e}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "files" not in state:
+        raise CheckpointCorruptError(f"{state_path} is not a moge trainer state (version {STATE_VERSION})")
+    for name, meta in state["files"].items():
+        path = out / name
+        if not path.is_file():
+            raise CheckpointCorruptError(f"checkpoint file {path} is missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointCorruptError(f"checkpoint file {path} is truncated or altered: {size} bytes, "
+                                         f"expected {meta['bytes']}")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointCorruptError(f"checkpoint file {path} is corrupt: its SHA-256 does not match "
+                                         f"{STATE_FILE}")
+    return state
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+
+@dataclass
+class DataBundle:
+    """Packed training rows ``[R, S]`` and validation rows per domain."""
+    train_rows: torch.Tensor
+    val_rows: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer=None, vocab_size: int = 4096):
+    """Load/split the corpus, train (or reuse) the tokenizer on the training split, pack both splits.
+
+    Returns ``(tokenizer, DataBundle)``. Deterministic for a given ``cfg`` (and tokenizer).
+    """
+    docs = load_documents(cfg.data)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+    if tokenizer is None:
+        tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return encode_batch(tokenizer, texts)
+
+    train_rows = pack_documents(shuffled(train_docs, cfg.seed), encode, cfg.seq_len, BOS_ID, EOS_ID)
+    val_rows: dict[str, torch.Tensor] = {}
+    for domain in sorted({d.domain for d in val_docs}):
+        rows = pack_documents([d for d in val_docs if d.domain == domain], encode, cfg.seq_len, BOS_ID, EOS_ID)
+        if len(rows):
+            val_rows[domain] = rows
+    summary = {"train": corpus_summary(train_docs), "val": corpus_summary(val_docs),
+               "train_rows": int(train_rows.shape[0]), "val_rows": {k: int(v.shape[0]) for k, v in val_rows.items()},
+               "train_tokens": int(train_rows.numel())}
+    return tokenizer, DataBundle(train_rows, val_rows, summary)
+
+
+def layer_balance(counts_N: torch.Tensor, num_groups: int, num_tokens: int) -> torch.Tensor:
+    """``[IS, max/mean load]`` of one routed batch from its per-expert counts, on the counts' device.
+
+    IS is :func:`moge.metrics.imbalance_score` with devices = groups: (max - min group load) / tokens.
+    """
+    loads_M = counts_N.view(num_groups, -1).sum(-1).float()
+    imbalance = (loads_M.max() - loads_M.min()) / num_tokens
+    return torch.stack([imbalance, loads_M.max() / loads_M.mean().clamp(min=1e-9)])
+
+
+class Trainer:
+    """One training run in ``cfg.out``: data, tokenizer, model, AdamW, schedule, metrics and checkpoints.
+
+    The pieces are small methods (:meth:`train_step`, :meth:`evaluate`, :meth:`save_checkpoint`,
+    :meth:`load_checkpoint`) so wrappers such as expert parallelism can reuse them.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
+                 tokenizer=None, bar_position: int = 0):
+        self.bar_position = bar_position
+        self.out = Path(cfg.out)
+        if resume:
+            if self.out.is_dir():
+                recover_checkpoint_dir(self.out)
+            state = verify_checkpoint(self.out)
+            known = {f.name for f in fields(TrainConfig)}
+            saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
+            for k in resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES:
+                setattr(saved, k, getattr(cfg, k))
+            saved.out = cfg.out
+            cfg = saved
+        elif (self.out / STATE_FILE).exists() or (self.out / COMMIT_DIR).exists():
+            raise TrainingConfigError(f"{self.out} already holds a training checkpoint; pass --resume to continue "
+                                      f"it or choose another --out")
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
+        base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
+        if resume:
+            tokenizer = load_tokenizer(self.out / TOKENIZER_FILE)
+        elif tokenizer is None and cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        self.tokenizer, self.data = prepare_data(cfg, tokenizer, cfg.vocab_size or base.vocab_size)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
+                                         max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
+        if resume:
+            self.model = load_model_weights(self.out, self.device)
+            self.model_config = self.model.config
+        else:
+            self.model = build_model(self.model_config, cfg.seed, self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self._forward = torch.compile(self.model) if cfg.compile else self.model
+        if resume:
+            self.load_checkpoint(state)
+        else:
+            torch.manual_seed(cfg.seed + 1)  # the training RNG stream, independent of init
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+
+    # -- schedule and steps --------------------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, c.lr, c.warmup, c.steps, c.min_lr_ratio)
+
+    @contextlib.contextmanager
+    def _determinism(self):
+        """Deterministic kernels for the duration of a step (CPU), restoring the caller's setting."""
+        if not (self.cfg.deterministic and self.device.type == "cpu"):
+            yield
+            return
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; raises on a non-finite loss."""
+        with self._determinism():
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, Any]:
+        c = self.cfg
+        self.model.train()
+        lr = self.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        counts: list[torch.Tensor | None] | None = None
+        balance: list[torch.Tensor] = []  # per micro-batch [L_moe, 2]
+        for _ in range(c.grad_accum):
+            idx = self.sampler.next_indices(c.batch_size)
+            x_BS = self.data.train_rows[idx].to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self._forward(x_BS, labels=x_BS)
+            aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
+            ((out.loss + aux) / c.grad_accum).backward()
+            loss_sum += out.loss.detach().float()
+            aux_sum += aux.detach().float()
+            step_counts = [None if st is None else st.expert_counts.detach() for st in out.router_stats]
+            counts = step_counts if counts is None else [None if a is None else a + b for a, b in zip(counts, step_counts)]
+            rows = [layer_balance(st.expert_counts, self.model_config.groups, st.num_tokens)
+                    for st in out.router_stats if st is not None]
+            if rows:
+                balance.append(torch.stack(rows))
+        loss, aux_loss = float(loss_sum) / c.grad_accum, float(aux_sum) / c.grad_accum
+        if not (math.isfinite(loss) and math.isfinite(aux_loss)):
+            self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss})")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(grad_norm)):
+            self._diverged(f"gradient norm is {float(grad_norm)} (loss {loss})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += c.grad_accum * c.batch_size * c.seq_len
+        bal = torch.stack(balance).cpu() if balance else None  # [micro, L_moe, 2]
+        return {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "counts": [None if t is None else t.cpu() for t in counts], "balance": bal}
+
+    def _diverged(self, what: str) -> None:
+        """Drop this step's gradients and raise :class:`TrainingDivergedError` naming the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"{what} at step {self.step + 1}; stopped before updating the weights. The last good checkpoint "
+            f"in {self.out} (step {self._last_saved_step()}) is kept; try a lower --lr or more --warmup")
+
+    def _last_saved_step(self) -> int:
+        try:
+            return int(json.loads((self.out / STATE_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss per domain on the first ``eval_batches`` batches, and expert counts per domain."""
+        c = self.cfg
+        self.model.eval()
+        losses, counts = {}, {}
+        for domain, rows in self.data.val_rows.items():
+            total, n_tok = 0.0, 0
+            layer_counts: list[torch.Tensor | None] | None = None
+            for b in range(min(c.eval_batches, math.ceil(rows.shape[0] / c.batch_size))):
+                x_BS = rows[b * c.batch_size:(b + 1) * c.batch_size].to(self.device)
+                with self._autocast():
+                    out = self._forward(x_BS, labels=x_BS)
+                n = x_BS.shape[0] * (x_BS.shape[1] - 1)
+                total += float(out.loss) * n
+                n_tok += n
+                sc = [None if st is None else st.expert_counts for st in out.router_stats]
+                layer_counts = sc if layer_counts is None else [None if a is None else a + b2
+                                                                for a, b2 in zip(layer_counts, sc)]
+            losses[domain] = total / max(n_tok, 1)
+            counts[domain] = [None if t is None else t.cpu().tolist() for t in (layer_counts or [])]
+        self.model.train()
+        mean = sum(losses.values()) / len(losses) if losses else float("nan")
+        return {"val_loss": losses, "val_loss_mean": mean, "expert_counts": counts}
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """AdamW moments keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``, and step counts by name."""
+        tensors, steps = {}, {}
+        for name, p in self.model.named_parameters():
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue
+            tensors[f"{name}.exp_avg"] = st["exp_avg"].detach().contiguous().cpu()
+            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().contiguous().cpu()
+            steps[name] = float(st["step"])
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        return tensors, {"step": steps, "param_groups": groups}
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of :meth:`optimizer_state` (matching by parameter name, so layouts may be resharded)."""
+        for name, p in self.model.named_parameters():
+            if name not in meta["step"]:
+                continue
+            try:
+                exp_avg, exp_avg_sq = tensors[f"{name}.exp_avg"], tensors[f"{name}.exp_avg_sq"]
+            except KeyError as e:
+                raise CheckpointCorruptError(f"{self.out / OPTIMIZER_FILE} lacks tensor {e}") from None
+            self.optimizer.state[p] = {
+                "step": torch.tensor(meta["step"][name], dtype=torch.float32),
+                "exp_avg": exp_avg.to(p.device, p.dtype), "exp_avg_sq": exp_avg_sq.to(p.device, p.dtype)}
+        for g, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
+            g.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+
+    def save_checkpoint(self) -> None:
+        """Write a complete checkpoint atomically (staging dir -> commit rename -> move into place)."""
+        from safetensors.torch import save_file
+
+        recover_checkpoint_dir(self.out)
+        staging = self.out / STAGING_DIR
+        staging.mkdir(parents=True)
+        save_model_weights(self.model, staging)
+        save_tokenizer(self.tokenizer, staging / TOKENIZER_FILE)
+        opt_tensors, opt_meta = self.optimizer_state()
+        save_file(opt_tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
+        rng_tensors, rng_meta = rng_state_tensors()
+        save_file(rng_tensors, str(staging / RNG_FILE))
+        files = {}
+        for p in sorted(staging.iterdir()):
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        state = {"version": STATE_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
+                 "train_config": asdict(self.cfg), "model_config": self.model_config.to_dict(),
+                 "scheduler": {"kind": "warmup_cosine", "peak_lr": self.cfg.lr, "warmup": self.cfg.warmup,
+                               "total_steps": self.cfg.steps, "min_lr_ratio": self.cfg.min_lr_ratio,
+                               "last_lr": self.lr(max(self.step - 1, 0))},
+                 "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "rng": rng_meta,
+                 "data": self.data.summary, "files": files}
+        _write_json_atomic(staging / STATE_FILE, state)
+        _fsync_dir(staging)
+        old = self._listed_files()
+        os.replace(staging, self.out / COMMIT_DIR)  # the commit point
+        _fsync_dir(self.out)
+        recover_checkpoint_dir(self.out)
+        for name in old - set(files) - {STATE_FILE}:  # e.g. shards of a previous layout
+            (self.out / name).unlink(missing_ok=True)
+
+    def _listed_files(self) -> set[str]:
+        try:
+            return set(json.loads((self.out / STATE_FILE).read_text())["files"])
+        except (OSError, ValueError, KeyError):
+            return set()
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        """Restore optimizer, schedule position, data position and RNGs from a verified checkpoint."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        tensors = {}
+        for fname in (OPTIMIZER_FILE, RNG_FILE):
+            try:
+                tensors[fname] = load_file(str(self.out / fname))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointCorruptError(f"cannot read {self.out / fname}: {e}") from None
+        self.load_optimizer_state(tensors[OPTIMIZER_FILE], state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        restore_rng_state(tensors[RNG_FILE], state["rng"])
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics lines written after the checkpoint (they will be produced again)."""
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break  # a line cut off by the interruption
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(s + "\n" for s in keep))
+        os.replace(tmp, path)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.out / METRICS_FILE).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _layer_records(self, counts, balances: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """Per-layer metrics over the logging interval (IS mean and max, max/mean load) and last step counts."""
+        bal = torch.cat(balances)  # [micro-batches, L_moe, 2]
+        out, j = [], 0
+        for i, cnt in enumerate(counts):
+            if cnt is None:
+                out.append({"layer": i, "dense": True})
+                continue
+            m = self.model_config.groups
+            out.append({"layer": i, "imbalance_score": float(bal[:, j, 0].mean()),
+                        "imbalance_score_max": float(bal[:, j, 0].max()),
+                        "max_mean_load": float(bal[:, j, 1].mean()),
+                        "max_mean_load_max": float(bal[:, j, 1].max()),
+                        "group_loads": cnt.view(m, -1).sum(-1).tolist(), "expert_counts": cnt.tolist()})
+            j += 1
+        return out
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``cfg.steps``; log, evaluate and checkpoint on schedule. Returns the final evaluation."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        if self.step == 0:
+            self._log({"type": "start", "step": 0, "model_config": self.model_config.to_dict(),
+                       "train_config": asdict(c), "data": self.data.summary,
+                       "parameters": _param_counts(self.model_config)})
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=f"train {c.router}",
+                   unit="step", dynamic_ncols=True, position=self.bar_position, mininterval=1.0)
+        interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
+        last_eval: dict[str, Any] | None = None
+        start = time.perf_counter()
+        try:
+            while self.step < c.steps:
+                t0 = time.perf_counter()
+                r = self.train_step()
+                dt = time.perf_counter() - t0
+                interval_time += dt
+                interval_tokens += c.grad_accum * c.batch_size * c.seq_len
+                interval_loss.append(r["loss"])
+                interval_aux.append(r["aux_loss"])
+                if r["balance"] is not None:
+                    balances.append(r["balance"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{interval_tokens / max(interval_time, 1e-9):.0f}")
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    self._log({"type": "train", "step": self.step, "loss": sum(interval_loss) / len(interval_loss),
+                               "last_loss": r["loss"], "aux_loss": sum(interval_aux) / len(interval_aux),
+                               "lr": r["lr"], "grad_norm": r["grad_norm"],
+                               "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
+                               "tokens": self.tokens_seen, "elapsed_s": time.perf_counter() - start,
+                               "layers": self._layer_records(r["counts"], balances) if balances else []})
+                    interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
+                if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
+                    last_eval = self.evaluate()
+                    self._log({"type": "eval", "step": self.step, **last_eval})
+                    bar.write(f"{c.router} step {self.step}: val loss " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()))
+                if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return last_eval or {}
+
+
+def _param_counts(config: MoGEConfig) -> dict[str, int]:
+    from .model import count_parameters
+
+    return count_parameters(config)

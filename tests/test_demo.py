@@ -1,0 +1,37 @@
+"""`moge demo` end to end at toy size: both runs, the report, the plots and the MoGE balance check."""
+
+import json
+
+import pytest
+from helpers import single_thread  # noqa: F401 (fixture)
+
+from moge.cli import main as cli_main
+from moge.report import read_metrics, summarize
+
+# One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_demo_writes_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli_main(["demo", "--out", str(out), "--preset", "debug", "--steps", "4", "--batch-size", "2",
+                   "--seq-len", "32", "--eval-every", "2", "--log-every", "2", "--warmup", "1",
+                   "--vocab-size", "300", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| moge |" in printed and "| topk |" in printed and "report.md" in printed
+    for name in ("report.md", "overview.png", "loss.png", "balance.png", "group_loads.png", "expert_share.png",
+                 "tokenizer.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "exactly 0 in every layer at every training step: yes" in report
+    assert "![overview](overview.png)" in report and "## Samples" in report
+    moge, topk = summarize(read_metrics(out / "moge", "moge")), summarize(read_metrics(out / "topk", "topk"))
+    assert moge["max_is"] == 0.0 and moge["max_max_mean_load"] == 1.0
+    assert topk["max_is"] > 0.0
+    assert moge["parameters"] == topk["parameters"]  # same total and activated parameters
+    assert set(moge["val_loss"]) == {"code", "prose", "math"}
+    # both runs are loadable checkpoints with the shared tokenizer
+    for r in ("moge", "topk"):
+        assert json.loads((out / r / "config.json").read_text())["router"] == r
+        assert (out / r / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
