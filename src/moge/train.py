@@ -38,6 +38,7 @@ from .config import ROUTERS, MoGEConfig, get_config
 from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
 from .errors import MoGEError
+from .parallel import full_state_dict, gather_named_tensor, shard_named_tensor
 from .tokenizer import (BOS_ID, EOS_ID, TOKENIZER_FILE, encode_batch, load_tokenizer, save_tokenizer,
                         train_tokenizer)
 
@@ -95,6 +96,9 @@ class TrainConfig:
     # CPU only: deterministic kernels (the grouped-matmul backward otherwise sums in thread order), so an
     # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
     deterministic: bool = True
+    # Expert-parallel size = number of torchrun processes. --batch-size stays the *global* batch: each
+    # rank trains on its own batch_size/ep rows of it, so a run is the same computation at any --ep.
+    ep: int = 1
 
     def validate(self) -> None:
         """Raise :class:`TrainingConfigError` naming the option that is out of range."""
@@ -112,10 +116,14 @@ class TrainConfig:
             raise TrainingConfigError(f"--router must be one of {ROUTERS}, got {self.router!r}")
         if self.aux_coef is not None and self.aux_coef < 0:
             raise TrainingConfigError(f"--aux-coef must be >= 0, got {self.aux_coef}")
+        if self.ep < 1 or self.batch_size % self.ep:
+            raise TrainingConfigError(f"--batch-size {self.batch_size} must be divisible by --ep {self.ep} (it is "
+                                      f"the global batch, split evenly over the expert-parallel ranks)")
 
 
 # Options a resumed run may change; all others are taken from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "eval_every", "log_every", "save_every", "device", "progress", "eval_batches")
+RESUMABLE_OVERRIDES = ("ep", "steps", "eval_every", "log_every", "save_every", "device", "progress",
+                       "eval_batches")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +135,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {d.batch_size})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size; launch with torchrun --nproc-per-node EP (default 1). Routed "
+                        "experts are sharded by whole groups, everything else is data parallel; checkpoints "
+                        "are the same whatever EP, so a run may resume at another EP size")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps (default {d.warmup})")
@@ -165,9 +177,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None}
-    trainer = Trainer(cfg, resume=args.resume, resume_overrides=overrides)
-    trainer.train()
+    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"ep"}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1:
+        Trainer(cfg, resume=args.resume, resume_overrides=overrides).train()
+        return 0
+    from .parallel import fault_guard, init_distributed
+
+    info = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
+    try:
+        with fault_guard(info):
+            Trainer(cfg, resume=args.resume, resume_overrides=overrides, dist=info).train()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -243,8 +265,17 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- model weights: the published layout via moge.checkpoint, with a private fallback ----------------
 
-def save_model_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Write ``config.json`` + safetensors weights of ``model`` into ``directory``."""
+def save_model_weights(model: torch.nn.Module, directory: Path,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``config.json`` + safetensors weights of ``model`` into ``directory``.
+
+    ``state_dict`` replaces the model's own, e.g. an expert-parallel model's unsharded one from
+    :func:`moge.parallel.full_state_dict`, so the files are the same whatever the EP size.
+    """
+    if state_dict is not None:
+        from types import SimpleNamespace
+
+        model = SimpleNamespace(config=model.config, state_dict=lambda: state_dict)
     try:
         from .checkpoint import save_pretrained
     except ImportError:  # moge.checkpoint not installed: native names, same file names
@@ -411,12 +442,18 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
-                 tokenizer=None, bar_position: int = 0):
+                 tokenizer=None, bar_position: int = 0, dist=None):
+        from .parallel import DistInfo
+
         self.bar_position = bar_position
         self.out = Path(cfg.out)
+        # Expert parallelism: rank / world / group / device of this process (one process: world 1).
+        self.dist = dist if dist is not None else DistInfo(0, 1, 0, None, torch.device("cpu"))
         if resume:
             if self.out.is_dir():
-                recover_checkpoint_dir(self.out)
+                if self.dist.is_main:  # the others wait: one process repairs the directory
+                    recover_checkpoint_dir(self.out)
+            self._barrier()
             state = verify_checkpoint(self.out)
             known = {f.name for f in fields(TrainConfig)}
             saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
@@ -428,15 +465,33 @@ class Trainer:
             raise TrainingConfigError(f"{self.out} already holds a training checkpoint; pass --resume to continue "
                                       f"it or choose another --out")
         cfg.validate()
+        if cfg.ep != self.dist.world_size:
+            raise TrainingConfigError(f"--ep {cfg.ep} but {self.dist.world_size} process(es) were launched; use "
+                                      f"torchrun --nproc-per-node {cfg.ep} ... --ep {cfg.ep}")
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
         overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
         base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
         if resume:
             tokenizer = load_tokenizer(self.out / TOKENIZER_FILE)
         elif tokenizer is None and cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        self.tokenizer, self.data = prepare_data(cfg, tokenizer, cfg.vocab_size or base.vocab_size)
+        vocab = cfg.vocab_size or base.vocab_size
+        if self.dist.world_size > 1 and tokenizer is None:
+            # One tokenizer for all ranks: rank 0 trains it, the others load its file.
+            shared = self.out / ".ep-tokenizer.json"
+            if self.dist.is_main:
+                self.tokenizer, self.data = prepare_data(cfg, None, vocab)
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_tokenizer(self.tokenizer, shared)
+            self._barrier()
+            if not self.dist.is_main:
+                self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
+            self._barrier()
+            if self.dist.is_main:
+                shared.unlink()
+        else:
+            self.tokenizer, self.data = prepare_data(cfg, tokenizer, vocab)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
                                          max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
@@ -445,6 +500,14 @@ class Trainer:
             self.model_config = self.model.config
         else:
             self.model = build_model(self.model_config, cfg.seed, self.device)
+        if self.dist.world_size > 1:
+            from .parallel import apply_expert_parallel, check_config_consistent
+
+            check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
+                                     "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
+                                     "data": self.data.summary}, self.dist.group)
+            # Same seed / same checkpoint on every rank; each keeps its block of expert groups.
+            self.model = apply_expert_parallel(self.model, self.dist.group)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
         self.step = 0
@@ -497,6 +560,8 @@ class Trainer:
         balance: list[torch.Tensor] = []  # per micro-batch [L_moe, 2]
         for _ in range(c.grad_accum):
             idx = self.sampler.next_indices(c.batch_size)
+            per_rank = c.batch_size // self.dist.world_size
+            idx = idx[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]  # this rank's slice
             x_BS = self.data.train_rows[idx].to(self.device, non_blocking=True)
             with self._autocast():
                 out = self._forward(x_BS, labels=x_BS)
@@ -510,10 +575,15 @@ class Trainer:
                     for st in out.router_stats if st is not None]
             if rows:
                 balance.append(torch.stack(rows))
+        from .parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
+
+        sync_gradients(self.model, self.dist.group)  # data-parallel mean; expert shards scaled
+        loss_sum = all_reduce_mean(loss_sum, self.dist.group)  # the global batch's loss, same on every rank
+        aux_sum = all_reduce_mean(aux_sum, self.dist.group)
         loss, aux_loss = float(loss_sum) / c.grad_accum, float(aux_sum) / c.grad_accum
         if not (math.isfinite(loss) and math.isfinite(aux_loss)):
             self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss})")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm_(self.model, c.grad_clip if c.grad_clip > 0 else float("inf"), self.dist.group)
         if not math.isfinite(float(grad_norm)):
             self._diverged(f"gradient norm is {float(grad_norm)} (loss {loss})")
         self.optimizer.step()
@@ -570,14 +640,16 @@ class Trainer:
             st = self.optimizer.state.get(p)
             if not st:
                 continue
-            tensors[f"{name}.exp_avg"] = st["exp_avg"].detach().contiguous().cpu()
-            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().contiguous().cpu()
+            for key in ("exp_avg", "exp_avg_sq"):  # expert shards are gathered: the file is EP-independent
+                full = gather_named_tensor(name, st[key].detach(), self.dist.group)
+                tensors[f"{name}.{key}"] = full.contiguous().cpu()
             steps[name] = float(st["step"])
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         return tensors, {"step": steps, "param_groups": groups}
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of :meth:`optimizer_state` (matching by parameter name, so layouts may be resharded)."""
+        rank, world = self.dist.rank, self.dist.world_size
         for name, p in self.model.named_parameters():
             if name not in meta["step"]:
                 continue
@@ -585,6 +657,7 @@ class Trainer:
                 exp_avg, exp_avg_sq = tensors[f"{name}.exp_avg"], tensors[f"{name}.exp_avg_sq"]
             except KeyError as e:
                 raise CheckpointCorruptError(f"{self.out / OPTIMIZER_FILE} lacks tensor {e}") from None
+            exp_avg, exp_avg_sq = (shard_named_tensor(name, t, rank, world) for t in (exp_avg, exp_avg_sq))
             self.optimizer.state[p] = {
                 "step": torch.tensor(meta["step"][name], dtype=torch.float32),
                 "exp_avg": exp_avg.to(p.device, p.dtype), "exp_avg_sq": exp_avg_sq.to(p.device, p.dtype)}
@@ -595,12 +668,16 @@ class Trainer:
         """Write a complete checkpoint atomically (staging dir -> commit rename -> move into place)."""
         from safetensors.torch import save_file
 
+        full_sd = full_state_dict(self.model, self.dist.group) if self.dist.world_size > 1 else None
+        opt_tensors, opt_meta = self.optimizer_state()  # collective under EP: before the rank-0 branch
+        if not self.dist.is_main:
+            self._barrier()
+            return
         recover_checkpoint_dir(self.out)
         staging = self.out / STAGING_DIR
         staging.mkdir(parents=True)
-        save_model_weights(self.model, staging)
+        save_model_weights(self.model, staging, state_dict=full_sd)
         save_tokenizer(self.tokenizer, staging / TOKENIZER_FILE)
-        opt_tensors, opt_meta = self.optimizer_state()
         save_file(opt_tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
         rng_tensors, rng_meta = rng_state_tensors()
         save_file(rng_tensors, str(staging / RNG_FILE))
@@ -624,6 +701,12 @@ class Trainer:
         recover_checkpoint_dir(self.out)
         for name in old - set(files) - {STATE_FILE}:  # e.g. shards of a previous layout
             (self.out / name).unlink(missing_ok=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        """Wait for every expert-parallel rank (no-op for one process)."""
+        if self.dist.world_size > 1:
+            torch.distributed.barrier(self.dist.group)
 
     def _listed_files(self) -> set[str]:
         try:
@@ -646,7 +729,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         restore_rng_state(tensors[RNG_FILE], state["rng"])
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics lines written after the checkpoint (they will be produced again)."""
@@ -666,6 +750,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:  # one metrics file, written by rank 0
+            return
         with (self.out / METRICS_FILE).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -695,8 +781,9 @@ class Trainer:
             self._log({"type": "start", "step": 0, "model_config": self.model_config.to_dict(),
                        "train_config": asdict(c), "data": self.data.summary,
                        "parameters": _param_counts(self.model_config)})
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=f"train {c.router}",
-                   unit="step", dynamic_ncols=True, position=self.bar_position, mininterval=1.0)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not self.dist.is_main,
+                   desc=f"train {c.router}", unit="step", dynamic_ncols=True, position=self.bar_position,
+                   mininterval=1.0)
         interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
         last_eval: dict[str, Any] | None = None
         start = time.perf_counter()
@@ -724,8 +811,9 @@ class Trainer:
                 if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
                     last_eval = self.evaluate()
                     self._log({"type": "eval", "step": self.step, **last_eval})
-                    bar.write(f"{c.router} step {self.step}: val loss " + ", ".join(
-                        f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()))
+                    if self.dist.is_main:
+                        bar.write(f"{c.router} step {self.step}: val loss " + ", ".join(
+                            f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()))
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                     self.save_checkpoint()
         finally:
