@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -50,8 +51,16 @@ def get_experts_backend(name: str, device: torch.device | None = None) -> Expert
 
 
 def default_backend(device: torch.device | None = None) -> str:
-    """The backend ``auto`` resolves to on ``device``."""
-    return "grouped_mm" if "grouped_mm" in _BACKENDS else "eager"
+    """The backend ``auto`` resolves to on ``device``.
+
+    CUDA gets ``grouped_mm`` (no host sync, graph-capturable). Everywhere else gets ``sorted``: on a
+    CPU the one host sync it costs is free, and a per-expert loop of plain GEMMs with a hand-written
+    backward beat ``grouped_mm`` there (see benchmarks/RESULTS.md); it also covers every dtype.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and "grouped_mm" in _BACKENDS:
+        return "grouped_mm"
+    return "sorted" if "sorted" in _BACKENDS else "eager"
 
 
 def _swiglu(h_P2F: Tensor) -> Tensor:
@@ -87,15 +96,155 @@ def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Te
     return order_P, token_P, offsets_N
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``F.grouped_mm``'s backward rejects a non-contiguous (e.g. expanded, from ``y.sum().backward()``)
+    grad_output; putting this right after each grouped matmul hands it a dense gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Tensor) -> Tensor:
+    """Row p of ``x`` times expert ``expert_P[p]``'s ``[out, in]`` matrix: ``[P, I] -> [P, O]``.
+
+    Uses ``F.grouped_mm`` where it has a kernel (float32/bf16 with rows a multiple of 16 bytes);
+    otherwise (float64, odd sizes) a per-pair batched matmul on gathered weights: still no expert
+    loop and no host sync, but it copies one weight matrix per pair, so it is a correctness
+    fallback, not a fast path.
+    """
+    row_bytes = (x_PI.shape[-1] * x_PI.element_size(), w_NOI.shape[1] * x_PI.element_size())
+    if (x_PI.dtype in (torch.float32, torch.bfloat16) and hasattr(F, "grouped_mm")
+            and all(b % 16 == 0 for b in row_bytes)):  # the kernel needs 16-byte aligned row strides
+        return _ContiguousGrad.apply(F.grouped_mm(x_PI, w_NOI.transpose(1, 2), offs=offsets_N))
+    return torch.bmm(w_NOI[expert_P], x_PI.unsqueeze(-1)).squeeze(-1)
+
+
 @register_experts_backend("grouped_mm")
 def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
-    """Sort pairs by expert, two grouped matmuls, weighted scatter-add: no Python loop, no host sync."""
+    """Sort pairs by expert, two grouped matmuls, un-permute and sum the K slots: no loop, no host sync.
+
+    The gate weight is applied to the ``[P, F]`` activation before the down projection (the
+    projection is linear, so this is exact) because that tensor is H/F times smaller than the output.
+    The K outputs of a token are combined by an inverse-permutation gather and a ``[T, K, H]`` sum
+    instead of zeros + index_add: deterministic and one pass over memory.
+    """
+    t, k = ids_TK.shape
     order_P, token_P, offsets_N = sort_by_expert(ids_TK, gate_up_N2FH.shape[0])
-    xs_PH = x_TH[token_P]
-    h_PF = _swiglu(F.grouped_mm(xs_PH, gate_up_N2FH.transpose(1, 2), offs=offsets_N))
-    out_PH = F.grouped_mm(h_PF, down_NHF.transpose(1, 2), offs=offsets_N)
-    out_PH = out_PH * w_TK.reshape(-1)[order_P].unsqueeze(-1).to(out_PH.dtype)
-    return torch.zeros_like(x_TH).index_add(0, token_P, out_PH)
+    expert_P = ids_TK.reshape(-1)[order_P]
+    h_PF = _swiglu(_grouped_linear(x_TH[token_P], gate_up_N2FH, offsets_N, expert_P))
+    h_PF = h_PF * w_TK.reshape(-1)[order_P].unsqueeze(-1).to(h_PF.dtype)
+    out_PH = _grouped_linear(h_PF, down_NHF, offsets_N, expert_P)
+    inv_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(order_P.numel(), device=order_P.device))
+    return out_PH[inv_P].view(t, k, out_PH.shape[-1]).sum(1)
+
+
+class _SortedExperts(torch.autograd.Function):
+    """All routed experts as one autograd node: per-expert GEMMs on contiguous sorted segments.
+
+    Forward and a hand-written backward both walk the experts that got tokens and call plain GEMMs on
+    their contiguous row blocks, writing into preallocated buffers. Compared with autograd over
+    gathers, chunks and index_adds this saves the intermediate copies autograd would keep, never
+    materialises ``[N, ...]`` zero gradients for experts with rows, and runs the SwiGLU backward as a
+    few fused elementwise ops over all pairs at once. It needs the per-expert counts on the host
+    (one sync), which is free on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF):
+        t, k = ids_TK.shape
+        n, f2 = gate_up_N2FH.shape[0], gate_up_N2FH.shape[1]
+        flat_P = ids_TK.reshape(-1)
+        order_P = torch.argsort(flat_P, stable=True)
+        token_P = order_P // k
+        counts = torch.bincount(flat_P, minlength=n).tolist()  # the one host sync
+        segs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                segs.append((e, start, start + c))
+            start += c
+        xs_PH = x_TH.index_select(0, token_P)
+        gu_P2F = x_TH.new_empty(xs_PH.shape[0], f2)
+        for e, a, b in segs:
+            torch.mm(xs_PH[a:b], gate_up_N2FH[e].t(), out=gu_P2F[a:b])
+        wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
+        g_PF, u_PF = gu_P2F.chunk(2, dim=-1)
+        hw_PF = F.silu(g_PF).mul_(u_PF).mul_(wsort_P1)
+        out_PH = x_TH.new_empty(xs_PH.shape)
+        for e, a, b in segs:
+            torch.mm(hw_PF[a:b], down_NHF[e].t(), out=out_PH[a:b])
+        inv_P = torch.empty_like(order_P)
+        inv_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
+        y_TH = out_PH.index_select(0, inv_P).view(t, k, out_PH.shape[-1]).sum(1)
+        ctx.segs, ctx.k = segs, k
+        ctx.w_dtype = w_TK.dtype
+        ctx.save_for_backward(x_TH, order_P, token_P, inv_P, gu_P2F, wsort_P1, gate_up_N2FH, down_NHF)
+        return y_TH
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_TH):
+        x_TH, order_P, token_P, inv_P, gu_P2F, wsort_P1, gate_up_N2FH, down_NHF = ctx.saved_tensors
+        segs = ctx.segs
+        dy_TH = dy_TH.contiguous()
+        dout_PH = dy_TH.index_select(0, token_P)
+        g_PF, u_PF = gu_P2F.chunk(2, dim=-1)
+        sig_PF = torch.sigmoid(g_PF)
+        silu_PF = g_PF * sig_PF
+        h_PF = silu_PF * u_PF
+        hw_PF = h_PF * wsort_P1 if ctx.needs_input_grad[4] else None
+        d_down = torch.empty_like(down_NHF) if ctx.needs_input_grad[4] else None
+        d_gu = torch.empty_like(gate_up_N2FH) if ctx.needs_input_grad[3] else None
+        dhw_PF = h_PF.new_empty(h_PF.shape)
+        used = [False] * down_NHF.shape[0]
+        for e, a, b in segs:
+            used[e] = True
+            if d_down is not None:
+                torch.mm(dout_PH[a:b].t(), hw_PF[a:b], out=d_down[e])
+            torch.mm(dout_PH[a:b], down_NHF[e], out=dhw_PF[a:b])
+        dw_TK = None
+        if ctx.needs_input_grad[2]:
+            dwsort_P = (dhw_PF * h_PF).sum(-1)
+            dw_TK = dwsort_P.index_select(0, inv_P).view(x_TH.shape[0], ctx.k).to(ctx.w_dtype)
+        dh_PF = dhw_PF.mul_(wsort_P1)
+        # silu'(g) = sig * (1 + g * (1 - sig))
+        dgu_P2F = torch.cat([dh_PF * u_PF * sig_PF * (1 + g_PF * (1 - sig_PF)), dh_PF * silu_PF], dim=-1)
+        dx_TH = None
+        if ctx.needs_input_grad[0]:
+            dxs_PH = x_TH.new_empty(dout_PH.shape)
+        xs_PH = x_TH.index_select(0, token_P) if d_gu is not None else None
+        for e, a, b in segs:
+            if d_gu is not None:
+                torch.mm(dgu_P2F[a:b].t(), xs_PH[a:b], out=d_gu[e])
+            if ctx.needs_input_grad[0]:
+                torch.mm(dgu_P2F[a:b], gate_up_N2FH[e], out=dxs_PH[a:b])
+        for e, hit in enumerate(used):
+            if not hit:
+                if d_down is not None:
+                    d_down[e].zero_()
+                if d_gu is not None:
+                    d_gu[e].zero_()
+        if ctx.needs_input_grad[0]:
+            dx_TH = dxs_PH.index_select(0, inv_P).view(x_TH.shape[0], ctx.k, x_TH.shape[1]).sum(1)
+        return dx_TH, None, dw_TK, d_gu, d_down
+
+
+@register_experts_backend("sorted")
+def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+    """Per-expert GEMMs on contiguous sorted segments with a fused hand-written backward.
+
+    One host sync (the per-expert counts) per call; the fastest choice on CPU at both prefill and
+    decode sizes. See :class:`_SortedExperts`.
+    """
+    return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 class SwiGLUExperts(nn.Module):
