@@ -96,3 +96,31 @@ def test_cuda_backend_matches_eager(backend):
     w = torch.rand(64, 1, device="cuda")
     torch.testing.assert_close(get_experts_backend(backend)(x, ids, w, gu, down),
                                eager_experts(x, ids, w, gu, down), rtol=2e-2, atol=2e-2)
+
+
+def test_segments_split_whole_experts():
+    from moge.experts import _segments
+    # counts 3, 0, 2, 4 with at most 5 rows a chunk: [e0 e2] then [e3]; an expert is never split
+    assert _segments([3, 0, 2, 4], 5) == [(0, 5, [(0, 0, 3), (2, 3, 5)]), (5, 9, [(3, 0, 4)])]
+    assert _segments([7, 1], 5) == [(0, 7, [(0, 0, 7)]), (7, 8, [(1, 0, 1)])]
+    assert _segments([0, 0], 5) == []
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 300])
+def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
+    import moge.experts as ex
+    monkeypatch.setattr(ex, "_CHUNK_BYTES", chunk_bytes)  # 1 byte: one expert per chunk
+    gu, down = make()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(11, H, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(N, generator=gen)[:3] for _ in range(11)])
+    w = torch.rand(11, 3, generator=gen, dtype=torch.float64)
+    gy = torch.randn(11, H, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (ex.sorted_experts, ex.eager_experts):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, gu, down)]
+        y = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+        y.backward(gy)
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

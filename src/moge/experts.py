@@ -146,94 +146,126 @@ def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH:
     return out_PH[inv_P].view(t, k, out_PH.shape[-1]).sum(1)
 
 
+# Rows per chunk are capped so every temporary stays near this size: glibc serves blocks above its
+# mmap threshold (at most 32 MiB) with fresh mmaps, and first-touching those pages cost more than the
+# copies themselves on our CPU VMs; 8 MiB buffers are recycled from the heap and stay cache-friendly.
+_CHUNK_BYTES = 8 * 2**20
+
+
+def _segments(counts: list[int], max_rows: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Split the sorted pairs into chunks of whole experts with at most ``max_rows`` rows (or one expert).
+
+    Returns ``[(start, end, [(expert, a, b), ...]), ...]`` with ``a, b`` relative to the chunk start;
+    experts without rows are left out.
+    """
+    chunks, segs, chunk_start, pos = [], [], 0, 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        if segs and pos + c - chunk_start > max_rows:
+            chunks.append((chunk_start, pos, segs))
+            segs, chunk_start = [], pos
+        segs.append((e, pos - chunk_start, pos + c - chunk_start))
+        pos += c
+    if segs:
+        chunks.append((chunk_start, pos, segs))
+    return chunks
+
+
 class _SortedExperts(torch.autograd.Function):
     """All routed experts as one autograd node: per-expert GEMMs on contiguous sorted segments.
 
-    Forward and a hand-written backward both walk the experts that got tokens and call plain GEMMs on
-    their contiguous row blocks, writing into preallocated buffers. Compared with autograd over
-    gathers, chunks and index_adds this saves the intermediate copies autograd would keep, never
-    materialises ``[N, ...]`` zero gradients for experts with rows, and runs the SwiGLU backward as a
-    few fused elementwise ops over all pairs at once. It needs the per-expert counts on the host
-    (one sync), which is free on a CPU.
+    Pairs are sorted by expert and processed in chunks of whole experts (see ``_CHUNK_BYTES``): gather
+    the chunk's token rows, one GEMM per expert into a preallocated buffer, SwiGLU and the gate weight
+    on the ``[rows, F]`` activation, a second GEMM per expert, and ``index_add_`` into the output.
+    The hand-written backward walks the same chunks, recomputes the gathered input and the SwiGLU
+    from the saved pre-activation, writes each expert's weight gradient straight into its slice and
+    runs the SwiGLU backward as a few elementwise ops per chunk. Versus autograd over the same ops
+    this keeps no ``[T*K, H]`` intermediates alive and never builds a zero ``[N, ...]`` gradient for
+    experts that got rows. It needs the per-expert counts on the host: one sync, free on a CPU.
     """
 
     @staticmethod
     def forward(ctx, x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF):
         t, k = ids_TK.shape
-        n, f2 = gate_up_N2FH.shape[0], gate_up_N2FH.shape[1]
+        n, f2, h = gate_up_N2FH.shape
         flat_P = ids_TK.reshape(-1)
         order_P = torch.argsort(flat_P, stable=True)
         token_P = order_P // k
         counts = torch.bincount(flat_P, minlength=n).tolist()  # the one host sync
-        segs = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                segs.append((e, start, start + c))
-            start += c
-        xs_PH = x_TH.index_select(0, token_P)
-        gu_P2F = x_TH.new_empty(xs_PH.shape[0], f2)
-        for e, a, b in segs:
-            torch.mm(xs_PH[a:b], gate_up_N2FH[e].t(), out=gu_P2F[a:b])
+        chunks = _segments(counts, max(1, _CHUNK_BYTES // (h * x_TH.element_size())))
         wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
-        g_PF, u_PF = gu_P2F.chunk(2, dim=-1)
-        hw_PF = F.silu(g_PF).mul_(u_PF).mul_(wsort_P1)
-        out_PH = x_TH.new_empty(xs_PH.shape)
-        for e, a, b in segs:
-            torch.mm(hw_PF[a:b], down_NHF[e].t(), out=out_PH[a:b])
-        inv_P = torch.empty_like(order_P)
-        inv_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
-        y_TH = out_PH.index_select(0, inv_P).view(t, k, out_PH.shape[-1]).sum(1)
-        ctx.segs, ctx.k = segs, k
-        ctx.w_dtype = w_TK.dtype
-        ctx.save_for_backward(x_TH, order_P, token_P, inv_P, gu_P2F, wsort_P1, gate_up_N2FH, down_NHF)
+        y_TH = torch.zeros_like(x_TH)
+        saved_gu = []
+        for start, end, segs in chunks:
+            tok_R = token_P[start:end]
+            xs_RH = x_TH.index_select(0, tok_R)
+            gu_R2F = x_TH.new_empty(end - start, f2)
+            for e, a, b in segs:
+                torch.mm(xs_RH[a:b], gate_up_N2FH[e].t(), out=gu_R2F[a:b])
+            g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
+            hw_RF = F.silu(g_RF).mul_(u_RF).mul_(wsort_P1[start:end])
+            out_RH = x_TH.new_empty(end - start, h)
+            for e, a, b in segs:
+                torch.mm(hw_RF[a:b], down_NHF[e].t(), out=out_RH[a:b])
+            y_TH.index_add_(0, tok_R, out_RH)
+            saved_gu.append(gu_R2F)
+        ctx.chunks, ctx.k, ctx.w_dtype, ctx.saved_gu = chunks, k, w_TK.dtype, saved_gu
+        ctx.save_for_backward(x_TH, order_P, token_P, wsort_P1, gate_up_N2FH, down_NHF)
         return y_TH
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_TH):
-        x_TH, order_P, token_P, inv_P, gu_P2F, wsort_P1, gate_up_N2FH, down_NHF = ctx.saved_tensors
-        segs = ctx.segs
+        x_TH, order_P, token_P, wsort_P1, gate_up_N2FH, down_NHF = ctx.saved_tensors
+        need_x, need_w, need_gu, need_down = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         dy_TH = dy_TH.contiguous()
-        dout_PH = dy_TH.index_select(0, token_P)
-        g_PF, u_PF = gu_P2F.chunk(2, dim=-1)
-        sig_PF = torch.sigmoid(g_PF)
-        silu_PF = g_PF * sig_PF
-        h_PF = silu_PF * u_PF
-        hw_PF = h_PF * wsort_P1 if ctx.needs_input_grad[4] else None
-        d_down = torch.empty_like(down_NHF) if ctx.needs_input_grad[4] else None
-        d_gu = torch.empty_like(gate_up_N2FH) if ctx.needs_input_grad[3] else None
-        dhw_PF = h_PF.new_empty(h_PF.shape)
+        dx_TH = torch.zeros_like(x_TH) if need_x else None
+        d_gu = torch.empty_like(gate_up_N2FH) if need_gu else None
+        d_down = torch.empty_like(down_NHF) if need_down else None
+        dw_P = x_TH.new_empty(order_P.numel()) if need_w else None
         used = [False] * down_NHF.shape[0]
-        for e, a, b in segs:
-            used[e] = True
-            if d_down is not None:
-                torch.mm(dout_PH[a:b].t(), hw_PF[a:b], out=d_down[e])
-            torch.mm(dout_PH[a:b], down_NHF[e], out=dhw_PF[a:b])
-        dw_TK = None
-        if ctx.needs_input_grad[2]:
-            dwsort_P = (dhw_PF * h_PF).sum(-1)
-            dw_TK = dwsort_P.index_select(0, inv_P).view(x_TH.shape[0], ctx.k).to(ctx.w_dtype)
-        dh_PF = dhw_PF.mul_(wsort_P1)
-        # silu'(g) = sig * (1 + g * (1 - sig))
-        dgu_P2F = torch.cat([dh_PF * u_PF * sig_PF * (1 + g_PF * (1 - sig_PF)), dh_PF * silu_PF], dim=-1)
-        dx_TH = None
-        if ctx.needs_input_grad[0]:
-            dxs_PH = x_TH.new_empty(dout_PH.shape)
-        xs_PH = x_TH.index_select(0, token_P) if d_gu is not None else None
-        for e, a, b in segs:
-            if d_gu is not None:
-                torch.mm(dgu_P2F[a:b].t(), xs_PH[a:b], out=d_gu[e])
-            if ctx.needs_input_grad[0]:
-                torch.mm(dgu_P2F[a:b], gate_up_N2FH[e], out=dxs_PH[a:b])
+        for (start, end, segs), gu_R2F in zip(ctx.chunks, ctx.saved_gu):
+            tok_R = token_P[start:end]
+            w_R1 = wsort_P1[start:end]
+            dout_RH = dy_TH.index_select(0, tok_R)
+            g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
+            sig_RF = torch.sigmoid(g_RF)
+            silu_RF = g_RF * sig_RF
+            h_RF = silu_RF * u_RF
+            hw_RF = h_RF * w_R1 if need_down else None
+            dhw_RF = h_RF.new_empty(h_RF.shape)
+            for e, a, b in segs:
+                used[e] = True
+                if need_down:
+                    torch.mm(dout_RH[a:b].t(), hw_RF[a:b], out=d_down[e])
+                torch.mm(dout_RH[a:b], down_NHF[e], out=dhw_RF[a:b])
+            if need_w:
+                dw_P[start:end] = (dhw_RF * h_RF).sum(-1)
+            if not (need_x or need_gu):
+                continue
+            dh_RF = dhw_RF.mul_(w_R1)
+            # silu'(g) = sig * (1 + g * (1 - sig))
+            dgu_R2F = torch.cat([dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF)), dh_RF * silu_RF], dim=-1)
+            xs_RH = x_TH.index_select(0, tok_R) if need_gu else None
+            dxs_RH = x_TH.new_empty(end - start, x_TH.shape[1]) if need_x else None
+            for e, a, b in segs:
+                if need_gu:
+                    torch.mm(dgu_R2F[a:b].t(), xs_RH[a:b], out=d_gu[e])
+                if need_x:
+                    torch.mm(dgu_R2F[a:b], gate_up_N2FH[e], out=dxs_RH[a:b])
+            if need_x:
+                dx_TH.index_add_(0, tok_R, dxs_RH)
         for e, hit in enumerate(used):
-            if not hit:
-                if d_down is not None:
+            if not hit:  # experts that got no rows: zero gradient
+                if need_down:
                     d_down[e].zero_()
-                if d_gu is not None:
+                if need_gu:
                     d_gu[e].zero_()
-        if ctx.needs_input_grad[0]:
-            dx_TH = dxs_PH.index_select(0, inv_P).view(x_TH.shape[0], ctx.k, x_TH.shape[1]).sum(1)
+        dw_TK = None
+        if need_w:
+            dw_TK = torch.empty_like(dw_P).index_copy_(0, order_P, dw_P).view(x_TH.shape[0], ctx.k).to(ctx.w_dtype)
+        ctx.saved_gu = None
         return dx_TH, None, dw_TK, d_gu, d_down
 
 
