@@ -278,3 +278,10 @@ def test_error_non_finite_logits(bad):
 def test_error_router_scale_wrong_size():
     with pytest.raises(ValueError, match=r"router_scale has 6 entries .* expected N=8"):
         moge_route(torch.randn(2, 8), 4, 1, torch.ones(1, 6))
+
+
+def test_expert_counts_by_hand():
+    from moge.routing import expert_counts
+    ids = torch.tensor([[0, 3], [3, 1], [0, 3]])
+    assert expert_counts(ids, 5).tolist() == [2, 1, 0, 3, 0]
+    assert expert_counts(ids, 5).dtype == torch.int64

@@ -92,7 +92,10 @@ def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Te
     flat_P = ids_TK.reshape(-1)
     order_P = torch.argsort(flat_P, stable=True)
     token_P = order_P // ids_TK.shape[1]
-    offsets_N = torch.cumsum(torch.bincount(flat_P, minlength=num_experts), 0).to(torch.int32)
+    # scatter_add of ones, not bincount: CUDA bincount reads the max id back to the host to size its output
+    counts_N = torch.zeros(num_experts, dtype=torch.long, device=flat_P.device).scatter_add_(
+        0, flat_P, torch.ones_like(flat_P))
+    offsets_N = torch.cumsum(counts_N, 0).to(torch.int32)
     return order_P, token_P, offsets_N
 
 
