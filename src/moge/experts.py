@@ -3,13 +3,19 @@
 Shape legend
     T  tokens        H  hidden size       N  routed experts       F  expert intermediate size
     K  experts per token (selected ids / weights are [T, K])      P  token-expert pairs (T*K)
+    R  rows of one chunk of sorted pairs (``sorted`` backend)
 
 Parameters: ``gate_up_proj [N, 2F, H]`` (rows 0..F-1 are the gate projection, F..2F-1 the up
 projection, each stored ``[out, in]`` like ``nn.Linear``) and ``down_proj [N, H, F]``.
 
 A backend is a function ``(x [T,H], expert_ids [T,K], weights [T,K], gate_up [N,2F,H], down [N,H,F])
 -> y [T,H]`` computing ``y_t = sum_k weights[t,k] * Expert_{ids[t,k]}(x_t)``. ``eager`` is the plain
-per-expert loop and the test oracle; faster backends must match it and are chosen by name.
+per-expert loop and the test oracle; faster backends must match it and are chosen by name:
+
+* ``grouped_mm``: sort pairs by expert, two ``F.grouped_mm`` calls, no Python loop and no host sync
+  of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
+* ``sorted``: per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
+  sync for the counts; the fastest on CPU (the CPU choice; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
