@@ -3,13 +3,19 @@
 Shape legend
     T  tokens        H  hidden size       N  routed experts       F  expert intermediate size
     K  experts per token (selected ids / weights are [T, K])      P  token-expert pairs (T*K)
+    R  rows of one chunk of sorted pairs (``sorted`` backend)
 
 Parameters: ``gate_up_proj [N, 2F, H]`` (rows 0..F-1 are the gate projection, F..2F-1 the up
 projection, each stored ``[out, in]`` like ``nn.Linear``) and ``down_proj [N, H, F]``.
 
 A backend is a function ``(x [T,H], expert_ids [T,K], weights [T,K], gate_up [N,2F,H], down [N,H,F])
 -> y [T,H]`` computing ``y_t = sum_k weights[t,k] * Expert_{ids[t,k]}(x_t)``. ``eager`` is the plain
-per-expert loop and the test oracle; faster backends must match it and are chosen by name.
+per-expert loop and the test oracle; faster backends must match it and are chosen by name:
+
+* ``grouped_mm``: sort pairs by expert, two ``F.grouped_mm`` calls, no Python loop and no host sync
+  of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
+* ``sorted``: per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
+  sync for the counts; the fastest on CPU (the CPU choice; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -50,8 +57,16 @@ def get_experts_backend(name: str, device: torch.device | None = None) -> Expert
 
 
 def default_backend(device: torch.device | None = None) -> str:
-    """The backend ``auto`` resolves to on ``device``."""
-    return "grouped_mm" if "grouped_mm" in _BACKENDS else "eager"
+    """The backend ``auto`` resolves to on ``device``.
+
+    CUDA gets ``grouped_mm`` (no host sync, graph-capturable). Everywhere else gets ``sorted``: on a
+    CPU the one host sync it costs is free, and a per-expert loop of plain GEMMs with a hand-written
+    backward beat ``grouped_mm`` there (see benchmarks/RESULTS.md); it also covers every dtype.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and "grouped_mm" in _BACKENDS:
+        return "grouped_mm"
+    return "sorted" if "sorted" in _BACKENDS else "eager"
 
 
 def _swiglu(h_P2F: Tensor) -> Tensor:
@@ -83,19 +98,194 @@ def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Te
     flat_P = ids_TK.reshape(-1)
     order_P = torch.argsort(flat_P, stable=True)
     token_P = order_P // ids_TK.shape[1]
-    offsets_N = torch.cumsum(torch.bincount(flat_P, minlength=num_experts), 0).to(torch.int32)
+    # scatter_add of ones, not bincount: CUDA bincount reads the max id back to the host to size its output
+    counts_N = torch.zeros(num_experts, dtype=torch.long, device=flat_P.device).scatter_add_(
+        0, flat_P, torch.ones_like(flat_P))
+    offsets_N = torch.cumsum(counts_N, 0).to(torch.int32)
     return order_P, token_P, offsets_N
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``F.grouped_mm``'s backward rejects a non-contiguous (e.g. expanded, from ``y.sum().backward()``)
+    grad_output; putting this right after each grouped matmul hands it a dense gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Tensor) -> Tensor:
+    """Row p of ``x`` times expert ``expert_P[p]``'s ``[out, in]`` matrix: ``[P, I] -> [P, O]``.
+
+    Uses ``F.grouped_mm`` where it has a kernel (float32/bf16 with rows a multiple of 16 bytes);
+    otherwise (float64, odd sizes) a per-pair batched matmul on gathered weights: still no expert
+    loop and no host sync, but it copies one weight matrix per pair, so it is a correctness
+    fallback, not a fast path.
+    """
+    row_bytes = (x_PI.shape[-1] * x_PI.element_size(), w_NOI.shape[1] * x_PI.element_size())
+    if (x_PI.dtype in (torch.float32, torch.bfloat16) and hasattr(F, "grouped_mm")
+            and all(b % 16 == 0 for b in row_bytes)):  # the kernel needs 16-byte aligned row strides
+        return _ContiguousGrad.apply(F.grouped_mm(x_PI, w_NOI.transpose(1, 2), offs=offsets_N))
+    return torch.bmm(w_NOI[expert_P], x_PI.unsqueeze(-1)).squeeze(-1)
 
 
 @register_experts_backend("grouped_mm")
 def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
-    """Sort pairs by expert, two grouped matmuls, weighted scatter-add: no Python loop, no host sync."""
+    """Sort pairs by expert, two grouped matmuls, un-permute and sum the K slots: no loop, no host sync.
+
+    The gate weight is applied to the ``[P, F]`` activation before the down projection (the
+    projection is linear, so this is exact) because that tensor is H/F times smaller than the output.
+    The K outputs of a token are combined by an inverse-permutation gather and a ``[T, K, H]`` sum
+    instead of zeros + index_add: deterministic and one pass over memory.
+    """
+    t, k = ids_TK.shape
     order_P, token_P, offsets_N = sort_by_expert(ids_TK, gate_up_N2FH.shape[0])
-    xs_PH = x_TH[token_P]
-    h_PF = _swiglu(F.grouped_mm(xs_PH, gate_up_N2FH.transpose(1, 2), offs=offsets_N))
-    out_PH = F.grouped_mm(h_PF, down_NHF.transpose(1, 2), offs=offsets_N)
-    out_PH = out_PH * w_TK.reshape(-1)[order_P].unsqueeze(-1).to(out_PH.dtype)
-    return torch.zeros_like(x_TH).index_add(0, token_P, out_PH)
+    expert_P = ids_TK.reshape(-1)[order_P]
+    h_PF = _swiglu(_grouped_linear(x_TH[token_P], gate_up_N2FH, offsets_N, expert_P))
+    h_PF = h_PF * w_TK.reshape(-1)[order_P].unsqueeze(-1).to(h_PF.dtype)
+    out_PH = _grouped_linear(h_PF, down_NHF, offsets_N, expert_P)
+    inv_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(order_P.numel(), device=order_P.device))
+    return out_PH[inv_P].view(t, k, out_PH.shape[-1]).sum(1)
+
+
+# Rows per chunk are capped so every temporary stays near this size: glibc serves blocks above its
+# mmap threshold (at most 32 MiB) with fresh mmaps, and first-touching those pages cost more than the
+# copies themselves on our CPU VMs; 8 MiB buffers are recycled from the heap and stay cache-friendly.
+_CHUNK_BYTES = 8 * 2**20
+
+
+def _segments(counts: list[int], max_rows: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Split the sorted pairs into chunks of whole experts with at most ``max_rows`` rows (or one expert).
+
+    Returns ``[(start, end, [(expert, a, b), ...]), ...]`` with ``a, b`` relative to the chunk start;
+    experts without rows are left out.
+    """
+    chunks, segs, chunk_start, pos = [], [], 0, 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        if segs and pos + c - chunk_start > max_rows:
+            chunks.append((chunk_start, pos, segs))
+            segs, chunk_start = [], pos
+        segs.append((e, pos - chunk_start, pos + c - chunk_start))
+        pos += c
+    if segs:
+        chunks.append((chunk_start, pos, segs))
+    return chunks
+
+
+class _SortedExperts(torch.autograd.Function):
+    """All routed experts as one autograd node: per-expert GEMMs on contiguous sorted segments.
+
+    Pairs are sorted by expert and processed in chunks of whole experts (see ``_CHUNK_BYTES``): gather
+    the chunk's token rows, one GEMM per expert into a preallocated buffer, SwiGLU and the gate weight
+    on the ``[rows, F]`` activation, a second GEMM per expert, and ``index_add_`` into the output.
+    The hand-written backward walks the same chunks, recomputes the gathered input and the SwiGLU
+    from the saved pre-activation, writes each expert's weight gradient straight into its slice and
+    runs the SwiGLU backward as a few elementwise ops per chunk. Versus autograd over the same ops
+    this keeps no ``[T*K, H]`` intermediates alive and never builds a zero ``[N, ...]`` gradient for
+    experts that got rows. It needs the per-expert counts on the host: one sync, free on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF):
+        t, k = ids_TK.shape
+        n, f2, h = gate_up_N2FH.shape
+        flat_P = ids_TK.reshape(-1)
+        order_P = torch.argsort(flat_P, stable=True)
+        token_P = order_P // k
+        counts = torch.bincount(flat_P, minlength=n).tolist()  # the one host sync
+        chunks = _segments(counts, max(1, _CHUNK_BYTES // (h * x_TH.element_size())))
+        wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
+        y_TH = torch.zeros_like(x_TH)
+        saved_gu = []
+        for start, end, segs in chunks:
+            tok_R = token_P[start:end]
+            xs_RH = x_TH.index_select(0, tok_R)
+            gu_R2F = x_TH.new_empty(end - start, f2)
+            for e, a, b in segs:
+                torch.mm(xs_RH[a:b], gate_up_N2FH[e].t(), out=gu_R2F[a:b])
+            g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
+            hw_RF = F.silu(g_RF).mul_(u_RF).mul_(wsort_P1[start:end])
+            out_RH = x_TH.new_empty(end - start, h)
+            for e, a, b in segs:
+                torch.mm(hw_RF[a:b], down_NHF[e].t(), out=out_RH[a:b])
+            y_TH.index_add_(0, tok_R, out_RH)
+            saved_gu.append(gu_R2F)
+        ctx.chunks, ctx.k, ctx.w_dtype, ctx.saved_gu = chunks, k, w_TK.dtype, saved_gu
+        ctx.save_for_backward(x_TH, order_P, token_P, wsort_P1, gate_up_N2FH, down_NHF)
+        return y_TH
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_TH):
+        x_TH, order_P, token_P, wsort_P1, gate_up_N2FH, down_NHF = ctx.saved_tensors
+        need_x, need_w, need_gu, need_down = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dy_TH = dy_TH.contiguous()
+        dx_TH = torch.zeros_like(x_TH) if need_x else None
+        d_gu = torch.empty_like(gate_up_N2FH) if need_gu else None
+        d_down = torch.empty_like(down_NHF) if need_down else None
+        dw_P = x_TH.new_empty(order_P.numel()) if need_w else None
+        used = [False] * down_NHF.shape[0]
+        for (start, end, segs), gu_R2F in zip(ctx.chunks, ctx.saved_gu):
+            tok_R = token_P[start:end]
+            w_R1 = wsort_P1[start:end]
+            dout_RH = dy_TH.index_select(0, tok_R)
+            g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
+            sig_RF = torch.sigmoid(g_RF)
+            silu_RF = g_RF * sig_RF
+            h_RF = silu_RF * u_RF
+            hw_RF = h_RF * w_R1 if need_down else None
+            dhw_RF = h_RF.new_empty(h_RF.shape)
+            for e, a, b in segs:
+                used[e] = True
+                if need_down:
+                    torch.mm(dout_RH[a:b].t(), hw_RF[a:b], out=d_down[e])
+                torch.mm(dout_RH[a:b], down_NHF[e], out=dhw_RF[a:b])
+            if need_w:
+                dw_P[start:end] = (dhw_RF * h_RF).sum(-1)
+            if not (need_x or need_gu):
+                continue
+            dh_RF = dhw_RF.mul_(w_R1)
+            # silu'(g) = sig * (1 + g * (1 - sig))
+            dgu_R2F = torch.cat([dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF)), dh_RF * silu_RF], dim=-1)
+            xs_RH = x_TH.index_select(0, tok_R) if need_gu else None
+            dxs_RH = x_TH.new_empty(end - start, x_TH.shape[1]) if need_x else None
+            for e, a, b in segs:
+                if need_gu:
+                    torch.mm(dgu_R2F[a:b].t(), xs_RH[a:b], out=d_gu[e])
+                if need_x:
+                    torch.mm(dgu_R2F[a:b], gate_up_N2FH[e], out=dxs_RH[a:b])
+            if need_x:
+                dx_TH.index_add_(0, tok_R, dxs_RH)
+        for e, hit in enumerate(used):
+            if not hit:  # experts that got no rows: zero gradient
+                if need_down:
+                    d_down[e].zero_()
+                if need_gu:
+                    d_gu[e].zero_()
+        dw_TK = None
+        if need_w:
+            dw_TK = torch.empty_like(dw_P).index_copy_(0, order_P, dw_P).view(x_TH.shape[0], ctx.k).to(ctx.w_dtype)
+        ctx.saved_gu = None
+        return dx_TH, None, dw_TK, d_gu, d_down
+
+
+@register_experts_backend("sorted")
+def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+    """Per-expert GEMMs on contiguous sorted segments with a fused hand-written backward.
+
+    One host sync (the per-expert counts) per call; the fastest choice on CPU at both prefill and
+    decode sizes. See :class:`_SortedExperts`.
+    """
+    return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 class SwiGLUExperts(nn.Module):

@@ -146,7 +146,9 @@ def group_limited_route(logits_TN: Tensor, k: int, num_groups: int, topk_groups:
 
 def expert_counts(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
     """Token-expert pairs per expert, ``[N]`` int64, computed on the ids' device (no host sync)."""
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    # scatter_add, not bincount: on CUDA bincount syncs to read the largest id and size its output
+    flat = expert_ids_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def aux_loss(scores_TN: Tensor, expert_ids_TK: Tensor, alpha: float = 1.0) -> Tensor:

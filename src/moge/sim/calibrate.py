@@ -159,7 +159,7 @@ def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode
 
     from ..config import get_config
     from ..model import KVCache, MoGEForCausalLM
-    from .perf import EAGER_LAUNCHES, simulate
+    from .perf import simulate
 
     rows = []
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode
         for phase, batch, ctx, meas, ops in (("prefill", 1, prefill_tokens, pre_s, pre_ops),
                                              ("decode", decode_batch, mean_ctx, dec_s, dec_ops)):
             res = simulate(cfg, hw, 1, phase, batch, ctx, "fp32", check_memory=False)
-            sim_ops = sum(o.count * EAGER_LAUNCHES.get(o.name, 1) for o in res.ops)
+            sim_ops = sum(o.count * o.eager_launches for o in res.ops)
             overhead = sum(o.count * o.overhead_ms for o in res.ops)
             rows.append({"preset": name, "phase": phase, "batch": batch, "context": ctx,
                          "measured_ms": meas * 1e3, "predicted_ms": res.step_ms, "error": res.step_ms / (meas * 1e3) - 1,

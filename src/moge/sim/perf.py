@@ -34,13 +34,22 @@ KV_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 # (``moge.model``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
 # 3-D input = t + addmm + 2 views); RoPE with the head views/transposes 14; KV-cache concat + SDPA + output
 # reshapes 13; o_proj 4; router plus its inference-time statistics (counts, aux loss) 30; grouped_mm
-# experts 20; shared SwiGLU 8; embedding + RoPE tables 7. Used only by ``eager`` profiles (the local
-# CPU); fused profiles count one launch per operator.
+# experts: see below; shared SwiGLU 8; embedding + RoPE tables 7. Used only by ``eager`` profiles (the
+# local CPU); fused profiles count one launch per operator.
 EAGER_LAUNCHES = {
     "embed": 7, "attn_norm": 6, "qkv_proj": 12, "rope": 14, "attention": 13, "o_proj": 4, "residual": 1,
-    "mlp_norm": 6, "router": 30, "experts": 20, "shared_expert": 8, "dense_mlp": 8, "final_norm": 6,
-    "lm_head": 4,
+    "mlp_norm": 6, "router": 30, "shared_expert": 8, "dense_mlp": 8, "final_norm": 6, "lm_head": 4,
 }
+# The CPU experts backend (``sorted``, what ``auto`` picks there) dispatches a fixed 18 ops (sort,
+# gathers, combine) plus 5 per matmul call, i.e. 10 per active expert (counted with a dispatch hook).
+EAGER_EXPERT_LAUNCHES_FIXED, EAGER_EXPERT_LAUNCHES_PER_CALL = 18, 5
+
+
+def eager_launches(name: str, calls: float = 1.0) -> float:
+    """Eager aten ops one instance of simulator operator ``name`` dispatches (``calls`` matmuls)."""
+    if name == "experts":
+        return EAGER_EXPERT_LAUNCHES_FIXED + EAGER_EXPERT_LAUNCHES_PER_CALL * calls
+    return EAGER_LAUNCHES.get(name, 1)
 
 
 class PerfError(MoGEError, ValueError):
@@ -148,6 +157,7 @@ class OpCost:
     memory_ms: float = 0.0
     comm_ms: float = 0.0
     overhead_ms: float = 0.0
+    eager_launches: float = 1.0   # aten ops per instance on an eager profile
 
     @property
     def time_ms(self) -> float:
@@ -267,8 +277,8 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
             return max(calls, 1.0) * per / (_interp_rate(hw.matmul_curve, per) * 1e9) * 1e3
         return flops / (rate_tflops * 1e12) * 1e3
 
-    def launches(name: str) -> float:
-        return (EAGER_LAUNCHES.get(name, 1) if hw.eager else 1) * hw.op_overhead_us / 1e3
+    def launches(name: str, calls: float) -> float:
+        return (eager_launches(name, calls) if hw.eager else 1) * hw.op_overhead_us / 1e3
 
     def compute(name: str, count: int, flops: float, nbytes: float, rate: float = gemm_tflops,
                 kind: str = "gemm", calls: float = 1.0) -> OpCost:
@@ -284,9 +294,9 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
             cm = gemm_ms(flops, rate, calls if hw.eager else 1.0)
         else:
             cm = flops / (rate * 1e12) * 1e3
-        over = launches(name)
+        over = launches(name, calls)
+        n_launch = eager_launches(name, calls)
         if hw.eager:
-            n_launch = EAGER_LAUNCHES.get(name, 1)
             # measured curves time whole calls, dispatch included: do not charge those launches twice
             if kind == "experts" and hw.experts_curve:
                 over = 0.0
@@ -298,7 +308,7 @@ def simulate(config: MoGEConfig, hw: HardwareProfile, cards: int = 1, phase: str
                 # un-fused element-wise code makes one pass over the tensor per eager op
                 nbytes *= n_launch
         return OpCost(name, "compute", count, flops, nbytes, compute_ms=cm, memory_ms=nbytes / bw * 1e3,
-                      overhead_ms=over)
+                      overhead_ms=over, eager_launches=n_launch)
 
     def comm(name: str, count: int, nbytes: float, steps: int) -> OpCost:
         if steps <= 0 or nbytes <= 0:

@@ -1,0 +1,126 @@
+"""Experts backends in isolation: registry, ``auto`` choice, edge cases, gradients of unused experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moge.experts import (SwiGLUExperts, available_backends, default_backend, eager_experts,
+                          get_experts_backend, sort_by_expert)
+
+N, H, F = 6, 16, 8
+
+
+def make(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(2)
+    gu = torch.randn(N, 2 * F, H, generator=gen, dtype=dtype, requires_grad=True)
+    down = torch.randn(N, H, F, generator=gen, dtype=dtype, requires_grad=True)
+    return gu, down
+
+
+def test_registry_and_auto():
+    assert {"eager", "grouped_mm", "sorted"} <= set(available_backends())
+    assert default_backend(torch.device("cpu")) == "sorted"
+    assert default_backend(torch.device("cuda")) == "grouped_mm"  # pure name logic, no device touched
+    assert get_experts_backend("auto", torch.device("cpu")) is get_experts_backend("sorted")
+    with pytest.raises(ValueError, match=r"unknown experts backend 'fast'; available: \['auto', "):
+        get_experts_backend("fast")
+    with pytest.raises(ValueError, match="unknown experts backend"):
+        SwiGLUExperts(4, 8, 8, backend="nope")
+
+
+def test_sort_by_expert_groups_pairs():
+    ids = torch.tensor([[2, 0], [1, 2], [0, 2]])
+    order, token, offsets = sort_by_expert(ids, 4)
+    assert ids.reshape(-1)[order].tolist() == [0, 0, 1, 2, 2, 2]
+    assert token.tolist() == [0, 2, 1, 0, 1, 2]  # stable: tokens stay in order inside an expert
+    assert offsets.tolist() == [2, 3, 6, 6]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_unused_experts_get_zero_gradient(backend):
+    gu, down = make()
+    x = torch.randn(5, H, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 3]] * 5)  # experts 1, 2, 4, 5 unused
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    y = get_experts_backend(backend)(x, ids, w, gu, down)
+    y.backward(torch.randn_like(y))
+    for e in (1, 2, 4, 5):
+        assert torch.equal(gu.grad[e], torch.zeros_like(gu.grad[e]))
+        assert torch.equal(down.grad[e], torch.zeros_like(down.grad[e]))
+    assert gu.grad[0].abs().sum() > 0 and down.grad[3].abs().sum() > 0
+    assert w.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_empty_batch(backend):
+    gu, down = make(torch.float32)
+    x = torch.zeros(0, H, requires_grad=True)
+    y = get_experts_backend(backend)(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), gu, down)
+    assert y.shape == (0, H)
+    if y.requires_grad:  # eager returns a fresh zeros tensor when no expert ran
+        y.sum().backward()
+        assert x.grad.shape == (0, H)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_backend_matches_eager_across_dtypes(backend, dtype):
+    gu, down = make(dtype)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, H, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(N, generator=gen)[:3] for _ in range(9)])
+    w = torch.rand(9, 3, generator=gen)  # float32 router weights, as the layer passes them
+    y = get_experts_backend(backend)(x, ids, w, gu, down)
+    want = eager_experts(x, ids, w, gu, down)
+    assert y.dtype == dtype
+    # bf16 rounds each matmul output to 8 mantissa bits, so compare relative to the output's scale
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert float((y.detach().double() - want.detach().double()).abs().max() / want.detach().double().abs().max()) < tol
+
+
+def test_no_grad_forward_keeps_no_graph():
+    gu, down = make(torch.float32)
+    x = torch.randn(4, H)
+    with torch.no_grad():
+        y = get_experts_backend("sorted")(x, torch.tensor([[0, 1]] * 4), torch.rand(4, 2), gu, down)
+    assert not y.requires_grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["grouped_mm", "sorted"])
+def test_cuda_backend_matches_eager(backend):
+    gu, down = (t.detach().cuda().bfloat16() for t in make(torch.float32))
+    x = torch.randn(64, H, device="cuda").bfloat16()
+    ids = torch.randint(0, N, (64, 1), device="cuda")
+    w = torch.rand(64, 1, device="cuda")
+    torch.testing.assert_close(get_experts_backend(backend)(x, ids, w, gu, down),
+                               eager_experts(x, ids, w, gu, down), rtol=2e-2, atol=2e-2)
+
+
+def test_segments_split_whole_experts():
+    from moge.experts import _segments
+    # counts 3, 0, 2, 4 with at most 5 rows a chunk: [e0 e2] then [e3]; an expert is never split
+    assert _segments([3, 0, 2, 4], 5) == [(0, 5, [(0, 0, 3), (2, 3, 5)]), (5, 9, [(3, 0, 4)])]
+    assert _segments([7, 1], 5) == [(0, 7, [(0, 0, 7)]), (7, 8, [(1, 0, 1)])]
+    assert _segments([0, 0], 5) == []
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 300])
+def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
+    import moge.experts as ex
+    monkeypatch.setattr(ex, "_CHUNK_BYTES", chunk_bytes)  # 1 byte: one expert per chunk
+    gu, down = make()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(11, H, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(N, generator=gen)[:3] for _ in range(11)])
+    w = torch.rand(11, 3, generator=gen, dtype=torch.float64)
+    gy = torch.randn(11, H, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (ex.sorted_experts, ex.eager_experts):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, gu, down)]
+        y = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+        y.backward(gy)
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
