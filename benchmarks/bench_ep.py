@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     for router, dispatch in VARIANTS:
         torch.manual_seed(0)
         layer = MoGELayer(args.hidden, args.experts, args.topk, args.ffn, 0, num_groups=args.groups,
-                          router=router, experts_backend="auto").to(device)
+                          router=router, experts_backend=args.experts_backend).to(device)
         ep = apply_expert_parallel(layer, dist.group.WORLD, dispatch=dispatch)
         x = _tokens(args, rank, device).requires_grad_(True)
         # Capture what the experts receive, for the isolated per-rank compute replay below.
@@ -182,17 +182,20 @@ def main() -> None:
     p.add_argument("--correlated", type=float, default=0.0,
                    help="add this multiple of a shared direction to every token (skews top-K routing)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    p.add_argument("--experts-backend", default="grouped_mm",
+                   help="experts compute backend on every rank (grouped_mm: no host sync; see moge.experts)")
     p.add_argument("--out", default=None, help="append the table (markdown) to this file")
     args = p.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"backend {args.backend}; H={args.hidden} N={args.experts} M={args.groups} K={args.topk} "
-          f"F={args.ffn} T_local={args.tokens} correlated={args.correlated}")
+          f"F={args.ffn} T_local={args.tokens} correlated={args.correlated} experts={args.experts_backend}")
     print(HEADER)
     rows = run(args)
     if args.out:
         with open(args.out, "a") as f:
             f.write(f"\n### {args.backend}, H={args.hidden} N={args.experts} M={args.groups} K={args.topk} "
-                    f"F={args.ffn} T_local={args.tokens}, {args.threads} thread(s)/rank, "
+                    f"F={args.ffn} T_local={args.tokens}, experts backend {args.experts_backend}, "
+                    f"{args.threads} thread(s)/rank, "
                     f"tokens {'correlated x' + str(args.correlated) if args.correlated else 'iid'}\n\n")
             f.write(HEADER + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
 
