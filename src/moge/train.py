@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import load_pretrained, save_pretrained
 from .config import ROUTERS, MoGEConfig, get_config
 from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
@@ -263,11 +264,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ---- model weights: the published layout via moge.checkpoint, with a private fallback ----------------
+# ---- model weights: the published layout via moge.checkpoint ----------------------------------------
 
 def save_model_weights(model: torch.nn.Module, directory: Path,
                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``config.json`` + safetensors weights of ``model`` into ``directory``.
+    """Write ``config.json`` + safetensors weights of ``model`` into ``directory`` (published layout).
 
     ``state_dict`` replaces the model's own, e.g. an expert-parallel model's unsharded one from
     :func:`moge.parallel.full_state_dict`, so the files are the same whatever the EP size.
@@ -276,39 +277,11 @@ def save_model_weights(model: torch.nn.Module, directory: Path,
         from types import SimpleNamespace
 
         model = SimpleNamespace(config=model.config, state_dict=lambda: state_dict)
-    try:
-        from .checkpoint import save_pretrained
-    except ImportError:  # moge.checkpoint not installed: native names, same file names
-        from safetensors.torch import save_file
-
-        _write_json_atomic(directory / "config.json", model.config.to_hf_dict())
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return
     save_pretrained(model, directory)
 
 
 def load_model_weights(directory: Path, device: torch.device):
     """Load the model saved by :func:`save_model_weights` as float32 onto ``device``."""
-    try:
-        from .checkpoint import load_pretrained
-    except ImportError:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from .model import MoGEForCausalLM
-
-        config = MoGEConfig.from_json(directory / "config.json")
-        path = directory / "model.safetensors"
-        try:
-            sd = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointCorruptError(f"cannot read {path}: {e}") from None
-        model = MoGEForCausalLM(config)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise CheckpointCorruptError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.to(device)
     return load_pretrained(directory, dtype=torch.float32, device=str(device))
 
 
