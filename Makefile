@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the 2.13 CPU build so pip never pulls a multi-GB CUDA wheel.
+	# torch first, pinned to 2.13: this machine image serves it as a local CPU wheel. Elsewhere set
+	# PIP_EXTRA_INDEX_URL to PyTorch's CPU-only wheel index to get the CPU build instead of CUDA's.
 	$(PY) -m pip install -q "torch==2.13.*"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)

@@ -1,6 +1,7 @@
 """Shared pytest setup: skip ``cuda``-marked tests without a GPU, and a seeded-RNG fixture.
 
-The thread count is deliberately left alone (the machine's default), so tests see what users see.
+The thread count is left at the machine's default here; modules that spawn many small ops on a shared
+machine opt into one thread through ``helpers.single_thread``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import moge  # noqa: F401  (registers PanGuMoE with transformers)
 from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.generate import generate
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 96], [1, 44, 3, 3, 18, 61, 90, 7]])
@@ -114,3 +114,18 @@ print(m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, min_new_tokens=3, 
                        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "6"
+
+
+def test_hf_config_declares_the_same_fields_and_defaults_as_moge_config():
+    """PanGuMoEConfig re-declares MoGEConfig's fields for transformers; they must not drift apart."""
+    import dataclasses
+
+    from moge.config import MoGEConfig
+    from moge.hf_config import PanGuMoEConfig
+
+    hf = PanGuMoEConfig()
+    native = MoGEConfig()
+    for f in dataclasses.fields(MoGEConfig):
+        assert hasattr(hf, f.name), f"PanGuMoEConfig lacks {f.name}"
+        assert getattr(hf, f.name) == getattr(native, f.name), f"default of {f.name} differs"
+    assert hf.to_moge_config() == native

@@ -125,3 +125,16 @@ def test_layer_rejects_bad_sizes():
         MoGELayer(8, 8, 6, 4, num_groups=4)
     with pytest.raises(ValueError, match=r"router must be one of"):
         MoGELayer(8, 8, 4, 4, router="hash")
+
+
+def test_router_logits_stay_float32_under_autocast():
+    """bf16 autocast (the trainer's CUDA mode) must not lower the router's precision (spec 2.1)."""
+    torch.manual_seed(0)
+    layer = MoGELayer(hidden_size=32, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=16, num_groups=4)
+    x = torch.randn(64, 32)
+    ref = layer.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.route(x)
+    assert r.logits.dtype == torch.float32 and r.scores.dtype == torch.float32
+    torch.testing.assert_close(r.logits, ref.logits, rtol=0, atol=0)
+    assert torch.equal(r.expert_ids, ref.expert_ids)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-# command -> module. A command whose module is absent from this install is simply not offered.
+# command -> module; each module is imported only when its command runs.
 COMMANDS: dict[str, str] = {
     "demo": "moge.demo",
     "train": "moge.train",
@@ -24,21 +23,10 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _available() -> dict[str, str]:
-    out = {}
-    for name, mod in COMMANDS.items():
-        try:
-            if importlib.util.find_spec(mod) is not None:
-                out[name] = mod
-        except ModuleNotFoundError:
-            pass
-    return out
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moge", description="Mixture-of-Grouped-Experts language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in _available().items():
+    for name, modname in COMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name, help=f"(see moge {name} --help)", add_help=False)
             continue

@@ -164,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError("give at least one --prompt TEXT or --prompt-ids \"1 2 3\"")
     if args.prompt and args.prompt_ids:
         raise GenerationError("use either --prompt or --prompt-ids, not both")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise GenerationError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerationError(f"--device {args.device}: CUDA is not available")
     tokenizer = None

@@ -88,7 +88,10 @@ class MoGELayer(nn.Module):
 
     def route(self, x_TH: Tensor, check_finite: bool = False) -> Routing:
         """Router logits (float32), global softmax, and the configured selection rule."""
-        logits_TN = nn.functional.linear(x_TH.float(), self.gate.weight.float())
+        # Autocast (bf16 training) would silently run this matmul in low precision and can flip the
+        # per-group argmax; the spec computes router logits in float32.
+        with torch.autocast(x_TH.device.type, enabled=False):
+            logits_TN = nn.functional.linear(x_TH.float(), self.gate.weight.float())
         scores_TN = router_scores(logits_TN, check_finite)
         if self.router == "moge":
             w_TK, ids_TK = moge_select(scores_TN, self.num_groups, self.k_per_group, self.router_scale)

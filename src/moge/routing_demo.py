@@ -24,9 +24,13 @@ def run(args: argparse.Namespace) -> int:
     from .metrics import device_loads, max_over_mean_load
     from .routing import group_limited_route, moge_route, topk_route
 
+    from .errors import MoGEError
+
     n, k, m = args.experts, args.k, args.groups
-    if k % m:
-        raise SystemExit(f"--k={k} must be divisible by --groups={m} for MoGE")
+    if min(n, k, m, args.tokens, args.batches) < 1:
+        raise MoGEError("--experts, --k, --groups, --tokens and --batches must all be positive")
+    if n % m or k % m or k // m > n // m:
+        raise MoGEError(f"MoGE needs --experts={n} and --k={k} divisible by --groups={m}, with K/M <= N/M")
     g = torch.Generator().manual_seed(args.seed)
     routers = {
         "moge": lambda z: moge_route(z, m, k // m),

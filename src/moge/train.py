@@ -94,7 +94,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     progress: bool = True
-    # CPU only: deterministic kernels (the grouped-matmul backward otherwise sums in thread order), so an
+    # CPU only: deterministic kernels (some backward kernels otherwise sum in thread order), so an
     # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
     deterministic: bool = True
     # Expert-parallel size = number of torchrun processes. --batch-size stays the *global* batch: each
@@ -200,7 +200,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingConfigError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainingConfigError(f"--device {name} requested but CUDA is not available")
     return dev

@@ -13,7 +13,6 @@ import pytest
 
 from .launch import ROOT, free_port
 
-pytest.importorskip("moge.train")
 
 ARGS = ["--preset", "debug", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--log-every", "1",
         "--no-progress"]
