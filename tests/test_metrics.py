@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moge.metrics import (device_loads, device_loads_from_counts, expert_load_cv, imbalance_score,
+from moge.metrics import (balance_from_counts, device_loads, device_loads_from_counts, expert_load_cv, imbalance_score,
                           max_over_mean_load)
 from moge.routing import moge_route, topk_route
 
@@ -55,3 +55,13 @@ def test_metric_errors_name_the_numbers():
         device_loads(IDS, 6, 4)
     with pytest.raises(ValueError, match=r"empty batch \(0 tokens\)"):
         imbalance_score(torch.zeros(0, 2, dtype=torch.long), 4, 2)
+
+
+def test_balance_from_counts_hand_case():
+    # 8 experts on 2 devices: loads 2+1+0+3 = 6 and 1+1+1+1 = 4 over 5 tokens (K = 2)
+    counts = torch.tensor([2, 1, 0, 3, 1, 1, 1, 1])
+    is_, mm = balance_from_counts(counts, 2, 5).tolist()
+    assert is_ == pytest.approx((6 - 4) / 5)
+    assert mm == pytest.approx(6 / 5)
+    with pytest.raises(ValueError, match="empty batch"):
+        balance_from_counts(counts, 2, 0)

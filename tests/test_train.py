@@ -11,7 +11,7 @@ from helpers import single_thread  # noqa: F401 (fixture)
 from moge.cli import main as cli_main
 from moge.metrics import imbalance_score
 from moge.train import (COMMIT_DIR, STATE_FILE, CheckpointCorruptError, TrainConfig, Trainer,
-                        TrainingConfigError, TrainingDivergedError, layer_balance, recover_checkpoint_dir,
+                        TrainingConfigError, TrainingDivergedError, recover_checkpoint_dir,
                         verify_checkpoint)
 
 # One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
@@ -164,14 +164,6 @@ def test_metrics_lines_hold_per_layer_balance(tmp_path, text_dir):
                     assert len(set(layer["group_loads"])) == 1
         assert set(evals[-1]["val_loss"]) == {"code", "prose"}
     assert any(layer["imbalance_score_max"] > 0 for r in train for layer in r["layers"])  # top-K
-
-
-def test_layer_balance_matches_metrics_imbalance_score():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(50)])
-    counts = torch.bincount(ids.flatten(), minlength=16)
-    is_, mm = layer_balance(counts, 4, 50).tolist()
-    assert is_ == pytest.approx(imbalance_score(ids, 16, 4))
 
 
 def test_cli_train_with_user_data(tmp_path, text_dir):

@@ -29,13 +29,23 @@ def device_loads_from_counts(expert_counts_N: Tensor, num_devices: int) -> Tenso
     return expert_counts_N.reshape(num_devices, -1).sum(-1)
 
 
+def balance_from_counts(expert_counts_N: Tensor, num_devices: int, num_tokens: int) -> Tensor:
+    """``[IS, max/mean device load]`` as a float tensor on the counts' device, with no host sync.
+
+    For training loops that log every layer: stack these and read them back once per log line.
+    """
+    if num_tokens < 1:
+        raise ValueError("the Imbalance Score of an empty batch (0 tokens) is undefined")
+    loads_D = device_loads_from_counts(expert_counts_N, num_devices).float()
+    return torch.stack([(loads_D.max() - loads_D.min()) / num_tokens,
+                        loads_D.max() / loads_D.mean().clamp(min=1e-9)])
+
+
 def imbalance_score(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> float:
     """``IS(X) = (max_i T_i - min_i T_i) / |X|`` with |X| the number of tokens (rows of ids)."""
-    loads_D = device_loads(expert_ids_TK, num_experts, num_devices)
-    t = expert_ids_TK.shape[0]
-    if t == 0:
-        raise ValueError("imbalance_score of an empty batch (0 tokens) is undefined")
-    return float(loads_D.max() - loads_D.min()) / t
+    _check(num_experts, num_devices)
+    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    return float(balance_from_counts(counts_N, num_devices, expert_ids_TK.shape[0])[0])
 
 
 def max_over_mean_load(loads: Tensor) -> float:

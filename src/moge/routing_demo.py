@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .metrics import device_loads, max_over_mean_load
+    from .metrics import balance_from_counts
     from .routing import group_limited_route, moge_route, topk_route
 
     from .errors import MoGEError
@@ -44,10 +44,9 @@ def run(args: argparse.Namespace) -> int:
         imb, is_sum, mm_sum = 0, 0.0, 0.0
         for b in range(args.batches):
             _, ids = route(logits[b])
-            loads = device_loads(ids, n, m)
-            is_b = float(loads.max() - loads.min()) / args.tokens
+            is_b, mm_b = balance_from_counts(torch.bincount(ids.flatten(), minlength=n), m, args.tokens).tolist()
             imb += is_b > 0
             is_sum += is_b
-            mm_sum += max_over_mean_load(loads)
+            mm_sum += mm_b
         print(f"{name:<14}{imb / args.batches:>10.3f}{is_sum / args.batches:>10.3f}{mm_sum / args.batches:>15.3f}")
     return 0

@@ -39,6 +39,7 @@ from .config import ROUTERS, MoGEConfig, get_config
 from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
 from .errors import MoGEError
+from .metrics import balance_from_counts
 from .parallel import full_state_dict, gather_named_tensor, shard_named_tensor
 from .tokenizer import (BOS_ID, EOS_ID, TOKENIZER_FILE, encode_batch, load_tokenizer, save_tokenizer,
                         train_tokenizer)
@@ -400,16 +401,6 @@ def prepare_data(cfg: TrainConfig, tokenizer=None, vocab_size: int = 4096):
     return tokenizer, DataBundle(train_rows, val_rows, summary)
 
 
-def layer_balance(counts_N: torch.Tensor, num_groups: int, num_tokens: int) -> torch.Tensor:
-    """``[IS, max/mean load]`` of one routed batch from its per-expert counts, on the counts' device.
-
-    IS is :func:`moge.metrics.imbalance_score` with devices = groups: (max - min group load) / tokens.
-    """
-    loads_M = counts_N.view(num_groups, -1).sum(-1).float()
-    imbalance = (loads_M.max() - loads_M.min()) / num_tokens
-    return torch.stack([imbalance, loads_M.max() / loads_M.mean().clamp(min=1e-9)])
-
-
 class Trainer:
     """One training run in ``cfg.out``: data, tokenizer, model, AdamW, schedule, metrics and checkpoints.
 
@@ -547,7 +538,7 @@ class Trainer:
             aux_sum += aux.detach().float()
             step_counts = [None if st is None else st.expert_counts.detach() for st in out.router_stats]
             counts = step_counts if counts is None else [None if a is None else a + b for a, b in zip(counts, step_counts)]
-            rows = [layer_balance(st.expert_counts, self.model_config.groups, st.num_tokens)
+            rows = [balance_from_counts(st.expert_counts, self.model_config.groups, st.num_tokens)
                     for st in out.router_stats if st is not None]
             if rows:
                 balance.append(torch.stack(rows))
