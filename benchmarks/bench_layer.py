@@ -108,8 +108,13 @@ def make_fwd_bwd(model_fn, x: torch.Tensor, params: list[torch.Tensor]):
     return fwd, fwd_bwd
 
 
-def hf_block(impl: str, dtype: torch.dtype, device: torch.device):
-    """transformers' Qwen2MoeSparseMoeBlock at our shapes using experts implementation ``impl``."""
+def hf_block(impl: str, dtype: torch.dtype, device: torch.device, weights_from: torch.nn.Module):
+    """transformers' Qwen2MoeSparseMoeBlock at our shapes using experts implementation ``impl``.
+
+    It gets the weights of ``weights_from`` (our top-K layer: same names, shapes and gate/up layout), so
+    both route every token to the same experts; at decode the time depends on how many distinct
+    experts' weights a batch reads, so different random routers would not be a fair comparison.
+    """
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
@@ -117,7 +122,9 @@ def hf_block(impl: str, dtype: torch.dtype, device: torch.device):
                          shared_expert_intermediate_size=F_SHARED, norm_topk_prob=False)
     cfg._experts_implementation = impl
     block = Qwen2MoeSparseMoeBlock(cfg)
-    init_(block, 1)
+    init_(block, 1)  # shared_expert_gate, which our layer does not have
+    missing, unexpected = block.load_state_dict(weights_from.state_dict(), strict=False)
+    assert missing == ["shared_expert_gate.weight"] and unexpected == ["router_scale"], (missing, unexpected)
     block = block.to(device=device, dtype=dtype)
 
     def run(x_TH):
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time our eager (oracle) backend at prefill (slow: ~30 s per backward)")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the PNG")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -166,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     # ---- build every contender once ---------------------------------------------------------------
     entries: dict[tuple[str, str], tuple] = {}  # (shape, name) -> (fwd, fwd_bwd)
     for shape, t in SHAPES.items():
+        if shape not in args.shapes:
+            continue
         x = torch.randn(t, H, device=device, dtype=dtype)
+        ours_topk = None
         for router in ("moge", "topk"):
             layer = MoGELayer(H, N, K, F_EXP, F_SHARED, num_groups=M, router=router)
             init_(layer, 0)
             layer = layer.to(device=device, dtype=dtype)
+            if router == "topk":
+                ours_topk = layer
             for be in backends:
                 if be == "eager" and shape == "prefill" and not args.eager_prefill:
                     continue  # the per-expert test oracle: its backward takes ~30 s a call here
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"of per-pair expert weights (does not fit)")
                 continue
             try:
-                run, params = hf_block(impl, dtype, device)
+                run, params = hf_block(impl, dtype, device, ours_topk)
                 make_fwd_bwd(run, x[:4], params)[1]()  # probe: some have no kernel for this device/dtype
                 fwd, fb = make_fwd_bwd(run, x, params)
             except Exception as e:  # noqa: BLE001 - report and skip implementations that cannot run here
@@ -248,8 +261,10 @@ def plot(best, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 5))
-    panels = [(s, md) for s in SHAPES for md in ("fwd", "fwd+bwd")]
+    measured = {s for (s, _, _) in best}
+    panels = [(s, md) for s in SHAPES if s in measured for md in ("fwd", "fwd+bwd")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 5), squeeze=False)
+    axes = axes[0]
     for ax, (shape, mode) in zip(axes, panels):
         items = sorted(((n, v) for (s, n, md), v in best.items() if s == shape and md == mode), key=lambda kv: kv[0])
         colors = ["tab:blue" if n.startswith("ours") else "tab:orange" if n.startswith("hf") else "tab:gray"
