@@ -62,3 +62,16 @@ def test_unknown_preset_and_bad_json(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"is not valid JSON"):
         MoGEConfig.from_json(bad)
+
+
+def test_resolve_config_preset_directory_and_bad_name(tmp_path):
+    import json
+
+    from moge.config import ConfigError, get_config, resolve_config
+
+    assert resolve_config("debug") == get_config("debug")
+    (tmp_path / "config.json").write_text(json.dumps({**get_config("tiny").to_hf_dict(), "num_groups": None}))
+    cfg = resolve_config(str(tmp_path))
+    assert cfg.groups == cfg.num_experts_per_tok  # a published config without a group count
+    with pytest.raises(ConfigError, match="neither a preset"):
+        resolve_config("no-such-model")

@@ -212,3 +212,13 @@ def get_config(name: str, **overrides: Any) -> MoGEConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return MoGEConfig(**{**PRESETS[name], **overrides})
+
+
+def resolve_config(spec: str) -> MoGEConfig:
+    """A config from a preset name or a path to a checkpoint directory / ``config.json``."""
+    if spec in PRESETS:
+        return get_config(spec)
+    if Path(spec).exists():
+        return MoGEConfig.from_json(spec)
+    raise ConfigError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing "
+                      f"checkpoint directory or config.json")

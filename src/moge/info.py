@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,18 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def resolve_config(spec: str):
-    """A :class:`MoGEConfig` from a preset name or a path to a checkpoint directory / config.json."""
-    from .config import PRESETS, MoGEConfig, get_config
-
-    if spec in PRESETS:
-        return get_config(spec)
-    if Path(spec).exists():
-        return MoGEConfig.from_json(spec)
-    raise FileNotFoundError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
-
-
 def run(args: argparse.Namespace) -> int:
+    from .config import resolve_config
     from .model import count_parameters
 
     cfg = resolve_config(args.model)
@@ -40,5 +29,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"router {cfg.router}: {cfg.num_experts} experts in {cfg.groups} groups, K={cfg.num_experts_per_tok}"
           f" (K'={cfg.k_per_group} per group), expert F={cfg.moe_intermediate_size}, "
           f"shared F={cfg.shared_expert_intermediate_size}")
-    print(f"parameters: {counts['total'] / 1e9:.2f}B total, {counts['activated'] / 1e9:.2f}B activated per token")
+    def fmt(n: int) -> str:
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    print(f"parameters: {fmt(counts['total'])} total, {fmt(counts['activated'])} activated per token")
     return 0

@@ -454,13 +454,13 @@ SIM_MODELS: dict[str, dict] = {
 
 
 def resolve_model(name: str) -> MoGEConfig:
-    """A config from a preset name (:data:`moge.config.PRESETS` or :data:`SIM_MODELS`) or a config.json path."""
-    from ..config import PRESETS, ConfigError, get_config
+    """A config from a preset name (:data:`moge.config.PRESETS` or :data:`SIM_MODELS`), a checkpoint directory or a config.json path."""
+    from ..config import PRESETS, ConfigError, resolve_config
 
-    if name in PRESETS:
-        return get_config(name)
     if name in SIM_MODELS:
         return MoGEConfig(**SIM_MODELS[name])
-    if name.endswith(".json") or "/" in name:
-        return MoGEConfig.from_json(name)
-    raise ConfigError(f"unknown model {name!r}; use a preset {sorted(PRESETS) + sorted(SIM_MODELS)} or a config.json path")
+    try:
+        return resolve_config(name)
+    except ConfigError:
+        raise ConfigError(f"unknown model {name!r}; use a preset {sorted(PRESETS) + sorted(SIM_MODELS)}, a "
+                          f"checkpoint directory or a config.json path") from None
