@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .checkpoint import CheckpointError, load_into, read_config, resolve_dtype, save_pretrained as _save
 from .hf_config import PanGuMoEConfig
-from .model import MoGELayer, MoGEModel, RMSNorm
+from .model import MoGEModel, init_module
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "register"]
 
@@ -61,19 +61,8 @@ class PanGuMoEForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.post_init()
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # The native model's initialisation (see MoGEForCausalLM.init_weights), module by module.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        elif isinstance(module, MoGELayer):
-            module.router_scale.fill_(1.0)
-            module.experts.reset_parameters(std)
+        init_module(module, self.config.initializer_range)  # the native model's initialisation
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens

@@ -209,6 +209,20 @@ class MoGEModel(nn.Module):
         return self.norm(x_BSH), stats
 
 
+@torch.no_grad()
+def init_module(mod: nn.Module, std: float) -> None:
+    """Initialise one module's own parameters (also used by the transformers wrapper, module by module)."""
+    if isinstance(mod, (nn.Linear, nn.Embedding)):
+        mod.weight.normal_(0.0, std)
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.zero_()
+    elif isinstance(mod, RMSNorm):
+        mod.weight.fill_(1.0)
+    elif isinstance(mod, MoGELayer):
+        mod.router_scale.fill_(1.0)
+        mod.experts.reset_parameters(std)
+
+
 class MoGEForCausalLM(nn.Module):
     """Pangu Pro MoE causal LM: :class:`MoGEModel` plus an untied ``lm_head``."""
 
@@ -224,17 +238,8 @@ class MoGEForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms and scales."""
-        std = self.config.initializer_range
         for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
-                mod.weight.normal_(0.0, std)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.weight.fill_(1.0)
-            elif isinstance(mod, MoGELayer):
-                mod.router_scale.fill_(1.0)
-                mod.experts.reset_parameters(std)
+            init_module(mod, self.config.initializer_range)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
