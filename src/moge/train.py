@@ -744,6 +744,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.cfg
+        if self.step >= c.steps and self.dist.is_main:
+            print(f"{self.out}: already trained to step {self.step} of --steps {c.steps}; raise --steps to "
+                  f"continue", flush=True)
         if self.step == 0:
             self._log({"type": "start", "step": 0, "model_config": self.model_config.to_dict(),
                        "train_config": asdict(c), "data": self.data.summary,
