@@ -1,6 +1,6 @@
 """An independent float64 reference of MoGE routing, the balance loss and the MoE layer forward.
 
-Written from the spec (the project spec (``../shared/spec/moge.md``) sections 2 and 4) only: it imports nothing from
+Written from the project spec (``../shared/spec/moge.md``, sections 2 and 4) only: it imports nothing from
 ``moge`` and uses plain per-token / per-expert Python loops, so a bug in the vectorised library code
 cannot hide in a shared helper. Everything is float64 and differentiable with torch autograd, so the
 tests can also compare gradients.
