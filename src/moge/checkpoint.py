@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import MoGEConfig
+from .config import ConfigError, MoGEConfig, read_config_dict
 from .errors import MoGEError
 
 CONFIG_NAME = "config.json"
@@ -168,14 +168,9 @@ def read_config(directory: str | Path) -> MoGEConfig:
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} at {path}")
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    mt = d.get("model_type")
-    if mt is not None and mt not in ("PanGuMoE", "pangu_moe", "moge"):
-        raise CheckpointError(f"{path}: model_type {mt!r} is not a Pangu Pro MoE checkpoint (expected 'PanGuMoE')")
+        d = read_config_dict(path)
+    except ConfigError as e:  # an unreadable file is a checkpoint problem; bad field values stay ConfigError
+        raise CheckpointError(str(e)) from None
     return MoGEConfig.from_dict(d)
 
 

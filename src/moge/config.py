@@ -168,16 +168,31 @@ class MoGEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "MoGEConfig":
+        """Build from a ``config.json`` file or a directory holding one (see :func:`read_config_dict`)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_dict(path))
+
+
+_MODEL_TYPES = ("PanGuMoE", "pangu_moe", "moge")
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    """The JSON object of a ``config.json``; :class:`ConfigError` if it is not JSON, not an object, or
+    names another ``model_type``."""
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    mt = d.get("model_type")
+    if mt is not None and mt not in _MODEL_TYPES:
+        raise ConfigError(f"{path}: model_type {mt!r} is not a Pangu Pro MoE checkpoint (expected 'PanGuMoE')")
+    return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {
