@@ -86,7 +86,7 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _atomic_write(path: Path, write_fn) -> None:
+def atomic_write(path: Path, write_fn) -> None:
     """Write ``path`` through a temporary file in the same directory, fsync it, then ``os.replace``.
 
     A reader (or a crash) never sees a half-written file: either the old file or the complete new one.
@@ -103,14 +103,21 @@ def _atomic_write(path: Path, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so renames inside it survive a crash (a no-op where the OS does not allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -127,12 +134,13 @@ def _umask() -> int:
     return mask
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write`)."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -480,7 +488,7 @@ def save_state_dict(published: Mapping[str, Tensor], directory: str | Path, max_
     for fname, shard in zip(names, plan):
         # clone(): per-expert views share storage with the stacked tensor, which safetensors refuses.
         data = {n: published[n].detach().to("cpu").contiguous().clone() for n in shard}
-        _atomic_write(directory / fname, lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / fname, lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
         for n, t in data.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
@@ -490,7 +498,7 @@ def save_state_dict(published: Mapping[str, Tensor], directory: str | Path, max_
     if bar is not None:
         bar.close()
     if len(plan) > 1:
-        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     elif (directory / INDEX_NAME).exists():
         (directory / INDEX_NAME).unlink()
     for old in directory.glob("model*.safetensors"):
@@ -518,13 +526,13 @@ def save_pretrained(model: Any, directory: str | Path, max_shard_size: int | str
     dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         d["dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
-    _write_json(directory / CONFIG_NAME, d)
+    write_json(directory / CONFIG_NAME, d)
     if tokenizer_file is not None:
         src = Path(tokenizer_file)
         if not src.is_file():
             raise CheckpointError(f"tokenizer file {src} does not exist")
         if src.resolve() != (directory / TOKENIZER_NAME).resolve():
-            _atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
+            atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
     return directory
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import atomic_write, fsync_dir, load_pretrained, save_pretrained, write_json
 from .config import ROUTERS, MoGEConfig, get_config
 from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
@@ -99,7 +99,8 @@ class TrainConfig:
     # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
     deterministic: bool = True
     # Expert-parallel size = number of torchrun processes. --batch-size stays the *global* batch: each
-    # rank trains on its own batch_size/ep rows of it, so a run is the same computation at any --ep.
+    # rank trains on its own batch_size/ep rows of it, so the LM loss and its gradients are the same at
+    # any --ep (the balance loss counts experts per rank's rows: see docs/parallel.md).
     ep: int = 1
 
     def validate(self) -> None:
@@ -177,6 +178,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``moge train``."""
     cfg = config_from_args(args)
+    if args.threads is not None and args.threads < 1:
+        raise TrainingConfigError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"ep"}
@@ -246,28 +249,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ---- model weights: the published layout via moge.checkpoint ----------------------------------------
 
 def save_model_weights(model: torch.nn.Module, directory: Path,
@@ -331,7 +312,7 @@ def recover_checkpoint_dir(out: Path) -> None:
         names = sorted(p.name for p in commit.iterdir())
         for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
             os.replace(commit / name, out / name)
-        _fsync_dir(out)
+        fsync_dir(out)
         commit.rmdir()
     staging = out / STAGING_DIR
     if staging.exists():
@@ -660,11 +641,11 @@ class Trainer:
                                "last_lr": self.lr(max(self.step - 1, 0))},
                  "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "rng": rng_meta,
                  "data": self.data.summary, "files": files}
-        _write_json_atomic(staging / STATE_FILE, state)
-        _fsync_dir(staging)
+        write_json(staging / STATE_FILE, state)
+        fsync_dir(staging)
         old = self._listed_files()
         os.replace(staging, self.out / COMMIT_DIR)  # the commit point
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         recover_checkpoint_dir(self.out)
         for name in old - set(files) - {STATE_FILE}:  # e.g. shards of a previous layout
             (self.out / name).unlink(missing_ok=True)
@@ -711,9 +692,8 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a line cut off by the interruption
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(s + "\n" for s in keep))
-        os.replace(tmp, path)
+        text = "".join(s + "\n" for s in keep)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     # -- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
