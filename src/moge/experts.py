@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .routing import expert_counts
+
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
@@ -88,21 +90,23 @@ def eager_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tens
     return y_TH
 
 
-def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Permutation grouping token-expert pairs by expert, without a host sync.
+def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the flattened ``[T*K]`` token-expert pairs by expert, without a host sync.
 
-    Returns ``(order_P, token_P, offsets_N)``: ``order_P`` indexes the flattened ``[T*K]`` pairs so
-    that equal experts are contiguous (stable, so tokens stay in order), ``token_P`` is the token
-    of each sorted pair, and ``offsets_N`` the int32 cumulative pair counts (end of each expert's rows).
+    Returns ``(order_P, token_P, counts_N)``: ``order_P`` sorts the pairs by expert (stable, so tokens
+    stay in order within an expert), ``token_P`` is the token of each sorted pair and ``counts_N`` the
+    pairs per expert (int64). Every sort-by-expert in the package (backends, EP dispatch) goes through here.
     """
     flat_P = ids_TK.reshape(-1)
     order_P = torch.argsort(flat_P, stable=True)
-    token_P = order_P // ids_TK.shape[1]
-    # scatter_add of ones, not bincount: CUDA bincount reads the max id back to the host to size its output
-    counts_N = torch.zeros(num_experts, dtype=torch.long, device=flat_P.device).scatter_add_(
-        0, flat_P, torch.ones_like(flat_P))
-    offsets_N = torch.cumsum(counts_N, 0).to(torch.int32)
-    return order_P, token_P, offsets_N
+    return order_P, order_P // ids_TK.shape[1], expert_counts(ids_TK, num_experts)
+
+
+def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`sort_pairs` with the counts as int32 cumulative offsets (the end of each expert's rows),
+    the form ``F.grouped_mm`` takes: ``(order_P, token_P, offsets_N)``."""
+    order_P, token_P, counts_N = sort_pairs(ids_TK, num_experts)
+    return order_P, token_P, torch.cumsum(counts_N, 0).to(torch.int32)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -198,10 +202,8 @@ class _SortedExperts(torch.autograd.Function):
     def forward(ctx, x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF):
         t, k = ids_TK.shape
         n, f2, h = gate_up_N2FH.shape
-        flat_P = ids_TK.reshape(-1)
-        order_P = torch.argsort(flat_P, stable=True)
-        token_P = order_P // k
-        counts = torch.bincount(flat_P, minlength=n).tolist()  # the one host sync
+        order_P, token_P, counts_N = sort_pairs(ids_TK, n)
+        counts = counts_N.tolist()  # the one host sync
         chunks = _segments(counts, max(1, _CHUNK_BYTES // (h * x_TH.element_size())))
         wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
         y_TH = torch.zeros_like(x_TH)

@@ -40,7 +40,8 @@ from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summa
                    pack_documents, shuffled, split_documents)
 from .errors import MoGEError
 from .metrics import balance_from_counts
-from .parallel import full_state_dict, gather_named_tensor, shard_named_tensor
+from .parallel import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather_named_tensor, shard_named_tensor,
+                       sync_gradients)
 from .tokenizer import (BOS_ID, EOS_ID, TOKENIZER_FILE, encode_batch, load_tokenizer, save_tokenizer,
                         train_tokenizer)
 
@@ -523,8 +524,6 @@ class Trainer:
                     for st in out.router_stats if st is not None]
             if rows:
                 balance.append(torch.stack(rows))
-        from .parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
-
         sync_gradients(self.model, self.dist.group)  # data-parallel mean; expert shards scaled
         loss_sum = all_reduce_mean(loss_sum, self.dist.group)  # the global batch's loss, same on every rank
         aux_sum = all_reduce_mean(aux_sum, self.dist.group)

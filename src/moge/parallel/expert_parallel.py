@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import MoGEError
-from ..experts import ExpertsBackend, SwiGLUExperts, get_experts_backend
+from ..experts import ExpertsBackend, SwiGLUExperts, get_experts_backend, sort_pairs
 from ..layer import MoGELayer, RouterStats
 from .comm import all_to_all, rank_and_world
 
@@ -78,12 +78,8 @@ def variable_split_moe(x_TH: Tensor, w_TK: Tensor, ids_TK: Tensor, experts: SwiG
     all-to-all, row counts are copied to the host to size the buffers, and token rows / expert outputs
     move with variable-split all-to-alls. Gate weights are applied back on the token's own rank.
     """
-    t, k = ids_TK.shape
     n_local = experts.num_experts
-    flat_P = ids_TK.reshape(-1)
-    order_P = torch.argsort(flat_P, stable=True)
-    token_P = order_P // k
-    counts_N = torch.bincount(flat_P, minlength=n_local * world)
+    order_P, token_P, counts_N = sort_pairs(ids_TK, n_local * world)
     # 1. counts: recv_counts[s, l] = rows rank s sends to my local expert l
     recv_counts_N = torch.empty_like(counts_N)
     dist.all_to_all_single(recv_counts_N, counts_N, group=group)
