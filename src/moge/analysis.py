@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .routing import expert_counts
+
 
 def expert_token_share(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
     """Fraction of tokens that chose each expert, ``[N]`` float64; sums to K, uniform routing gives K/N."""
     t = expert_ids_TK.shape[0]
     if t == 0:
         raise ValueError("expert_token_share of an empty batch (0 tokens)")
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).double() / t
+    return expert_counts(expert_ids_TK, num_experts).double() / t
 
 
 def coactivation(expert_ids_TK: Tensor, num_experts: int) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .routing import expert_counts
+
 
 def _check(num_experts: int, num_devices: int) -> None:
     if num_devices < 1 or num_experts % num_devices:
@@ -19,7 +21,7 @@ def _check(num_experts: int, num_devices: int) -> None:
 def device_loads(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> Tensor:
     """``T_i(X)``: token-expert pairs landing on each device, ``[D]`` int64."""
     _check(num_experts, num_devices)
-    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    counts_N = expert_counts(expert_ids_TK, num_experts)
     return device_loads_from_counts(counts_N, num_devices)
 
 
@@ -44,7 +46,7 @@ def balance_from_counts(expert_counts_N: Tensor, num_devices: int, num_tokens: i
 def imbalance_score(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> float:
     """``IS(X) = (max_i T_i - min_i T_i) / |X|`` with |X| the number of tokens (rows of ids)."""
     _check(num_experts, num_devices)
-    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    counts_N = expert_counts(expert_ids_TK, num_experts)
     return float(balance_from_counts(counts_N, num_devices, expert_ids_TK.shape[0])[0])
 
 
@@ -57,6 +59,6 @@ def max_over_mean_load(loads: Tensor) -> float:
 
 def expert_load_cv(expert_ids_TK: Tensor, num_experts: int) -> float:
     """Coefficient of variation (std / mean, population std) of per-expert token counts."""
-    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).double()
+    counts_N = expert_counts(expert_ids_TK, num_experts).double()
     mean = counts_N.mean()
     return float(counts_N.std(unbiased=False) / mean) if float(mean) > 0 else 0.0

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .metrics import balance_from_counts
-    from .routing import group_limited_route, moge_route, topk_route
+    from .routing import expert_counts, group_limited_route, moge_route, topk_route
 
     from .errors import MoGEError
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         imb, is_sum, mm_sum = 0, 0.0, 0.0
         for b in range(args.batches):
             _, ids = route(logits[b])
-            is_b, mm_b = balance_from_counts(torch.bincount(ids.flatten(), minlength=n), m, args.tokens).tolist()
+            is_b, mm_b = balance_from_counts(expert_counts(ids, n), m, args.tokens).tolist()
             imb += is_b > 0
             is_sum += is_b
             mm_sum += mm_b
