@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -27,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .checkpoint import CheckpointError, load_into, read_config, resolve_dtype, save_pretrained as _save
 from .hf_config import PanGuMoEConfig
-from .model import MoGEModel, init_module
+from .model import MoGEModel, causal_lm_loss, init_module
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "register"]
 
@@ -98,10 +97,7 @@ class PanGuMoEForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             h_BSH = h_BSH[:, logits_to_keep]
         logits = self.lm_head(h_BSH)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
     # ---- loading and saving through moge.checkpoint ------------------------------------------------

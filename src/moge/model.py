@@ -209,6 +209,12 @@ class MoGEModel(nn.Module):
         return self.norm(x_BSH), stats
 
 
+def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in float32: position s predicts ``labels[s+1]``; ``-100`` is ignored."""
+    return F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
+                           labels_BS[:, 1:].flatten().to(logits_BSV.device), ignore_index=-100)
+
+
 @torch.no_grad()
 def init_module(mod: nn.Module, std: float) -> None:
     """Initialise one module's own parameters (also used by the transformers wrapper, module by module)."""
@@ -253,9 +259,7 @@ class MoGEForCausalLM(nn.Module):
             past_key_values = KVCache()
         h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
         logits = self.lm_head(h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux = [st.aux_loss + st.z_loss for st in stats if st is not None]
         return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None,
                            router_stats=stats, past_key_values=past_key_values if use_cache else None)
