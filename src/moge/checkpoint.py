@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,29 +243,54 @@ def from_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConf
         experts.setdefault(m.group("prefix"), {})[(int(m.group("e")), m.group("proj"))] = t
     for prefix, parts in experts.items():
         n = config.num_experts if config is not None else 1 + max(e for e, _ in parts)
-        missing = [f"{prefix}.{e}.{p}_proj.weight" for e in range(n) for p in ("gate", "up", "down")
-                   if (e, p) not in parts]
-        if missing:
-            raise CheckpointError(_listing("missing expert tensors", missing))
         extra = [f"{prefix}.{e}.{p}_proj.weight" for e, p in parts if e >= n]
         if extra:
             raise CheckpointError(_listing(f"unexpected expert tensors (num_experts={n})", extra))
-        out[f"{prefix}.gate_up_proj"] = _stack([[parts[(e, "gate")], parts[(e, "up")]] for e in range(n)], dtype)
-        out[f"{prefix}.down_proj"] = _stack([[parts[(e, "down")]] for e in range(n)], dtype)
+        out.update(_stack_experts(prefix, parts, n, lambda t: t, dtype, None, "missing expert tensors"))
     return out
 
 
-def _stack(rows: list[list[Tensor]], dtype: torch.dtype | None) -> Tensor:
-    """``torch.stack([torch.cat(row) for row in rows])`` written straight into one preallocated tensor."""
-    first = rows[0][0]
-    out = torch.empty((len(rows), sum(t.shape[0] for t in rows[0]), *first.shape[1:]),
-                      dtype=dtype or first.dtype, device=first.device)
-    for e, row in enumerate(rows):
-        r = 0
-        for t in row:
-            out[e, r:r + t.shape[0]].copy_(t)
-            r += t.shape[0]
+def _stack_experts(prefix: str, parts: Mapping[tuple[int, str], Any], n: int, read: Callable[[Any], Tensor],
+                   dtype: torch.dtype | None, device: torch.device | None, missing_label: str) -> dict[str, Tensor]:
+    """Stack one layer's per-expert matrices into ``{prefix}.gate_up_proj [N,2F,H]`` / ``down_proj [N,H,F]``.
+
+    ``parts`` maps ``(expert, "gate"|"up"|"down")`` to whatever ``read`` turns into a tensor; tensors are
+    read one at a time and copied straight into one preallocated tensor per output, so peak memory is
+    the result plus one expert matrix. A gap raises :class:`CheckpointError` (``missing_label``).
+    """
+    missing = [f"{prefix}.{e}.{p}_proj.weight" for e in range(n) for p in ("gate", "up", "down")
+               if (e, p) not in parts]
+    if missing:
+        raise CheckpointError(_listing(missing_label, missing))
+    out = {}
+    for stacked, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+        buf = None
+        for e in range(n):
+            ts = [read(parts[(e, p)]) for p in projs]
+            if buf is None:
+                buf = torch.empty((n, sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=dtype or ts[0].dtype,
+                                  device=device if device is not None else ts[0].device)
+            r = 0
+            for t in ts:
+                buf[e, r:r + t.shape[0]].copy_(t)
+                r += t.shape[0]
+        out[f"{prefix}.{stacked}"] = buf
     return out
+
+
+def _check_names_and_shapes(where: str, want: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                            tolerated: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected (less ``tolerated``) or mis-shaped tensors."""
+    missing = set(want) - set(found)
+    if missing:
+        raise CheckpointError(_listing(f"missing tensors in {where}", missing))
+    unexpected = set(found) - set(want) - set(tolerated)
+    if unexpected:
+        raise CheckpointError(_listing(f"unexpected tensors in {where}", unexpected))
+    bad = [f"{n}: expected {list(want[n])}, found {list(found[n])}" for n in sorted(want)
+           if tuple(found[n]) != tuple(want[n])]
+    if bad:
+        raise CheckpointError(_listing(f"tensors with the wrong shape in {where}", bad, limit=6))
 
 
 def _listing(what: str, names: Iterable[str], limit: int = 12) -> str:
@@ -345,18 +370,9 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
         except Exception as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
     if expected is not None:
-        want = _published_names(expected, config.tie_word_embeddings)
-        missing = set(want) - set(shapes)
-        if missing:
-            raise CheckpointError(_listing(f"missing tensors in {directory}", missing))
-        unexpected = set(shapes) - set(want)
-        if config.tie_word_embeddings:
-            unexpected.discard("lm_head.weight")  # a tied head may be stored redundantly
-        if unexpected:
-            raise CheckpointError(_listing(f"unexpected tensors in {directory}", unexpected))
-        bad = [f"{n}: expected {list(want[n])}, found {list(shapes[n])}" for n in sorted(want) if shapes[n] != want[n]]
-        if bad:
-            raise CheckpointError(_listing(f"tensors with the wrong shape in {directory}", bad, limit=6))
+        # a tied head may be stored redundantly
+        _check_names_and_shapes(str(directory), _published_names(expected, config.tie_word_embeddings), shapes,
+                                tolerated=["lm_head.weight"] if config.tie_word_embeddings else [])
 
     dev = torch.device(device)
     out: dict[str, Tensor] = {}
@@ -382,27 +398,9 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
             elif not (config.tie_word_embeddings and name == "lm_head.weight"):
                 t = read(name)
                 out[name] = t.to(device=dev, dtype=dtype or t.dtype)
-        # Stack each layer's experts straight into one preallocated tensor on the target device, so
-        # peak memory is the model plus one expert matrix.
         for prefix, parts in experts.items():
-            n = config.num_experts
-            missing = [f"{prefix}.{e}.{p}_proj.weight" for e in range(n) for p in ("gate", "up", "down")
-                       if (e, p) not in parts]
-            if missing:
-                raise CheckpointError(_listing(f"missing tensors in {directory}", missing))
-            for stacked, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
-                firsts = [shapes[parts[(0, p)]] for p in projs]
-                rows = sum(s[0] for s in firsts)
-                buf = None
-                for e in range(n):
-                    r = 0
-                    for p in projs:
-                        t = read(parts[(e, p)])
-                        if buf is None:
-                            buf = torch.empty((n, rows, *t.shape[1:]), dtype=dtype or t.dtype, device=dev)
-                        buf[e, r:r + t.shape[0]].copy_(t)
-                        r += t.shape[0]
-                out[f"{prefix}.{stacked}"] = buf
+            out.update(_stack_experts(prefix, parts, config.num_experts, read, dtype, dev,
+                                      f"missing tensors in {directory}"))
     return out
 
 
@@ -616,16 +614,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     if config.tie_word_embeddings:
         sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
     sd = {k: v for k, v in sd.items() if not _IGNORED_RE.search(k)}
-    missing = set(expected) - set(sd)
-    if missing:
-        raise CheckpointError(_listing(f"missing tensors in {src}", missing))
-    unexpected = set(sd) - set(expected)
-    if unexpected:
-        raise CheckpointError(_listing(f"unexpected tensors in {src}", unexpected))
-    bad = [f"{n}: expected {list(expected[n])}, found {list(sd[n].shape)}" for n in sorted(expected)
-           if tuple(sd[n].shape) != expected[n]]
-    if bad:
-        raise CheckpointError(_listing(f"tensors with the wrong shape in {src}", bad, limit=6))
+    _check_names_and_shapes(str(src), expected, {k: tuple(v.shape) for k, v in sd.items()})
     if tdtype is not None:
         sd = {k: v.to(tdtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
