@@ -21,11 +21,11 @@ def single_thread():
     yield
     torch.set_num_threads(before)
 
-# The published config keys (spec section 5) -- deliberately WITHOUT num_groups: groups must read as
-# num_experts_per_tok (one expert per group), like the real Pangu Pro MoE config.
+# Exactly the released config keys (spec section 5), tiny values -- deliberately WITHOUT num_groups:
+# groups must read as num_experts_per_tok (one expert per group), like the real Pangu Pro MoE config.
 TINY_CONFIG = {
-    "model_type": "PanGuMoE",
-    "architectures": ["PanGuMoEForCausalLM"],
+    "architectures": ["PanguProMoEForCausalLM"],
+    "model_type": "PanguProMoE",
     "vocab_size": 97,
     "hidden_size": 32,
     "num_hidden_layers": 2,
@@ -42,6 +42,9 @@ TINY_CONFIG = {
     "num_experts": 8,
     "router_aux_loss_coef": 0.001,
     "initializer_range": 0.02,
+    "use_cache": True,
+    "attention_dropout": 0.0,
+    "output_router_logits": False,
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,

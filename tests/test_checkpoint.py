@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import TINY_CONFIG, published_tensors, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
-from moge.checkpoint import (CheckpointError, _umask, from_published_state_dict, load_pretrained, parse_size,
-                             save_pretrained, to_published_state_dict)
+from moge.checkpoint import (CheckpointError, from_published_state_dict, load_pretrained, parse_size, save_model,
+                             to_published_state_dict)
+from moge.checkpoint.io import _umask
 from moge.cli import main as cli_main
 from moge.config import MoGEConfig
 from moge.errors import MoGEError
@@ -53,7 +54,7 @@ def test_checkpoint_error_is_a_moge_error():
 def test_load_save_round_trip_is_bit_exact(ckpt, tensors, tmp_path):
     model = load_pretrained(ckpt)
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 32, 32)
-    out = save_pretrained(model, tmp_path / "re")
+    out = save_model(model, tmp_path / "re")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     saved = _read_all(out)
     assert set(saved) == set(tensors)
@@ -61,7 +62,9 @@ def test_load_save_round_trip_is_bit_exact(ckpt, tensors, tmp_path):
         assert torch.equal(saved[name], t), name
     cfg = json.loads((out / "config.json").read_text())
     assert all(k in cfg for k in SPEC_KEYS)
-    assert cfg["model_type"] == "PanGuMoE" and cfg["num_groups"] == 4 and cfg["router"] == "moge"
+    assert cfg["model_type"] == "PanguProMoE" and cfg["architectures"] == ["PanguProMoEForCausalLM"]
+    assert cfg["torch_dtype"] == "float32" and cfg["attention_dropout"] == 0.0
+    assert "num_groups" not in cfg and "router" not in cfg  # as released: groups = num_experts_per_tok
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     mode = (out / "model.safetensors").stat().st_mode & 0o777
     assert mode == (out / "config.json").stat().st_mode & 0o777 and mode & 0o044 == 0o044 & ~_umask()
@@ -99,7 +102,7 @@ def test_tied_embeddings_and_compiled_wrapper_round_trip(tmp_path):
     model = MoGEForCausalLM(cfg)
     wrapped = torch.nn.Module()
     wrapped._orig_mod = model  # what torch.compile's OptimizedModule looks like from outside
-    out = save_pretrained(wrapped, tmp_path / "tied")
+    out = save_model(wrapped, tmp_path / "tied")
     saved = _read_all(out)
     assert "lm_head.weight" not in saved and not any(k.startswith("_orig_mod") for k in saved)
     back = load_pretrained(out)
@@ -109,7 +112,7 @@ def test_tied_embeddings_and_compiled_wrapper_round_trip(tmp_path):
 
 def test_sharded_save_writes_index_and_loads_back(ckpt, tmp_path):
     model = load_pretrained(ckpt)
-    out = save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    out = save_model(model, tmp_path / "sharded", max_shard_size="20KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 3 and not (out / "model.safetensors").exists()
@@ -117,7 +120,7 @@ def test_sharded_save_writes_index_and_loads_back(ckpt, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _read_all(out).values())
     torch.testing.assert_close(_logits(load_pretrained(out)), _logits(model), rtol=0, atol=0)
     # Saving again unsharded into the same directory removes the stale shards and the index.
-    save_pretrained(model, out)
+    save_model(model, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -214,7 +217,7 @@ def test_convert_directory_reshards_and_casts(tmp_path, ckpt):
     out = tmp_path / "bf16"
     assert (out / "model.safetensors.index.json").is_file()
     assert {t.dtype for t in _read_all(out).values()} == {torch.bfloat16}
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_pretrained(out).lm_head.weight.dtype == torch.bfloat16
 
 

@@ -10,9 +10,9 @@ from helpers import single_thread  # noqa: F401 (fixture)
 
 from moge.cli import main as cli_main
 from moge.metrics import imbalance_score
-from moge.train import (COMMIT_DIR, STATE_FILE, CheckpointCorruptError, TrainConfig, Trainer,
-                        TrainingConfigError, TrainingDivergedError, recover_checkpoint_dir,
-                        verify_checkpoint)
+from moge.checkpoint import CheckpointCorruptError
+from moge.checkpoint.training_state import COMMIT_DIR, STATE_FILE, recover_checkpoint_dir, verify_checkpoint
+from moge.train import TrainConfig, Trainer, TrainingConfigError, TrainingDivergedError
 
 # One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
 pytestmark = pytest.mark.usefixtures("single_thread")

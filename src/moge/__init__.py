@@ -21,8 +21,8 @@ __all__ = [
 
 
 def _register_with_transformers() -> None:
-    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type: "PanGuMoE"`` without importing
-    transformers now (it would add seconds to ``import moge``).
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type`` ``"PanguProMoE"`` (and the draft
+    ``"PanGuMoE"``) without importing transformers now (it would add seconds to ``import moge``).
 
     The config class is registered when ``transformers.models.auto.configuration_auto`` has loaded, the
     model class when ``...modeling_auto`` has (only then is importing transformers' modeling stack safe:
@@ -37,8 +37,9 @@ def _register_with_transformers() -> None:
     def register_config() -> None:
         from transformers.models.auto.configuration_auto import AutoConfig
 
-        from .hf_config import PanGuMoEConfig
-        AutoConfig.register(PanGuMoEConfig.model_type, PanGuMoEConfig, exist_ok=True)
+        from .hf_config import PanGuMoEConfig, PanguProMoEConfig
+        for cls in (PanguProMoEConfig, PanGuMoEConfig):
+            AutoConfig.register(cls.model_type, cls, exist_ok=True)
 
     def register_model() -> None:
         from .hf import register
@@ -51,7 +52,7 @@ def _register_with_transformers() -> None:
         try:
             actions[name]()
         except Exception as e:  # never break the user's transformers import
-            warnings.warn(f"moge: could not register PanGuMoE with transformers: {e!r}", stacklevel=2)
+            warnings.warn(f"moge: could not register PanguProMoE with transformers: {e!r}", stacklevel=2)
 
     pending = {}
     for name in actions:

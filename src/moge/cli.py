@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "demo": "moge.demo",
     "train": "moge.train",
     "generate": "moge.generate",
-    "convert": "moge.checkpoint",
+    "convert": "moge.checkpoint.convert",
     "info": "moge.info",
     "route": "moge.routing_demo",
     "simulate": "moge.sim.cli",

@@ -44,6 +44,7 @@ class MoGEConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    attention_dropout: float = 0.0  # dropout on attention probabilities while training (released: 0.0)
     # MoE
     num_experts: int = 16
     num_experts_per_tok: int = 4
@@ -112,6 +113,10 @@ class MoGEConfig:
             raise ConfigError(f"shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act must be 'silu' (SwiGLU experts, as released), got {self.hidden_act!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         m, n, k = self.groups, self.num_experts, self.num_experts_per_tok
         if m < 1:
             raise ConfigError(f"num_groups must be >= 1, got {m}")
@@ -149,14 +154,6 @@ class MoGEConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The published ``config.json`` keys (spec section 5) plus our extra fields."""
-        d = self.to_dict()
-        d["model_type"] = "PanGuMoE"
-        d["architectures"] = ["PanGuMoEForCausalLM"]
-        d["num_groups"] = self.groups  # always explicit when we write
-        return d
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoGEConfig":
         """Build from a dict such as a published ``config.json``; keys we do not model are ignored."""
@@ -177,7 +174,8 @@ class MoGEConfig:
         return cls.from_dict(read_config_dict(path))
 
 
-_MODEL_TYPES = ("PanGuMoE", "pangu_moe", "moge")
+# The released name first; "PanGuMoE" is a pre-release draft's (and moge 0.1 wrote it).
+MODEL_TYPES = ("PanguProMoE", "PanGuMoE")
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:
@@ -190,8 +188,9 @@ def read_config_dict(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     mt = d.get("model_type")
-    if mt is not None and mt not in _MODEL_TYPES:
-        raise ConfigError(f"{path}: model_type {mt!r} is not a Pangu Pro MoE checkpoint (expected 'PanGuMoE')")
+    if mt is not None and mt not in MODEL_TYPES:
+        raise ConfigError(f"{path}: model_type {mt!r} is not a Pangu Pro MoE checkpoint (expected one of "
+                          f"{', '.join(map(repr, MODEL_TYPES))})")
     return d
 
 

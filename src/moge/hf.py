@@ -1,12 +1,16 @@
-"""transformers integration: ``AutoConfig`` / ``AutoModelForCausalLM`` for ``model_type: "PanGuMoE"``.
+"""transformers integration: ``AutoConfig`` / ``AutoModelForCausalLM`` for Pangu Pro MoE checkpoints.
 
-After ``import moge``, ``AutoModelForCausalLM.from_pretrained(path)`` loads a published-layout Pangu Pro
-MoE directory (no ``trust_remote_code``) into :class:`PanGuMoEForCausalLM`, whose ``.generate()`` runs
-with transformers' ``DynamicCache``. The wrapper holds our :class:`~moge.model.MoGEModel` as ``.model``
-and an ``lm_head``, so parameter names equal the checkpoint's (experts stacked). Loading and saving go
-through :mod:`moge.checkpoint` (memory-mapped, per-expert tensors stacked on load, split on save):
-transformers' generic loader would need a conversion rule to stack per-expert tensors, and ours already
-checks names and shapes.
+After ``import moge``, ``AutoModelForCausalLM.from_pretrained(path)`` loads a released-layout
+directory (``model_type`` ``"PanguProMoE"``, or the draft ``"PanGuMoE"``; no ``trust_remote_code``)
+into :class:`PanguProMoEForCausalLM`. The wrapper holds our :class:`~moge.model.MoGEModel` as
+``.model`` and an ``lm_head``, so parameter names equal the checkpoint's (experts stacked); the head,
+tying and losses are :mod:`moge.model`'s own functions, not copies. Loading and saving go through
+:mod:`moge.checkpoint` (memory-mapped, per-expert tensors stacked on load, split on save).
+
+The forward follows transformers' MoE models (``MoeCausalLMOutputWithPast``: ``aux_loss`` and
+``router_logits`` with ``output_router_logits``) and takes the cache under either name transformers
+has used (``past_key_values`` up to 5.23, ``cache`` from 5.24). Keyword arguments it does not know
+are refused with an error naming them, never silently dropped.
 
 Registration is lazy: ``moge/__init__.py`` registers the classes when transformers' auto modules are
 first imported, so ``import moge`` does not import transformers. :func:`register` does it explicitly.
@@ -22,42 +26,51 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .checkpoint import CheckpointError, load_into, read_config, resolve_dtype, save_pretrained as _save
-from .hf_config import PanGuMoEConfig
-from .model import MoGEModel, causal_lm_loss, init_module
+from .checkpoint import CONFIG_NAME, CheckpointError, load_into, read_config, resolve_dtype, save_model
+from .config import read_config_dict
+from .errors import MoGEError
+from .hf_config import PanGuMoEConfig, PanguProMoEConfig
+from .model import MoGEModel, head_forward, init_module, make_lm_head
 
-__all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "register"]
+__all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanguProMoEConfig", "PanguProMoEForCausalLM", "register"]
+
+# transformers 5.24 renamed the output's cache field from past_key_values to cache.
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # from_pretrained keyword arguments that only matter for hub downloads or transformers' own loader.
 _IGNORED_LOAD_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_safetensors",
                         "attn_implementation", "cache_dir", "force_download", "proxies", "revision", "token",
                         "_from_auto", "_from_pipeline", "adapter_kwargs", "output_loading_info"}
+# forward keyword arguments of transformers' TransformersKwargs for packed sequences: meaningful only
+# with a varlen attention kernel, which this model does not have.
+_PACKED_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal"}
 
 
-class PanGuMoEForCausalLM(PreTrainedModel, GenerationMixin):
+class UnsupportedArgumentError(MoGEError, TypeError):
+    """A keyword argument the model does not implement; the message names it."""
+
+
+class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`MoGEModel`) plus ``lm_head``.
 
-    ``forward`` returns :class:`CausalLMOutputWithPast` (``loss``: the shifted LM cross-entropy when
-    ``labels`` are given; train with :mod:`moge.train` for the routers' losses) and accepts any cache
-    with ``DynamicCache``'s interface.
+    ``forward`` returns :class:`~transformers.modeling_outputs.MoeCausalLMOutputWithPast` and accepts
+    any cache with ``DynamicCache``'s interface.
     """
 
-    config_class = PanGuMoEConfig
+    config_class = PanguProMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _tied_weights_keys: dict[str, str] = {}
 
-    def __init__(self, config: PanGuMoEConfig):
+    def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
         self.moge_config = config.to_moge_config()
         self.model = MoGEModel(self.moge_config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if self.moge_config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -78,34 +91,52 @@ class PanGuMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Any = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                output_router_logits: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int | Tensor = 0, cache: Any = None,
+                num_items_in_batch: int | Tensor | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast | tuple:
         """Logits ``[B,S,V]`` (or the last ``logits_to_keep``), the cache, and with ``labels`` the LM loss.
 
         ``attention_mask`` is the 2-D ``[B, past+S]`` padding mask (1 = real token); left padding is
-        handled by position ids counted from each row's first real token.
+        handled by position ids counted from each row's first real token. With
+        ``output_router_logits`` (argument or config) the output also holds every MoE layer's router
+        logits ``[B*S, N]`` and ``aux_loss``: the paper's per-layer balance loss summed over layers,
+        already multiplied by ``router_aux_loss_coef`` (plus the z-loss), which is added to ``loss``
+        when ``labels`` are given. ``num_items_in_batch`` (transformers' ``Trainer`` under gradient
+        accumulation) makes the LM loss a sum over tokens divided by that count.
         """
+        _check_forward_kwargs(kwargs, output_hidden_states, output_attentions)
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise UnsupportedArgumentError("pass the cache once: as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("PanGuMoEForCausalLM takes a 2-D [batch, past+seq] attention_mask "
-                             f"(got {attention_mask.dim()}-D); use the default DynamicCache, not a static cache")
+            raise UnsupportedArgumentError(
+                f"{type(self).__name__} takes a 2-D [batch, past+seq] attention_mask (got "
+                f"{attention_mask.dim()}-D); use the default DynamicCache, not a static cache")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        h_BSH, stats = self.model(input_ids, attention_mask, position_ids,
-                                  past_key_values if use_cache else None, inputs_embeds)
-        if isinstance(logits_to_keep, int):
-            h_BSH = h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH
-        else:
-            h_BSH = h_BSH[:, logits_to_keep]
-        logits = self.lm_head(h_BSH)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        h_BSH, stats = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None,
+                                  inputs_embeds)
+        logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep, num_items_in_batch)
+        router_logits = None
+        if output_router_logits:
+            router_logits = tuple(st.router_logits for st in stats if st is not None)
+            if loss is not None and aux is not None:
+                loss = loss + aux
+        out = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux if output_router_logits else None, logits=logits,
+                                        router_logits=router_logits, **{_CACHE_FIELD: cache if use_cache else None})
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return out if return_dict else out.to_tuple()
 
     # ---- loading and saving through moge.checkpoint ------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
-                        config: PanGuMoEConfig | None = None, dtype: Any = None, torch_dtype: Any = None,
-                        device_map: Any = None, subfolder: str = "", **kwargs: Any) -> "PanGuMoEForCausalLM":
-        """Load a local published-layout directory (memory-mapped, built on the meta device).
+                        config: PanguProMoEConfig | None = None, dtype: Any = None, torch_dtype: Any = None,
+                        device_map: Any = None, subfolder: str = "", **kwargs: Any) -> "PanguProMoEForCausalLM":
+        """Load a local released-layout directory (memory-mapped, built on the meta device).
 
         ``dtype`` (or the older ``torch_dtype``): ``"auto"``/None keeps the stored dtype, or
         ``torch.float32`` / ``torch.bfloat16`` / their names. ``device_map``: None, a device
@@ -113,28 +144,51 @@ class PanGuMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """
         unknown = set(kwargs) - _IGNORED_LOAD_KWARGS
         if model_args or unknown:
-            raise TypeError(f"PanGuMoEForCausalLM.from_pretrained got unsupported arguments: "
-                            f"{sorted(unknown) + [repr(a) for a in model_args]}")
+            raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained got unsupported arguments: "
+                                           f"{sorted(unknown) + [repr(a) for a in model_args]}")
         path = Path(pretrained_model_name_or_path) / subfolder
         if not path.is_dir():
-            raise CheckpointError(f"{path} is not a local checkpoint directory (PanGuMoE loads local "
-                                  "published-layout directories only)")
+            raise CheckpointError(f"{path} is not a local checkpoint directory (Pangu Pro MoE checkpoints load "
+                                  "from local released-layout directories only)")
         device = _resolve_device(device_map)
         tdtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
         if config is None:
-            config = PanGuMoEConfig.from_moge_config(read_config(path))
-        moge_cfg = config.to_moge_config()
+            moge_cfg = read_config(path)
+            raw = read_config_dict(path / CONFIG_NAME)
+            config = PanguProMoEConfig.from_moge_config(
+                moge_cfg, **{k: raw[k] for k in ("use_cache", "output_router_logits") if k in raw})
         with torch.device("meta"):
             model = cls(config)
-        load_into(model, path, moge_cfg, tdtype, device)
+        load_into(model, path, config.to_moge_config(), tdtype, device)
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.config.dtype = next(model.parameters()).dtype
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "2GB",
                         **kwargs: Any) -> None:
-        """Write the published layout (see :func:`moge.checkpoint.save_pretrained`)."""
-        _save(self, save_directory, max_shard_size=max_shard_size)
+        """Write the released layout (see :func:`moge.checkpoint.save_pretrained`)."""
+        save_model(self, save_directory, max_shard_size=max_shard_size)
+
+
+class PanGuMoEForCausalLM(PanguProMoEForCausalLM):
+    """The same model for configs of the draft ``model_type: "PanGuMoE"`` (transformers maps each
+    config class to one model class); it saves under the released name."""
+
+    config_class = PanGuMoEConfig
+
+
+def _check_forward_kwargs(kwargs: dict[str, Any], output_hidden_states: bool | None,
+                          output_attentions: bool | None) -> None:
+    if output_hidden_states or output_attentions:
+        which = "output_hidden_states" if output_hidden_states else "output_attentions"
+        raise UnsupportedArgumentError(f"{which}=True is not supported by PanguProMoEForCausalLM yet")
+    packed = sorted(k for k in _PACKED_KWARGS & set(kwargs) if kwargs[k] is not None)
+    if packed:
+        raise UnsupportedArgumentError(f"packed-sequence arguments {packed} are not supported (no varlen "
+                                       f"attention); pass padded batches with an attention_mask")
+    unknown = sorted(set(kwargs) - _PACKED_KWARGS)
+    if unknown:
+        raise UnsupportedArgumentError(f"PanguProMoEForCausalLM.forward got unexpected keyword arguments {unknown}")
 
 
 def _resolve_device(device_map: Any) -> torch.device:
@@ -142,7 +196,7 @@ def _resolve_device(device_map: Any) -> torch.device:
         return torch.device("cpu")
     if isinstance(device_map, dict):
         if set(device_map) != {""}:
-            raise ValueError("PanGuMoEForCausalLM supports device_map=None, a device, or {'': device}")
+            raise UnsupportedArgumentError("PanguProMoEForCausalLM supports device_map=None, a device, or {'': device}")
         device_map = device_map[""]
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,8 +206,9 @@ def _resolve_device(device_map: Any) -> torch.device:
 
 
 def register() -> None:
-    """Register ``PanGuMoE`` with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent)."""
+    """Register both model types with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    AutoConfig.register(PanGuMoEConfig.model_type, PanGuMoEConfig, exist_ok=True)
-    AutoModelForCausalLM.register(PanGuMoEConfig, PanGuMoEForCausalLM, exist_ok=True)
+    for config_cls, model_cls in ((PanguProMoEConfig, PanguProMoEForCausalLM), (PanGuMoEConfig, PanGuMoEForCausalLM)):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)

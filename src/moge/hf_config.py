@@ -1,7 +1,10 @@
-"""``PanGuMoEConfig``: the transformers configuration class of ``model_type: "PanGuMoE"`` checkpoints.
+"""The transformers configuration classes of Pangu Pro MoE checkpoints.
 
-Kept apart from :mod:`moge.hf` because it needs only ``transformers.configuration_utils``: registering
-it with ``AutoConfig`` must not pull in transformers' modeling stack (see ``moge/__init__.py``).
+``PanguProMoEConfig`` is ``model_type: "PanguProMoE"``, the released name (spec section 5);
+``PanGuMoEConfig`` reads a pre-release draft's (and moge 0.1's) ``"PanGuMoE"`` configs and writes the
+released name back. Kept apart from :mod:`moge.hf` because it needs only
+``transformers.configuration_utils``: registering it with ``AutoConfig`` must not pull in
+transformers' modeling stack (see ``moge/__init__.py``).
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ from transformers.configuration_utils import PreTrainedConfig
 from .config import MoGEConfig
 
 
-class PanGuMoEConfig(PreTrainedConfig):
-    """transformers view of :class:`moge.config.MoGEConfig`: the same fields, defaults and JSON keys.
+class PanguProMoEConfig(PreTrainedConfig):
+    """transformers view of :class:`moge.config.MoGEConfig`: the same fields, defaults and JSON keys,
+    plus the released transformers-level keys ``use_cache`` and ``output_router_logits``.
 
-    A config without ``num_groups`` reads groups = ``num_experts_per_tok`` (the published Pangu Pro MoE
-    config). :meth:`to_moge_config` validates and returns the native config the model is built from.
+    A config without ``num_groups`` reads groups = ``num_experts_per_tok`` (the released config has no
+    group count). :meth:`to_moge_config` validates and returns the native config the model is built from.
     """
 
-    model_type = "PanGuMoE"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    model_type = "PanguProMoE"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 256
@@ -34,6 +38,7 @@ class PanGuMoEConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    attention_dropout: float = 0.0
     num_experts: int = 16
     num_experts_per_tok: int = 4
     num_groups: int | None = None
@@ -48,6 +53,7 @@ class PanGuMoEConfig(PreTrainedConfig):
     experts_backend: str = "auto"
     initializer_range: float = 0.02
     use_cache: bool = True
+    output_router_logits: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -62,8 +68,18 @@ class PanGuMoEConfig(PreTrainedConfig):
         return MoGEConfig.from_dict({k: getattr(self, k) for k in MoGEConfig.__dataclass_fields__})
 
     @classmethod
-    def from_moge_config(cls, config: MoGEConfig, **kwargs: Any) -> "PanGuMoEConfig":
-        """The transformers config of a native :class:`MoGEConfig` (group count made explicit)."""
-        d = config.to_dict()
-        d["num_groups"] = config.groups
-        return cls(**d, **kwargs)
+    def from_moge_config(cls, config: MoGEConfig, **kwargs: Any) -> "PanguProMoEConfig":
+        """The transformers config of a native :class:`MoGEConfig`."""
+        return cls(**config.to_dict(), **kwargs)
+
+
+class PanGuMoEConfig(PanguProMoEConfig):
+    """``model_type: "PanGuMoE"`` (a pre-release draft's name, also written by moge 0.1): read as the
+    released config, and serialised under the released name."""
+
+    model_type = "PanGuMoE"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["model_type"] = PanguProMoEConfig.model_type
+        return d

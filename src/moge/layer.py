@@ -37,7 +37,8 @@ class RouterStats:
 
     ``expert_counts [N]`` token-expert pairs per expert; ``group_loads [M]`` pairs per group (= per
     device when each device holds one group); ``aux_loss`` and ``z_loss`` are scalars already scaled
-    by their coefficients; ``expert_ids [T,K]`` the raw choices for analysis.
+    by their coefficients; ``expert_ids [T,K]`` the raw choices and ``router_logits [T,N]`` (float32)
+    the router's logits, for analysis and for transformers' ``output_router_logits``.
     """
     expert_counts: Tensor
     group_loads: Tensor
@@ -45,6 +46,7 @@ class RouterStats:
     z_loss: Tensor
     expert_ids: Tensor
     num_tokens: int
+    router_logits: Tensor | None = None
 
 
 class MoGELayer(nn.Module):
@@ -113,6 +115,7 @@ class MoGELayer(nn.Module):
             z_loss=z_loss(r.logits, self.z_loss_coef) if self.z_loss_coef else zero,
             expert_ids=r.expert_ids,
             num_tokens=r.expert_ids.shape[0],
+            router_logits=r.logits,
         )
 
     def forward(self, x: Tensor, backend: str | None = None) -> tuple[Tensor, RouterStats]:

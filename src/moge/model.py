@@ -100,6 +100,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                   config.resolved_head_dim)
+        self.dropout = config.attention_dropout
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
@@ -118,6 +119,7 @@ class Attention(nn.Module):
         # Without a mask, causal masking is implicit: only valid when queries and keys start together.
         causal = mask_B1SL is None and s > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
@@ -209,10 +211,49 @@ class MoGEModel(nn.Module):
         return self.norm(x_BSH), stats
 
 
-def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in float32: position s predicts ``labels[s+1]``; ``-100`` is ignored."""
-    return F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
-                           labels_BS[:, 1:].flatten().to(logits_BSV.device), ignore_index=-100)
+def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy in float32: position s predicts ``labels[s+1]``; ``-100`` is ignored.
+
+    The mean over this batch's labelled tokens, or with ``num_items_in_batch`` the sum divided by that
+    count (what gradient accumulation needs: the micro-batches' losses then add up to the mean over
+    the whole accumulated batch, as transformers' ``Trainer`` expects).
+    """
+    logits_PV = logits_BSV[:, :-1].flatten(0, 1).float()
+    labels_P = labels_BS[:, 1:].flatten().to(logits_BSV.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits_PV, labels_P, ignore_index=-100)
+    total = F.cross_entropy(logits_PV, labels_P, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def make_lm_head(config: MoGEConfig, embed_tokens: nn.Embedding) -> nn.Linear:
+    """The output head ``[V, H]``: its own matrix, or the embedding's with ``tie_word_embeddings``."""
+    head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    if config.tie_word_embeddings:
+        head.weight = embed_tokens.weight
+    return head
+
+
+def head_forward(lm_head: nn.Linear, h_BSH: Tensor, stats: list[RouterStats | None], labels: Tensor | None = None,
+                 logits_to_keep: int | Tensor = 0,
+                 num_items_in_batch: int | Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(logits, lm_loss, router_loss)`` from the final hidden states: the one place both the native
+    model and the transformers wrapper compute them.
+
+    ``logits_to_keep``: an int > 0 keeps the last that many positions, a tensor selects positions
+    (transformers' convention). ``router_loss`` is the sum over MoE layers of the coefficient-scaled
+    aux and z losses (None without MoE layers).
+    """
+    if isinstance(logits_to_keep, Tensor):
+        h_BSH = h_BSH[:, logits_to_keep]
+    elif logits_to_keep:
+        h_BSH = h_BSH[:, -logits_to_keep:]
+    logits = lm_head(h_BSH)
+    loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+    aux = [st.aux_loss + st.z_loss for st in stats if st is not None]
+    return logits, loss, torch.stack(aux).sum() if aux else None
 
 
 @torch.no_grad()
@@ -236,9 +277,7 @@ class MoGEForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MoGEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = make_lm_head(config, self.model.embed_tokens)
         self.init_weights()
 
     @torch.no_grad()
@@ -250,7 +289,7 @@ class MoGEForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
                 position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int | Tensor = 0) -> ModelOutput:
         """Logits ``[B,S,V]``; with ``labels`` the shifted mean cross-entropy (``-100`` ignored).
 
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
@@ -258,11 +297,9 @@ class MoGEForCausalLM(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
-        logits = self.lm_head(h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        aux = [st.aux_loss + st.z_loss for st in stats if st is not None]
-        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None,
-                           router_stats=stats, past_key_values=past_key_values if use_cache else None)
+        logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router_stats=stats,
+                           past_key_values=past_key_values if use_cache else None)
 
 
 def count_parameters(config: MoGEConfig) -> dict[str, int]:

@@ -1,14 +1,10 @@
 """Train a MoGE (or top-K / group-limited baseline) language model on text, with resumable checkpoints.
 
-The output directory is itself a checkpoint in the published layout (``config.json`` + safetensors
+The output directory is itself a checkpoint in the released layout (``config.json`` + safetensors
 weights, loadable by ``moge.checkpoint.load_pretrained``) plus ``tokenizer.json``, the optimizer state
 (``optimizer.safetensors``, tensors keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``) and
-``trainer_state.json`` (step, schedule, data position, RNG states, per-file checksums). No pickle.
-
-Checkpoints are committed atomically: every file is written into ``DIR/.ckpt-staging``, the finished
-staging directory is renamed to ``DIR/.ckpt-commit`` (the commit point), and its files are then moved
-into ``DIR``. A run killed at any moment leaves either the previous or the new checkpoint; an
-interrupted move is rolled forward the next time the directory is opened for training.
+``moge_training_state.json`` (step, schedule, data position, RNG states, per-file checksums). No
+pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`.
 
 Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line): ``type: "train"`` lines with the loss,
 auxiliary loss, learning rate, tokens/s and, for every layer, the Imbalance Score with devices = groups,
@@ -25,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, fsync_dir, load_pretrained, save_pretrained, write_json
+from .checkpoint import CheckpointCorruptError, atomic_write, load_pretrained, save_pretrained
+from .checkpoint.training_state import (COMMIT_DIR, OPTIMIZER_FILE, commit_checkpoint, has_checkpoint,
+                                        read_training_tensors, recover_checkpoint_dir, restore_rng_state, state_path,
+                                        verify_checkpoint)
 from .config import ROUTERS, MoGEConfig, get_config
 from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
@@ -45,17 +43,7 @@ from .parallel import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather
 from .tokenizer import (BOS_ID, EOS_ID, TOKENIZER_FILE, encode_batch, load_tokenizer, save_tokenizer,
                         train_tokenizer)
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
-STAGING_DIR = ".ckpt-staging"
-COMMIT_DIR = ".ckpt-commit"
-STATE_VERSION = 1
-
-
-class CheckpointCorruptError(MoGEError):
-    """A training checkpoint file is missing, truncated or altered; the message names the file."""
 
 
 class TrainingDivergedError(MoGEError):
@@ -242,112 +230,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---- model weights: the published layout via moge.checkpoint ----------------------------------------
-
-def save_model_weights(model: torch.nn.Module, directory: Path,
-                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``config.json`` + safetensors weights of ``model`` into ``directory`` (published layout).
-
-    ``state_dict`` replaces the model's own, e.g. an expert-parallel model's unsharded one from
-    :func:`moge.parallel.full_state_dict`, so the files are the same whatever the EP size.
-    """
-    if state_dict is not None:
-        from types import SimpleNamespace
-
-        model = SimpleNamespace(config=model.config, state_dict=lambda: state_dict)
-    save_pretrained(model, directory)
-
-
-def load_model_weights(directory: Path, device: torch.device):
-    """Load the model saved by :func:`save_model_weights` as float32 onto ``device``."""
-    return load_pretrained(directory, dtype=torch.float32, device=str(device))
-
-
-# ---- RNG state without pickle ------------------------------------------------------------------------
-
-def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch/numpy/python RNG states as uint8/uint32 tensors plus JSON-able scalars."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
-    version, pystate, gauss_next = random.getstate()
-    meta = {"numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": version, "state": list(pystate), "gauss_next": gauss_next}}
-    return tensors, meta
-
-
-def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state_tensors`."""
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]
-    np.random.set_state((n["name"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-
-
-# ---- checkpoint directory protocol -------------------------------------------------------------------
-
-def recover_checkpoint_dir(out: Path) -> None:
-    """Finish or discard an interrupted checkpoint write in ``out``.
-
-    A complete commit directory is rolled forward (its remaining files moved into place, the state
-    file last); a staging directory that never reached the commit point is deleted.
-    """
-    commit = out / COMMIT_DIR
-    if commit.is_dir():
-        names = sorted(p.name for p in commit.iterdir())
-        for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
-            os.replace(commit / name, out / name)
-        fsync_dir(out)
-        commit.rmdir()
-    staging = out / STAGING_DIR
-    if staging.exists():
-        shutil.rmtree(staging)
-
-
-def verify_checkpoint(out: Path) -> dict[str, Any]:
-    """Read ``trainer_state.json`` and check every file it lists (size and SHA-256); return the state.
-
-    Raises :class:`CheckpointCorruptError` naming the first missing, truncated or altered file.
-    """
-    state_path = out / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointCorruptError(f"{out} holds no training checkpoint ({STATE_FILE} missing)")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptError(f"{state_path} is corrupt or truncated: {e}") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "files" not in state:
-        raise CheckpointCorruptError(f"{state_path} is not a moge trainer state (version {STATE_VERSION})")
-    for name, meta in state["files"].items():
-        path = out / name
-        if not path.is_file():
-            raise CheckpointCorruptError(f"checkpoint file {path} is missing")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointCorruptError(f"checkpoint file {path} is truncated or altered: {size} bytes, "
-                                         f"expected {meta['bytes']}")
-        if _sha256(path) != meta["sha256"]:
-            raise CheckpointCorruptError(f"checkpoint file {path} is corrupt: its SHA-256 does not match "
-                                         f"{STATE_FILE}")
-    return state
-
-
 # ---- the trainer -------------------------------------------------------------------------------------
 
 @dataclass
@@ -410,7 +292,7 @@ class Trainer:
                 setattr(saved, k, getattr(cfg, k))
             saved.out = cfg.out
             cfg = saved
-        elif (self.out / STATE_FILE).exists() or (self.out / COMMIT_DIR).exists():
+        elif has_checkpoint(self.out):
             raise TrainingConfigError(f"{self.out} already holds a training checkpoint; pass --resume to continue "
                                       f"it or choose another --out")
         cfg.validate()
@@ -445,7 +327,7 @@ class Trainer:
         self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
                                          max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
         if resume:
-            self.model = load_model_weights(self.out, self.device)
+            self.model = load_pretrained(self.out, dtype=torch.float32, device=str(self.device))
             self.model_config = self.model.config
         else:
             self.model = build_model(self.model_config, cfg.seed, self.device)
@@ -550,8 +432,8 @@ class Trainer:
 
     def _last_saved_step(self) -> int:
         try:
-            return int(json.loads((self.out / STATE_FILE).read_text())["step"])
-        except (OSError, ValueError, KeyError):
+            return int(json.loads(state_path(self.out).read_text())["step"])
+        except (OSError, ValueError, KeyError, AttributeError):
             return 0
 
     @torch.no_grad()
@@ -612,42 +494,26 @@ class Trainer:
             g.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
 
     def save_checkpoint(self) -> None:
-        """Write a complete checkpoint atomically (staging dir -> commit rename -> move into place)."""
+        """Write a complete checkpoint atomically (see :func:`moge.checkpoint.training_state.commit_checkpoint`)."""
         from safetensors.torch import save_file
 
+        # Collectives under EP: every rank takes part before the rank-0 branch.
         full_sd = full_state_dict(self.model, self.dist.group) if self.dist.world_size > 1 else None
-        opt_tensors, opt_meta = self.optimizer_state()  # collective under EP: before the rank-0 branch
-        if not self.dist.is_main:
-            self._barrier()
-            return
-        recover_checkpoint_dir(self.out)
-        staging = self.out / STAGING_DIR
-        staging.mkdir(parents=True)
-        save_model_weights(self.model, staging, state_dict=full_sd)
-        save_tokenizer(self.tokenizer, staging / TOKENIZER_FILE)
-        save_file(opt_tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
-        rng_tensors, rng_meta = rng_state_tensors()
-        save_file(rng_tensors, str(staging / RNG_FILE))
-        files = {}
-        for p in sorted(staging.iterdir()):
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        state = {"version": STATE_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
-                 "train_config": asdict(self.cfg), "model_config": self.model_config.to_dict(),
-                 "scheduler": {"kind": "warmup_cosine", "peak_lr": self.cfg.lr, "warmup": self.cfg.warmup,
-                               "total_steps": self.cfg.steps, "min_lr_ratio": self.cfg.min_lr_ratio,
-                               "last_lr": self.lr(max(self.step - 1, 0))},
-                 "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "rng": rng_meta,
-                 "data": self.data.summary, "files": files}
-        write_json(staging / STATE_FILE, state)
-        fsync_dir(staging)
-        old = self._listed_files()
-        os.replace(staging, self.out / COMMIT_DIR)  # the commit point
-        fsync_dir(self.out)
-        recover_checkpoint_dir(self.out)
-        for name in old - set(files) - {STATE_FILE}:  # e.g. shards of a previous layout
-            (self.out / name).unlink(missing_ok=True)
+        opt_tensors, opt_meta = self.optimizer_state()
+        if self.dist.is_main:
+            def write_files(staging: Path) -> None:
+                sd = full_sd if full_sd is not None else self.model.state_dict()
+                save_pretrained(staging, self.model_config, sd)  # the same files at any EP size
+                save_tokenizer(self.tokenizer, staging / TOKENIZER_FILE)
+                save_file(opt_tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
+
+            state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                     "train_config": asdict(self.cfg), "model_config": self.model_config.to_dict(),
+                     "scheduler": {"kind": "warmup_cosine", "peak_lr": self.cfg.lr, "warmup": self.cfg.warmup,
+                                   "total_steps": self.cfg.steps, "min_lr_ratio": self.cfg.min_lr_ratio,
+                                   "last_lr": self.lr(max(self.step - 1, 0))},
+                     "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "data": self.data.summary}
+            commit_checkpoint(self.out, write_files, state)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -655,27 +521,13 @@ class Trainer:
         if self.dist.world_size > 1:
             torch.distributed.barrier(self.dist.group)
 
-    def _listed_files(self) -> set[str]:
-        try:
-            return set(json.loads((self.out / STATE_FILE).read_text())["files"])
-        except (OSError, ValueError, KeyError):
-            return set()
-
     def load_checkpoint(self, state: dict[str, Any]) -> None:
         """Restore optimizer, schedule position, data position and RNGs from a verified checkpoint."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        tensors = {}
-        for fname in (OPTIMIZER_FILE, RNG_FILE):
-            try:
-                tensors[fname] = load_file(str(self.out / fname))
-            except (SafetensorError, OSError) as e:
-                raise CheckpointCorruptError(f"cannot read {self.out / fname}: {e}") from None
-        self.load_optimizer_state(tensors[OPTIMIZER_FILE], state["optimizer"])
+        optimizer_tensors, rng_tensors = read_training_tensors(self.out)
+        self.load_optimizer_state(optimizer_tensors, state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        restore_rng_state(tensors[RNG_FILE], state["rng"])
+        restore_rng_state(rng_tensors, state["rng"])
         if self.dist.is_main:
             self._truncate_metrics(self.step)
 

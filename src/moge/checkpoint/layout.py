@@ -1,0 +1,281 @@
+"""The released Pangu Pro MoE checkpoint layout: tensor names and ``config.json`` keys (spec section 5).
+
+Pure functions between our in-memory form and the released one, no file I/O beyond reading small
+metadata files:
+
+* Tensors. The released layout stores every routed expert as its own three matrices
+  (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``); the model keeps them stacked
+  (``experts.gate_up_proj [N,2F,H]``, rows ``:F`` the gate and ``F:`` the up projection;
+  ``experts.down_proj [N,H,F]``). :func:`to_published_state_dict` / :func:`stack_experts` go
+  between the two.
+* Config. :func:`released_config_dict` writes what the released loaders read (``model_type:
+  "PanguProMoE"``, ``architectures: ["PanguProMoEForCausalLM"]``, every released key, ``torch_dtype``)
+  and our own keys only where they differ from what the released model implies.
+  :func:`config_from_dict` reads a released (or draft ``PanGuMoE``, or older moge) config, filling
+  pad/bos/eos from the directory's tokenizer when the config lacks them.
+
+Shape legend
+    N  routed experts   F  expert intermediate size   H  hidden size
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import MoGEConfig
+from .io import CheckpointError, listing, read_json
+
+RELEASED_MODEL_TYPE = "PanguProMoE"
+RELEASED_ARCHITECTURE = "PanguProMoEForCausalLM"
+QUANT_DESCRIPTION_NAME = "quant_model_description.json"
+
+# model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
+PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+STACKED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up|down)_proj$")
+# Buffers some exporters write that carry no learned state (spec section 5: ignored on load).
+IGNORED_RE = re.compile(r"(^|\.)(rotary_emb|rotary)\.inv_freq$|(^|\.)inv_freq$")
+
+SPECIAL_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id")
+# When neither config.json nor a tokenizer names the special tokens: the public configs of the
+# 153,376-token Pangu tokenizer family (spec section 5, not verified for this model), else moge's own.
+_PANGU_VOCAB, _PANGU_SPECIALS = 153376, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 45892}
+_MOGE_SPECIALS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+def to_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConfig | None = None) -> dict[str, Tensor]:
+    """Our state dict (stacked experts) -> the published tensor names (one entry per expert matrix).
+
+    Entries are views (no copy); RoPE buffers are dropped, and with ``config.tie_word_embeddings`` so
+    is ``lm_head.weight`` (it is the embedding).
+    """
+    out: dict[str, Tensor] = {}
+    for name, t in state_dict.items():
+        if IGNORED_RE.search(name):
+            continue
+        if config is not None and config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        m = STACKED_RE.match(name)
+        if m is None:
+            out[name] = t
+            continue
+        prefix = m.group("prefix")
+        if m.group("proj") == "gate_up":
+            f = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :f]
+                out[f"{prefix}.{e}.up_proj.weight"] = t[e, f:]
+        else:
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+    return out
+
+
+def published_shapes(native_shapes: Mapping[str, tuple[int, ...]], tie: bool) -> dict[str, tuple[int, ...]]:
+    """Expected published names and shapes from the native parameter shapes."""
+    fake = {k: torch.empty(s, device="meta") for k, s in native_shapes.items()}
+    pub = to_published_state_dict(fake)
+    if tie:
+        pub.pop("lm_head.weight", None)
+    return {k: tuple(v.shape) for k, v in pub.items()}
+
+
+def group_expert_names(names: Iterable[str]) -> tuple[list[str], dict[str, dict[tuple[int, str], str]]]:
+    """Split names into plain ones and per-expert ones grouped by layer prefix:
+    ``(plain, {prefix: {(expert, "gate"|"up"|"down"): name}})``; RoPE buffers are dropped."""
+    plain, experts = [], {}
+    for name in names:
+        if IGNORED_RE.search(name):
+            continue
+        m = PER_EXPERT_RE.match(name)
+        if m is None:
+            plain.append(name)
+        else:
+            experts.setdefault(m.group("prefix"), {})[(int(m.group("e")), m.group("proj"))] = name
+    return plain, experts
+
+
+def stack_experts(prefix: str, parts: Mapping[tuple[int, str], Any], n: int, read: Callable[[Any], Tensor],
+                  dtype: torch.dtype | None, device: torch.device | None, missing_label: str) -> dict[str, Tensor]:
+    """Stack one layer's per-expert matrices into ``{prefix}.gate_up_proj [N,2F,H]`` / ``down_proj [N,H,F]``.
+
+    ``parts`` maps ``(expert, "gate"|"up"|"down")`` to whatever ``read`` turns into a tensor; tensors are
+    read one at a time and copied straight into one preallocated tensor per output, so peak memory is
+    the result plus one expert matrix. A gap or an expert id >= ``n`` raises :class:`CheckpointError`.
+    """
+    extra = [f"{prefix}.{e}.{p}_proj.weight" for e, p in parts if e >= n]
+    if extra:
+        raise CheckpointError(listing(f"unexpected expert tensors (num_experts={n})", extra))
+    missing = [f"{prefix}.{e}.{p}_proj.weight" for e in range(n) for p in ("gate", "up", "down")
+               if (e, p) not in parts]
+    if missing:
+        raise CheckpointError(listing(missing_label, missing))
+    out = {}
+    for stacked, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+        buf = None
+        for e in range(n):
+            ts = [read(parts[(e, p)]) for p in projs]
+            if buf is None:
+                buf = torch.empty((n, sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=dtype or ts[0].dtype,
+                                  device=device if device is not None else ts[0].device)
+            r = 0
+            for t in ts:
+                buf[e, r:r + t.shape[0]].copy_(t)
+                r += t.shape[0]
+        out[f"{prefix}.{stacked}"] = buf
+    return out
+
+
+def from_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConfig | None = None,
+                              dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Published tensor names -> our state dict (experts stacked into ``gate_up_proj`` / ``down_proj``).
+
+    Every layer's experts must be complete (``0..N-1``, with gate, up and down each); a gap raises
+    :class:`CheckpointError` naming the missing tensor. ``dtype`` converts while stacking.
+    """
+    plain, experts = group_expert_names(state_dict)
+    out = {name: state_dict[name] if dtype is None else state_dict[name].to(dtype) for name in plain}
+    for prefix, parts in experts.items():
+        n = config.num_experts if config is not None else 1 + max(e for e, _ in parts)
+        out.update(stack_experts(prefix, parts, n, state_dict.__getitem__, dtype, None, "missing expert tensors"))
+    return out
+
+
+def check_names_and_shapes(where: str, want: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                           tolerated: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected (less ``tolerated``) or mis-shaped tensors."""
+    missing = set(want) - set(found)
+    if missing:
+        raise CheckpointError(listing(f"missing tensors in {where}", missing))
+    unexpected = set(found) - set(want) - set(tolerated)
+    if unexpected:
+        raise CheckpointError(listing(f"unexpected tensors in {where}", unexpected))
+    bad = [f"{n}: expected {list(want[n])}, found {list(found[n])}" for n in sorted(want)
+           if tuple(found[n]) != tuple(want[n])]
+    if bad:
+        raise CheckpointError(listing(f"tensors with the wrong shape in {where}", bad, limit=6))
+
+
+# ---- config.json -----------------------------------------------------------------------------------
+
+def released_config_dict(config: MoGEConfig, dtype: torch.dtype | None = None,
+                         overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of ``config`` as the released loaders read it (spec section 5).
+
+    Every key of the released ``PanguProMoEConfig`` in its order, then pad/bos/eos where set, then our
+    own keys only where the value differs from what the released model implies (a group count other
+    than ``num_experts_per_tok``, a non-MoGE router, a chosen experts backend, ...). ``overrides``
+    sets transformers-level keys such as ``use_cache`` / ``output_router_logits``.
+    """
+    c = config
+    d: dict[str, Any] = {
+        "architectures": [RELEASED_ARCHITECTURE], "model_type": RELEASED_MODEL_TYPE,
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "hidden_act": c.hidden_act, "max_position_embeddings": c.max_position_embeddings,
+        "initializer_range": c.initializer_range, "rms_norm_eps": c.rms_norm_eps, "use_cache": True,
+        "tie_word_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta,
+        "attention_dropout": c.attention_dropout, "moe_intermediate_size": c.moe_intermediate_size,
+        "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
+        "num_experts_per_tok": c.num_experts_per_tok, "num_experts": c.num_experts,
+        "output_router_logits": False, "router_aux_loss_coef": c.router_aux_loss_coef,
+        "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32",
+    }
+    d.update({k: v for k, v in (overrides or {}).items() if k in d})
+    for key in SPECIAL_TOKEN_KEYS:
+        if getattr(c, key) is not None:
+            d[key] = getattr(c, key)
+    ours = {
+        "head_dim": (c.head_dim, c.head_dim is not None and c.head_dim != c.hidden_size // c.num_attention_heads),
+        "num_groups": (c.groups, c.groups != c.num_experts_per_tok),
+        "router": (c.router, c.router != "moge"),
+        "topk_groups": (c.topk_groups, c.topk_groups is not None),
+        "router_z_loss_coef": (c.router_z_loss_coef, c.router_z_loss_coef != 0),
+        "mlp_only_layers": (list(c.mlp_only_layers), bool(c.mlp_only_layers)),
+        "intermediate_size": (c.intermediate_size, c.intermediate_size is not None),
+        "experts_backend": (c.experts_backend, c.experts_backend != "auto"),
+    }
+    d.update({k: v for k, (v, differs) in ours.items() if differs})
+    return d
+
+
+def special_token_ids(directory: str | Path) -> dict[str, int]:
+    """pad/bos/eos ids named by a checkpoint's tokenizer files, for the keys it can tell.
+
+    Reads ``tokenizer_config.json`` / ``special_tokens_map.json`` for the token strings and
+    ``tokenizer.json``'s added tokens (or ``tokenizer_config.json``'s ``added_tokens_decoder``) for
+    their ids; a moge tokenizer (``<pad>``, ``<bos>``, ``<eos>``) needs only ``tokenizer.json``.
+    Unreadable or oddly shaped files contribute nothing (they are not needed to load weights).
+    """
+    directory = Path(directory)
+
+    def load(name: str) -> dict:
+        p = directory / name
+        if not p.is_file():
+            return {}
+        try:
+            d = read_json(p)
+        except CheckpointError:
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    vocab: dict[str, int] = {}
+    for tok in load("tokenizer.json").get("added_tokens") or []:
+        if isinstance(tok, dict) and isinstance(tok.get("content"), str) and isinstance(tok.get("id"), int):
+            vocab[tok["content"]] = tok["id"]
+    tcfg = load("tokenizer_config.json")
+    for i, tok in (tcfg.get("added_tokens_decoder") or {}).items():
+        if isinstance(tok, dict) and isinstance(tok.get("content"), str) and str(i).isdigit():
+            vocab.setdefault(tok["content"], int(i))
+    names: dict[str, str] = {}
+    for source in (load("special_tokens_map.json"), tcfg):
+        for role in ("pad", "bos", "eos"):
+            v = source.get(f"{role}_token")
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                names.setdefault(role, v)
+    if not names:
+        names = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>"}
+    return {f"{role}_token_id": vocab[s] for role, s in names.items() if s in vocab}
+
+
+def config_from_dict(d: Mapping[str, Any], directory: str | Path | None = None) -> MoGEConfig:
+    """A :class:`MoGEConfig` from a ``config.json`` object (released, draft or moge-written).
+
+    A config without a group count reads groups = ``num_experts_per_tok``. Missing pad/bos/eos are
+    taken from ``directory``'s tokenizer files when they name them; otherwise assumed, with a warning
+    that says which values were assumed.
+    """
+    d = dict(d)
+    missing = [k for k in SPECIAL_TOKEN_KEYS if k not in d]
+    if missing:
+        found = special_token_ids(directory) if directory is not None else {}
+        for k in missing:
+            if k in found:
+                d[k] = found[k]
+        still = [k for k in missing if k not in d]
+        if still:
+            defaults = _PANGU_SPECIALS if d.get("vocab_size") == _PANGU_VOCAB else _MOGE_SPECIALS
+            source = ("the Pangu tokenizer family's public ids" if defaults is _PANGU_SPECIALS
+                      else "moge's tokenizer ids")
+            for k in still:
+                d[k] = defaults[k]
+            where = f" in {directory}" if directory is not None else ""
+            warnings.warn(f"config.json{where} has no {', '.join(still)} and no tokenizer file names them; "
+                          f"assuming {', '.join(f'{k}={d[k]}' for k in still)} ({source})", stacklevel=3)
+    return MoGEConfig.from_dict(d)
+
+
+def quantization_format(directory: str | Path) -> str | None:
+    """The name of the quantized format a checkpoint directory is stored in, or None for float weights."""
+    if (Path(directory) / QUANT_DESCRIPTION_NAME).is_file():
+        return f"Ascend W8A8 ({QUANT_DESCRIPTION_NAME})"
+    return None

@@ -1,0 +1,231 @@
+"""Load and save whole models in the released layout: ``config.json`` plus safetensors shards.
+
+Loading is memory-mapped (``safetensors.safe_open``) into a model built on the meta device, so the
+weights are materialised once, directly in the requested dtype and device, and every name and shape
+is checked against the model before any data is read. Saving takes a config and a state dict
+(:func:`save_pretrained`), or a model (:func:`save_model`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, MoGEConfig, read_config_dict
+from .io import (CheckpointError, atomic_write, header_shapes, open_shards, save_shards,
+                 to_dtype_device, weight_files, write_json)
+from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
+                     quantization_format, released_config_dict, stack_experts, to_published_state_dict)
+
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+# Integer tensors that mark a quantized checkpoint (Ascend W8A8 stores int8 weights and int32 biases).
+_QUANT_DTYPES = ("I8", "U8", "int8", "uint8")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``/``"auto"`` -> None (keep the stored dtype); a floating name or ``torch.dtype`` -> that dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}, the matching torch "
+                          f"dtypes, or 'auto'")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The plain module inside ``torch.compile`` (``_orig_mod``) and DDP / FSDP-style (``module``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(getattr(model, "module", None), torch.nn.Module) \
+                and not hasattr(model, "lm_head"):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_config(model: Any) -> MoGEConfig:
+    """The :class:`MoGEConfig` of a native model or of the transformers wrapper (:mod:`moge.hf`)."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, MoGEConfig):
+        return cfg
+    if cfg is not None and hasattr(cfg, "to_moge_config"):
+        return cfg.to_moge_config()
+    raise CheckpointError(f"cannot find a MoGEConfig on {type(model).__name__}")
+
+
+def read_config(directory: str | Path) -> MoGEConfig:
+    """The :class:`MoGEConfig` of a checkpoint directory (or of a ``config.json`` path).
+
+    A released config without a group count reads groups = ``num_experts_per_tok``; missing
+    pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A
+    quantized checkpoint is refused with an error naming its format.
+    """
+    path = Path(directory)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} at {path}")
+    fmt = quantization_format(path.parent)
+    if fmt is not None:
+        raise CheckpointError(f"{path.parent} is a quantized checkpoint in the {fmt} format, which moge does "
+                              f"not load yet; load the float checkpoint it was made from")
+    try:
+        d = read_config_dict(path)
+    except ConfigError as e:  # an unreadable file is a checkpoint problem; bad field values stay ConfigError
+        raise CheckpointError(str(e)) from None
+    return config_from_dict(d, path.parent)
+
+
+def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu",
+                    expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """Read a released-layout directory into our state-dict form (experts stacked).
+
+    Tensors are read memory-mapped, cast to ``dtype`` (None keeps the stored dtype) and placed on
+    ``device``. With ``expected`` (native name -> shape, e.g. from a meta-device model) the checkpoint
+    is checked before any data is read: missing, unexpected or mis-shaped tensors raise
+    :class:`CheckpointError` naming them, with expected and found shapes.
+    """
+    directory = Path(directory)
+    dtype = resolve_dtype(dtype)
+    config = config if config is not None else read_config(directory)
+    files = weight_files(directory)
+    plain, experts = group_expert_names(files)
+    wanted = {n: files[n] for n in plain} | {n: files[n] for parts in experts.values() for n in parts.values()}
+    dev = torch.device(device)
+    out: dict[str, Tensor] = {}
+    with open_shards(sorted(set(wanted.values()))) as handles:
+        shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
+        quant = [n for n, p in wanted.items() if handles[p].get_slice(n).get_dtype() in _QUANT_DTYPES]
+        if quant:
+            raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}; moge "
+                                  f"does not load quantized checkpoints yet")
+        if expected is not None:
+            # a tied head may be stored redundantly
+            check_names_and_shapes(str(directory), published_shapes(expected, config.tie_word_embeddings), shapes,
+                                   tolerated=["lm_head.weight"] if config.tie_word_embeddings else [])
+
+        def read(name: str) -> Tensor:
+            try:
+                return handles[wanted[name]].get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor {name} from {wanted[name]}: {e}") from None
+
+        for name in plain:
+            if not (config.tie_word_embeddings and name == "lm_head.weight"):
+                out[name] = to_dtype_device(read(name), dtype, dev)
+        for prefix, parts in experts.items():
+            out.update(stack_experts(prefix, parts, config.num_experts, read, dtype, dev,
+                                     f"missing tensors in {directory}"))
+    return out
+
+
+def build_on_meta(config: MoGEConfig):
+    """A :class:`~moge.model.MoGEForCausalLM` on the meta device (no memory), to load weights into."""
+    from ..model import MoGEForCausalLM
+    with torch.device("meta"):
+        return MoGEForCausalLM(config)
+
+
+def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig,
+              dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a checkpoint into ``module`` (built on the meta device, parameter names as in the checkpoint
+    with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties."""
+    from ..model import RotaryEmbedding
+
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    sd = load_state_dict(directory, config, dtype, device, expected=expected)
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    module.load_state_dict(sd, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    # Non-persistent buffer: rebuilt from the config on the target device, always float32.
+    module.model.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta).to(device)
+    return module
+
+
+def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu"):
+    """Load a released-layout checkpoint directory into a :class:`~moge.model.MoGEForCausalLM`.
+
+    The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
+    ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
+    model is made. Missing / unexpected / mis-shaped tensors, unreadable files and a missing
+    ``config.json`` raise :class:`CheckpointError` naming them. Returns the model in eval mode.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist" if not directory.exists()
+                              else f"{directory} is not a directory")
+    config = read_config(directory)
+    model = load_into(build_on_meta(config), directory, config, dtype, device)
+    return model.eval()
+
+
+def normalise_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrappers' prefixes (DDP ``module.``, ``torch.compile``'s ``_orig_mod.``)."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mapping[str, Tensor],
+                    max_shard_size: int | str = "2GB", tokenizer_file: str | Path | None = None,
+                    progress: bool = False, config_overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state_dict`` (our names, experts stacked) under ``config`` in the released layout.
+
+    Weights first (``model.safetensors``, or shards plus ``model.safetensors.index.json``), then
+    ``config.json`` (:func:`.layout.released_config_dict`), then optionally ``tokenizer.json``; each file
+    atomically, so a directory with a config always has a complete set of weights. Returns the directory.
+    """
+    if isinstance(directory, torch.nn.Module) or not isinstance(config, MoGEConfig):
+        raise TypeError("save_pretrained(directory, config, state_dict): to save a model object use "
+                        "moge.checkpoint.save_model(model, directory)")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
+    published = to_published_state_dict(normalise_names(state_dict), config)
+    save_shards(published, directory, max_shard_size, progress)
+    dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
+    if tokenizer_file is not None:
+        src = Path(tokenizer_file)
+        if not src.is_file():
+            raise CheckpointError(f"tokenizer file {src} does not exist")
+        if src.resolve() != (directory / TOKENIZER_NAME).resolve():
+            atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
+    return directory
+
+
+def save_model(model: Any, directory: str | Path, max_shard_size: int | str = "2GB",
+               tokenizer_file: str | Path | None = None, progress: bool = False) -> Path:
+    """:func:`save_pretrained` of a model object: :class:`~moge.model.MoGEForCausalLM` or the
+    transformers wrapper, also inside ``torch.compile`` / DDP wrappers."""
+    model = unwrap_model(model)
+    overrides = None
+    hf_cfg = getattr(model, "config", None)
+    if hf_cfg is not None and not isinstance(hf_cfg, MoGEConfig):
+        overrides = {k: getattr(hf_cfg, k) for k in ("use_cache", "output_router_logits") if hasattr(hf_cfg, k)}
+    return save_pretrained(directory, model_config(model), model.state_dict(), max_shard_size, tokenizer_file,
+                           progress, overrides)
+

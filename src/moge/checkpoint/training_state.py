@@ -1,0 +1,205 @@
+"""The training half of a checkpoint: optimizer and RNG state, the manifest, and the commit protocol.
+
+A training output directory is a released-layout checkpoint (``config.json`` + weights) plus
+``tokenizer.json``, ``optimizer.safetensors`` (AdamW moments keyed by parameter name),
+``rng_state.safetensors`` and ``moge_training_state.json`` (step, schedule, data position, RNG
+scalars and the manifest: every file's size and SHA-256). Nothing is pickled. The state file has its
+own name so that transformers' ``Trainer`` (whose ``trainer_state.json`` means something else) never
+mistakes the directory for one of its checkpoints; runs written under the old name still resume.
+
+Checkpoints are committed atomically: every file is written into ``DIR/.ckpt-staging``, the finished
+staging directory is renamed to ``DIR/.ckpt-commit`` (the commit point), and its files are then moved
+into ``DIR``. A run killed at any moment leaves either the previous or the new checkpoint; an
+interrupted move is rolled forward the next time the directory is opened for training. Every file
+name taken from a manifest is confined to the directory before it is read, hashed or deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import CheckpointCorruptError, confined, fsync_dir, read_json, read_safetensors, sha256_file, write_json
+
+STATE_FILE = "moge_training_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # moge 0.1 wrote this name; read, never written
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+STAGING_DIR = ".ckpt-staging"
+COMMIT_DIR = ".ckpt-commit"
+STATE_VERSION = 1
+
+
+def state_path(out: str | Path) -> Path | None:
+    """The training-state file of ``out`` (the current name, else a moge-0.1 one), or None."""
+    out = Path(out)
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        p = out / name
+        if p.is_file():
+            if name == LEGACY_STATE_FILE:
+                try:  # transformers' Trainer writes the same name: only ours has a version and a manifest
+                    d = read_json(p)
+                except Exception:
+                    return p  # a damaged moge state: verify_checkpoint names it
+                if not (isinstance(d, dict) and "files" in d and "version" in d):
+                    continue
+            return p
+    return None
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    """True when ``out`` holds a committed (or half-committed) training checkpoint."""
+    return state_path(out) is not None or (Path(out) / COMMIT_DIR).exists()
+
+
+# ---- RNG state without pickle ------------------------------------------------------------------------
+
+def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch/numpy/python RNG states as tensors plus JSON-able scalars."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, pystate, gauss_next = random.getstate()
+    meta = {"numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(pystate), "gauss_next": gauss_next}}
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state_tensors`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n["name"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# ---- the commit protocol -----------------------------------------------------------------------------
+
+def recover_checkpoint_dir(out: Path) -> None:
+    """Finish or discard an interrupted checkpoint write in ``out``.
+
+    A complete commit directory is rolled forward (its remaining files moved into place, the state
+    file last); a staging directory that never reached the commit point is deleted.
+    """
+    out = Path(out)
+    commit = out / COMMIT_DIR
+    if commit.is_dir():
+        names = sorted(p.name for p in commit.iterdir())
+        for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
+            os.replace(commit / name, out / name)
+        fsync_dir(out)
+        commit.rmdir()
+    staging = out / STAGING_DIR
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)
+
+
+def _listed_files(out: Path) -> set[str]:
+    """Names in the current manifest, for removal after a commit (only names confined to ``out``)."""
+    p = state_path(out)
+    if p is None:
+        return set()
+    try:
+        files = read_json(p).get("files", {})
+    except Exception:
+        return set()
+    keep = set()
+    for name in files if isinstance(files, dict) else ():
+        try:
+            confined(out, name, "manifest entry")
+        except Exception:
+            continue  # a hostile entry is never deleted
+        keep.add(name)
+    return keep
+
+
+def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dict[str, Any]) -> None:
+    """Write a complete training checkpoint into ``out`` atomically.
+
+    ``write_files(staging)`` writes the weights, tokenizer and optimizer files; this adds the RNG
+    state, the manifest (size and SHA-256 of every file) and ``state`` (plus ``version`` and
+    ``files``), renames staging to the commit directory (the commit point) and moves it into place.
+    Files of the previous checkpoint that the new one no longer has (e.g. shards of another layout)
+    are removed afterwards.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    recover_checkpoint_dir(out)
+    staging = out / STAGING_DIR
+    staging.mkdir(parents=True)
+    write_files(staging)
+    rng_tensors, rng_meta = rng_state_tensors()
+    save_file(rng_tensors, str(staging / RNG_FILE))
+    files = {}
+    for p in sorted(staging.iterdir()):
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+        files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    write_json(staging / STATE_FILE, {"version": STATE_VERSION, **state, "rng": rng_meta, "files": files})
+    fsync_dir(staging)
+    old = _listed_files(out)
+    os.replace(staging, out / COMMIT_DIR)  # the commit point
+    fsync_dir(out)
+    recover_checkpoint_dir(out)
+    for name in old - set(files) - {STATE_FILE}:
+        (out / name).unlink(missing_ok=True)
+    if state_path(out) == out / STATE_FILE and (out / LEGACY_STATE_FILE).is_file():
+        legacy = read_json(out / LEGACY_STATE_FILE)
+        if isinstance(legacy, dict) and "files" in legacy and "version" in legacy:
+            (out / LEGACY_STATE_FILE).unlink()  # superseded by the new name
+
+
+def verify_checkpoint(out: Path) -> dict[str, Any]:
+    """Read the training state of ``out`` and check every file it lists (size and SHA-256); return it.
+
+    Raises :class:`CheckpointCorruptError` naming the first missing, truncated or altered file, and
+    :class:`~.io.CheckpointError` for a manifest entry that points outside ``out``.
+    """
+    out = Path(out)
+    path = state_path(out)
+    if path is None:
+        raise CheckpointCorruptError(f"{out} holds no training checkpoint ({STATE_FILE} missing)")
+    try:
+        state = read_json(path, "training state")
+    except Exception as e:
+        raise CheckpointCorruptError(f"{path} is corrupt or truncated: {e}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(state.get("files"), dict):
+        raise CheckpointCorruptError(f"{path} is not a moge training state (version {STATE_VERSION})")
+    for name, meta in state["files"].items():
+        file = confined(out, name, "manifest entry")
+        if not file.is_file():
+            raise CheckpointCorruptError(f"checkpoint file {file} is missing")
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            raise CheckpointCorruptError(f"{path}: the manifest entry of {name!r} is malformed")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointCorruptError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
+                                         f"expected {meta['bytes']}")
+        if sha256_file(file) != meta["sha256"]:
+            raise CheckpointCorruptError(f"checkpoint file {file} is corrupt: its SHA-256 does not match "
+                                         f"{path.name}")
+    return state
+
+
+def read_training_tensors(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(optimizer tensors, RNG tensors)`` of a verified checkpoint directory."""
+    out = Path(out)
+    return read_safetensors(out / OPTIMIZER_FILE), read_safetensors(out / RNG_FILE)
