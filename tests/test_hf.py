@@ -135,3 +135,53 @@ def test_hf_config_declares_the_same_fields_and_defaults_as_moge_config():
         assert hasattr(hf, f.name), f"PanguProMoEConfig lacks {f.name}"
         assert getattr(hf, f.name) == getattr(native, f.name), f"default of {f.name} differs"
     assert hf.to_moge_config() == native
+
+
+def test_moe_output_with_router_logits_and_aux_loss(hf_model, ckpt):
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    from moge.checkpoint import load_pretrained
+
+    with torch.no_grad():
+        plain = hf_model(input_ids=IDS, labels=IDS)
+        out = hf_model(input_ids=IDS, labels=IDS, output_router_logits=True)
+        native = load_pretrained(ckpt)(input_ids=IDS, labels=IDS)
+    assert isinstance(out, MoeCausalLMOutputWithPast)
+    assert plain.aux_loss is None and plain.router_logits is None
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (IDS.numel(), 8)
+    torch.testing.assert_close(out.aux_loss, native.aux_loss)  # the native model's per-layer loss, scaled
+    torch.testing.assert_close(out.loss, plain.loss + native.aux_loss)
+    torch.testing.assert_close(plain.loss, native.loss)
+    tup = hf_model(input_ids=IDS, return_dict=False, use_cache=False)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], plain.logits)
+
+
+def test_cache_is_accepted_under_both_names_and_unknown_kwargs_are_refused(hf_model):
+    from transformers.cache_utils import DynamicCache
+
+    from moge.hf import UnsupportedArgumentError
+
+    with torch.no_grad():
+        full = hf_model(input_ids=IDS[:, :6], use_cache=False).logits
+        for name in ("cache", "past_key_values"):
+            c = DynamicCache(config=hf_model.config)
+            hf_model(input_ids=IDS[:, :4], **{name: c}, use_cache=True)
+            assert c.get_seq_length() == 4, name
+            step = hf_model(input_ids=IDS[:, 4:6], **{name: c}, use_cache=True).logits
+            torch.testing.assert_close(step, full[:, 4:6], rtol=1e-5, atol=1e-5)
+        with pytest.raises(UnsupportedArgumentError, match=r"unexpected keyword arguments \['bogus'\]"):
+            hf_model(input_ids=IDS, bogus=1)
+        with pytest.raises(UnsupportedArgumentError, match="cu_seq_lens_q"):
+            hf_model(input_ids=IDS, cu_seq_lens_q=torch.tensor([0, 8]))
+        with pytest.raises(TypeError, match="not both"):
+            hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+def test_num_items_in_batch_makes_the_loss_a_sum_over_that_count(hf_model):
+    labels = IDS.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        mean = hf_model(input_ids=IDS, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        summed = hf_model(input_ids=IDS, labels=labels, num_items_in_batch=torch.tensor(2 * n)).loss
+    torch.testing.assert_close(summed, mean / 2)

@@ -187,3 +187,22 @@ def test_cli_train_with_user_data(tmp_path, text_dir):
     model = load_pretrained(out)
     assert model.config.vocab_size == state["model_config"]["vocab_size"]
     assert cli_main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+
+
+def test_a_run_written_by_moge_0_1_resumes(tmp_path, text_dir):
+    """moge 0.1 named its state trainer_state.json (transformers' Trainer's name): still resumed, then
+    replaced by the new name, and a directory with only Trainer's file of that name is not ours."""
+    from moge.checkpoint.training_state import LEGACY_STATE_FILE, has_checkpoint
+
+    out = tmp_path / "old"
+    Trainer(cfg_for(out, text_dir, steps=2)).train()
+    (out / STATE_FILE).rename(out / LEGACY_STATE_FILE)
+    t = Trainer(cfg_for(out, text_dir, steps=3), resume=True)
+    assert t.step == 2
+    t.train()
+    assert (out / STATE_FILE).is_file() and not (out / LEGACY_STATE_FILE).exists()
+    assert verify_checkpoint(out)["step"] == 3
+    hf = tmp_path / "hf_trainer"
+    hf.mkdir()
+    (hf / LEGACY_STATE_FILE).write_text(json.dumps({"global_step": 10, "log_history": []}))
+    assert not has_checkpoint(hf)

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from moge.errors import MoGEError
 from moge.layer import MoGELayer
 from moge.parallel import (ExpertParallelError, apply_expert_parallel, init_distributed, is_expert_sharded,
                            shard_named_tensor)
@@ -46,6 +47,16 @@ def test_stuck_rank_makes_the_others_fail_at_the_timeout():
     res = launch([WORKER, "hang"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "4"}, kill_ranks_after={1})
     assert res[0].returncode not in (0, None), "rank 0 should give up after the collective timeout"
     assert "RankFailedError" in res[0].stderr and "no rank reported an error" in res[0].stderr, res[0].stderr[-3000:]
+
+
+def test_more_local_ranks_than_gpus_names_both_numbers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(MoGEError, match=r"local rank 1 needs a GPU of its own but only 1 CUDA device"):
+        init_distributed()
 
 
 def test_groups_must_divide_ranks_and_single_process_is_identity(monkeypatch):

@@ -212,7 +212,7 @@ def special_token_ids(directory: str | Path) -> dict[str, int]:
 
     Reads ``tokenizer_config.json`` / ``special_tokens_map.json`` for the token strings and
     ``tokenizer.json``'s added tokens (or ``tokenizer_config.json``'s ``added_tokens_decoder``) for
-    their ids; a moge tokenizer (``<pad>``, ``<bos>``, ``<eos>``) needs only ``tokenizer.json``.
+    their ids; a role no file names falls back to moge's tokens (``<pad>``, ``<bos>``, ``<eos>``).
     Unreadable or oddly shaped files contribute nothing (they are not needed to load weights).
     """
     directory = Path(directory)
@@ -242,8 +242,8 @@ def special_token_ids(directory: str | Path) -> dict[str, int]:
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str):
                 names.setdefault(role, v)
-    if not names:
-        names = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>"}
+    for role in ("pad", "bos", "eos"):
+        names.setdefault(role, f"<{role}>")  # moge's tokenizer convention for roles no file names
     return {f"{role}_token_id": vocab[s] for role, s in names.items() if s in vocab}
 
 

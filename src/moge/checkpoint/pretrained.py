@@ -65,6 +65,14 @@ def model_config(model: Any) -> MoGEConfig:
     raise CheckpointError(f"cannot find a MoGEConfig on {type(model).__name__}")
 
 
+def refuse_quantized(directory: Path) -> None:
+    """:class:`CheckpointError` naming the format when ``directory`` holds a quantized checkpoint."""
+    fmt = quantization_format(directory)
+    if fmt is not None:
+        raise CheckpointError(f"{directory} is a quantized checkpoint in the {fmt} format, which moge does "
+                              f"not load yet; load the float checkpoint it was made from")
+
+
 def read_config(directory: str | Path) -> MoGEConfig:
     """The :class:`MoGEConfig` of a checkpoint directory (or of a ``config.json`` path).
 
@@ -79,10 +87,7 @@ def read_config(directory: str | Path) -> MoGEConfig:
         path = path / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} at {path}")
-    fmt = quantization_format(path.parent)
-    if fmt is not None:
-        raise CheckpointError(f"{path.parent} is a quantized checkpoint in the {fmt} format, which moge does "
-                              f"not load yet; load the float checkpoint it was made from")
+    refuse_quantized(path.parent)
     try:
         d = read_config_dict(path)
     except ConfigError as e:  # an unreadable file is a checkpoint problem; bad field values stay ConfigError
@@ -102,6 +107,7 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     """
     directory = Path(directory)
     dtype = resolve_dtype(dtype)
+    refuse_quantized(directory)
     config = config if config is not None else read_config(directory)
     files = weight_files(directory)
     plain, experts = group_expert_names(files)

@@ -71,6 +71,10 @@ def init_distributed(timeout_s: float = 120.0, backend: str | None = None) -> Di
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and backend != "gloo"
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise MoGEError(f"local rank {local_rank} needs a GPU of its own but only {torch.cuda.device_count()} "
+                        f"CUDA device(s) are visible: start at most {torch.cuda.device_count()} processes per node "
+                        f"(torchrun --nproc-per-node), or run on CPU with gloo (moge train --device cpu)")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
