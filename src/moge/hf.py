@@ -182,7 +182,8 @@ def _check_forward_kwargs(kwargs: dict[str, Any], output_hidden_states: bool | N
     if output_hidden_states or output_attentions:
         which = "output_hidden_states" if output_hidden_states else "output_attentions"
         raise UnsupportedArgumentError(f"{which}=True is not supported by PanguProMoEForCausalLM yet")
-    packed = sorted(k for k in _PACKED_KWARGS & set(kwargs) if kwargs[k] is not None)
+    packed = sorted(k for k in _PACKED_KWARGS & set(kwargs)
+                    if kwargs[k] is not None and not (k == "is_causal" and kwargs[k] is True))
     if packed:
         raise UnsupportedArgumentError(f"packed-sequence arguments {packed} are not supported (no varlen "
                                        f"attention); pass padded batches with an attention_mask")
