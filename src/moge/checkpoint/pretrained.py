@@ -19,8 +19,9 @@ from torch import Tensor
 from ..config import ConfigError, MoGEConfig, read_config_dict
 from .io import (CheckpointError, atomic_write, header_shapes, open_shards, save_shards,
                  to_dtype_device, weight_files, write_json)
-from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
-                     quantization_format, released_config_dict, stack_experts, to_published_state_dict)
+from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, config_from_dict, group_expert_names,
+                     published_shapes, quantization_format, released_config_dict, stack_experts,
+                     to_published_state_dict)
 
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -66,19 +67,20 @@ def model_config(model: Any) -> MoGEConfig:
 
 
 def refuse_quantized(directory: Path) -> None:
-    """:class:`CheckpointError` naming the format when ``directory`` holds a quantized checkpoint."""
+    """:class:`CheckpointError` naming the format when ``directory`` holds a quantized checkpoint (for
+    readers of float state dicts; whole models load it through :func:`load_into`)."""
     fmt = quantization_format(directory)
     if fmt is not None:
-        raise CheckpointError(f"{directory} is a quantized checkpoint in the {fmt} format, which moge does "
-                              f"not load yet; load the float checkpoint it was made from")
+        raise CheckpointError(f"{directory} is a quantized checkpoint in the {fmt} format, which has no float "
+                              f"state dict; load it as a model (load_pretrained) instead")
 
 
 def read_config(directory: str | Path) -> MoGEConfig:
     """The :class:`MoGEConfig` of a checkpoint directory (or of a ``config.json`` path).
 
     A released config without a group count reads groups = ``num_experts_per_tok``; missing
-    pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A
-    quantized checkpoint is refused with an error naming its format.
+    pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A quantized
+    checkpoint has an ordinary config.
     """
     path = Path(directory)
     if not path.exists():
@@ -87,7 +89,6 @@ def read_config(directory: str | Path) -> MoGEConfig:
         path = path / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} at {path}")
-    refuse_quantized(path.parent)
     try:
         d = read_config_dict(path)
     except ConfigError as e:  # an unreadable file is a checkpoint problem; bad field values stay ConfigError
@@ -118,8 +119,8 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
         shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
         quant = [n for n, p in wanted.items() if handles[p].get_slice(n).get_dtype() in _QUANT_DTYPES]
         if quant:
-            raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}; moge "
-                                  f"does not load quantized checkpoints yet")
+            raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}, but no "
+                                  f"{QUANT_DESCRIPTION_NAME} saying how they are quantized")
         if expected is not None:
             # a tied head may be stored redundantly
             check_names_and_shapes(str(directory), published_shapes(expected, config.tie_word_embeddings), shapes,
@@ -150,8 +151,13 @@ def build_on_meta(config: MoGEConfig):
 def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig,
               dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a checkpoint into ``module`` (built on the meta device, parameter names as in the checkpoint
-    with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties."""
+    with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties. An Ascend
+    W8A8 directory installs its int8 modules first (:func:`.quantized.load_quantized_into`)."""
     from ..model import RotaryEmbedding
+
+    if quantization_format(directory) is not None:
+        from .quantized import load_quantized_into
+        return load_quantized_into(module, directory, config, resolve_dtype(dtype), device)
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sd = load_state_dict(directory, config, dtype, device, expected=expected)
@@ -171,7 +177,7 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
-    model is made. Missing / unexpected / mis-shaped tensors, unreadable files and a missing
+    model is made. An Ascend W8A8 directory gives the int8 model (scales stay float32). Missing / unexpected / mis-shaped tensors, unreadable files and a missing
     ``config.json`` raise :class:`CheckpointError` naming them. Returns the model in eval mode.
     """
     directory = Path(directory)
@@ -202,6 +208,8 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     Weights first (``model.safetensors``, or shards plus ``model.safetensors.index.json``), then
     ``config.json`` (:func:`.layout.released_config_dict`), then optionally ``tokenizer.json``; each file
     atomically, so a directory with a config always has a complete set of weights. Returns the directory.
+    A state dict of int8 modules (:mod:`moge.quant`) is written in the Ascend W8A8 layout instead
+    (:func:`.quantized.save_quantized`).
     """
     if isinstance(directory, torch.nn.Module) or not isinstance(config, MoGEConfig):
         raise TypeError("save_pretrained(directory, config, state_dict): to save a model object use "
@@ -209,8 +217,16 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
-    published = to_published_state_dict(normalise_names(state_dict), config)
+    state_dict = normalise_names(state_dict)
+    if any(t.dtype == torch.int8 for t in state_dict.values()):  # int8 modules: the Ascend W8A8 layout
+        from .quantized import save_quantized
+        return save_quantized(directory, config, state_dict, max_shard_size, tokenizer_file, progress,
+                              config_overrides)
+    published = to_published_state_dict(state_dict, config)
     save_shards(published, directory, max_shard_size, progress)
+    for stale in (QUANT_DESCRIPTION_NAME, "moge_quantization.json"):  # a float save over a quantized directory
+        if (directory / stale).exists():
+            (directory / stale).unlink()
     dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
     write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
