@@ -278,14 +278,17 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
     modules its description names are installed first, every tensor name, shape and dtype is checked
     before data is read, then the tensors are assigned."""
     from ..model import RotaryEmbedding
-    from ..quant import install_quantized
+    from ..quant import QuantError, install_quantized
 
     directory = Path(directory)
     description = read_description(directory)
     files = weight_files(directory)
     names = sorted(files)
     plan = quant_plan(description, names)
-    install_quantized(module, plan)
+    try:
+        install_quantized(module, plan)
+    except QuantError as e:
+        raise CheckpointError(f"{directory / QUANT_DESCRIPTION_NAME}: {e}") from None
     expected_pub, _ = to_ascend_state_dict(module.state_dict(), config)
     dev = torch.device(device)
     with open_shards(sorted(set(files.values()))) as handles:
