@@ -66,14 +66,58 @@ def texts_for(data: list[str] | None, seed: int, split: str, budget_chars: int |
     return out
 
 
+def calib_rows_for(tokenizer, data: list[str] | None, tokens: int, seq_len: int, seed: int = 0):
+    """Calibration rows ``[R, seq_len]`` of ``tokens`` tokens from ``data``'s training split (None: the
+    built-in corpus)."""
+    from .quant import calibration_rows
+    from .tokenizer import BOS_ID, EOS_ID, encode_batch
+
+    texts = texts_for(data, seed, "train", budget_chars=16 * tokens)  # ~4 chars a token: 4x margin
+    return calibration_rows([t for ts in texts.values() for t in ts], lambda b: encode_batch(tokenizer, b), seq_len,
+                            tokens, BOS_ID, EOS_ID)
+
+
+def val_rows_for(tokenizer, data: list[str] | None, seq_len: int, max_rows: int | None = None):
+    """``{domain: rows [R, seq_len]}`` of ``data``'s validation split (None: the built-in corpus)."""
+    from .data import Document, pack_documents
+    from .tokenizer import BOS_ID, EOS_ID, encode_batch
+
+    out = {}
+    for domain, ts in sorted(texts_for(data, 0, "val").items()):
+        r = pack_documents([Document(domain, str(i), t) for i, t in enumerate(ts)],
+                           lambda b: encode_batch(tokenizer, b), seq_len, BOS_ID, EOS_ID)
+        if len(r):
+            out[domain] = r[:max_rows] if max_rows else r
+    return out
+
+
+def w8a8_quality(checkpoint: str | Path, tokenizer, seq_len: int, calib_tokens: int = 16384,
+                 smoothing: str = "expert-aware", act: str = "static", progress: bool = False):
+    """Quantize a float checkpoint in memory and compare it with itself on the built-in corpus's validation
+    split (every row of ``seq_len``): returns ``(Quality, QuantizeReport, seconds)``. The demo's W8A8 row."""
+    import torch
+
+    from .checkpoint import load_pretrained
+    from .quant import quantize
+    from .quant.quality import compare
+
+    t0 = time.perf_counter()
+    fp = load_pretrained(checkpoint, dtype=torch.float32)
+    q = copy.deepcopy(fp)
+    report = quantize(q, calib_rows_for(tokenizer, None, calib_tokens, 256), smoothing=smoothing, act=act,
+                      progress=progress)
+    quality = compare(fp, q, val_rows_for(tokenizer, None, seq_len), batch_size=16, progress=progress)
+    return quality, report, time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import CheckpointError, load_pretrained, write_json
     from .checkpoint.layout import quantization_format
     from .checkpoint.quantized import save_quantized
-    from .quant import QuantError, calibration_rows, quantize
-    from .tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer
+    from .quant import QuantError, quantize
+    from .tokenizer import load_tokenizer
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -102,14 +146,9 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizeCommandError(f"no tokenizer.json in {ckpt}: calibration needs it to turn text into tokens")
     tokenizer = load_tokenizer(tok_path)
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return encode_batch(tokenizer, texts)
-
     t0 = time.perf_counter()
     model = load_pretrained(ckpt, dtype=torch.float32, device=args.device)
-    texts = texts_for(args.calib_data, args.seed, "train", budget_chars=16 * args.calib_tokens)
-    rows = calibration_rows([t for ts in texts.values() for t in ts], encode, args.calib_seq_len, args.calib_tokens,
-                            BOS_ID, EOS_ID)
+    rows = calib_rows_for(tokenizer, args.calib_data, args.calib_tokens, args.calib_seq_len, args.seed)
     fp = copy.deepcopy(model) if args.eval else None
     report = quantize(model, rows, args.alpha, args.smoothing, args.act, args.min_expert_tokens, args.batch_size,
                       progress=args.progress)
@@ -128,15 +167,9 @@ def run(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         print(f"wrote {out} ({size / 1e6:.1f} MB of weights, Ascend W8A8 layout)")
     if args.eval:
-        from .data import Document, pack_documents
         from .quant.quality import compare
 
-        val = {}
-        for domain, ts in texts_for(args.calib_data, 0, "val").items():
-            r = pack_documents([Document(domain, str(i), t) for i, t in enumerate(ts)], encode, args.calib_seq_len,
-                               BOS_ID, EOS_ID)
-            if len(r):
-                val[domain] = r[:args.eval_rows]
+        val = val_rows_for(tokenizer, args.calib_data, args.calib_seq_len, args.eval_rows)
         if not val:
             raise QuantizeCommandError(f"--eval: the validation split has no full row of {args.calib_seq_len} tokens")
         q = compare(fp, model, val, args.batch_size, progress=args.progress)

@@ -77,12 +77,13 @@ class QuantizeReport:
 
 def quantize(model: nn.Module, calib_rows: Tensor, alpha: float = 0.5, smoothing: str = "expert-aware",
              act: str = "static", min_expert_tokens: int = 64, batch_size: int = 8, compute: str = "auto",
-             progress: bool = True) -> QuantizeReport:
+             progress: bool = True, down_and_o: bool = True) -> QuantizeReport:
     """W8A8 of a float ``model`` in place: calibrate on ``calib_rows [R, S]``, smooth, quantize.
 
     ``smoothing``: ``expert-aware`` (eq. 10), ``per-expert`` (the baseline) or ``none``; ``act``: ``static``
     (per-tensor scales from calibration, as Ascend stores them) or ``dynamic`` (per-token at run time).
-    Bad options raise :class:`QuantError` before any work.
+    ``down_and_o=False`` leaves the down-projection and o_proj inputs unsmoothed (an ablation). Bad options
+    raise :class:`QuantError` before any work.
     """
     if smoothing not in SMOOTHINGS:
         raise QuantError(f"smoothing must be one of {', '.join(SMOOTHINGS)}; got {smoothing!r}")
@@ -95,7 +96,7 @@ def quantize(model: nn.Module, calib_rows: Tensor, alpha: float = 0.5, smoothing
     if not any(isinstance(m, SwiGLUExperts) for m in model.modules()) and not quantizable_linears(model):
         raise QuantError("nothing to quantize: the model has no decoder layers")
     calib = calibrate(model, calib_rows, batch_size, min_expert_tokens, progress)
-    sm = apply_smoothing(model, calib, smoothing, alpha)
+    sm = apply_smoothing(model, calib, smoothing, alpha, down_and_o)
     quantize_modules(model, calib, act, sm.divisors, compute)
     return QuantizeReport(smoothing, alpha, act, calib.tokens, min_expert_tokens, calib.starved(), sm)
 

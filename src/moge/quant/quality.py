@@ -42,6 +42,18 @@ class Quality:
         lines += [f"| {i} | {100 * self.agreement[i]:.2f}% | {self.kl[i]:.2e} |" for i in sorted(self.agreement)]
         return "\n".join(lines)
 
+    def summary(self, name: str, label: str = "W8A8 (expert-aware, static)") -> str:
+        """Markdown: a full-precision row and a quantized row (loss per domain with the relative change,
+        lowest routing agreement over the MoE layers)."""
+        domains = sorted(self.loss_fp)
+        rel = self.relative_loss()
+        lines = ["| model | " + " | ".join(f"val {d}" for d in domains) + " | routing agreement (worst layer) |",
+                 "|" + "---|" * (len(domains) + 2),
+                 f"| {name} fp32 | " + " | ".join(f"{self.loss_fp[d]:.3f}" for d in domains) + " | - |",
+                 f"| {name} {label} | " + " | ".join(f"{self.loss_q[d]:.3f} ({100 * rel[d]:+.2f}%)" for d in domains)
+                 + (f" | {100 * min(self.agreement.values()):.1f}% |" if self.agreement else " - |")]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {"loss_fp": self.loss_fp, "loss_q": self.loss_q, "relative_loss": self.relative_loss(),
                 "agreement": {str(k): v for k, v in self.agreement.items()},

@@ -122,9 +122,10 @@ def _smooth_o(att: nn.Module, a_C: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 def apply_smoothing(model: nn.Module, calib: Calibration, smoothing: str = "expert-aware",
-                    alpha: float = 0.5) -> Smoothing:
+                    alpha: float = 0.5, down_and_o: bool = True) -> Smoothing:
     """Smooth every decoder layer of the float ``model`` in place (see the module docstring) and divide the
-    affected maxima in ``calib``. ``none`` changes nothing."""
+    affected maxima in ``calib``. ``none`` changes nothing; ``down_and_o=False`` smooths only the inputs
+    that norms produce (for measuring what the other two add)."""
     if smoothing not in SMOOTHINGS:
         raise QuantError(f"smoothing must be one of {', '.join(SMOOTHINGS)}; got {smoothing!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -142,10 +143,11 @@ def apply_smoothing(model: nn.Module, calib: Calibration, smoothing: str = "expe
         for n in names:
             lin[n] = lin[n] / s
         done.folded[f"{ln}.input_layernorm"] = s
-        o = f"{ln}.self_attn.o_proj"
-        s = _smooth_o(att, lin[o], alpha)
-        lin[o] = lin[o] / s
-        done.folded[f"{ln}.self_attn.v_proj"] = s
+        if down_and_o:
+            o = f"{ln}.self_attn.o_proj"
+            s = _smooth_o(att, lin[o], alpha)
+            lin[o] = lin[o] / s
+            done.folded[f"{ln}.self_attn.v_proj"] = s
         mlp = layer.mlp
         if not isinstance(mlp, MoGELayer):  # dense SwiGLU: the usual scale over gate and up
             names = [f"{ln}.mlp.gate_proj", f"{ln}.mlp.up_proj"]
@@ -155,6 +157,8 @@ def apply_smoothing(model: nn.Module, calib: Calibration, smoothing: str = "expe
             for n in names:
                 lin[n] = lin[n] / s
             done.folded[f"{ln}.post_attention_layernorm"] = s
+            if not down_and_o:
+                continue
             dn = f"{ln}.mlp.down_proj"
             s = _smooth_down(mlp.up_proj.weight, mlp.down_proj.weight, lin[dn], alpha)
             lin[dn] = lin[dn] / s
@@ -184,6 +188,8 @@ def apply_smoothing(model: nn.Module, calib: Calibration, smoothing: str = "expe
                 for n in sh_names:
                     lin[n] = lin[n] / s
                     done.divisors[n] = s
+        if not down_and_o:
+            continue
         f = mlp.experts.intermediate_size
         s_NF = _smooth_down(mlp.experts.gate_up_proj[:, f:], mlp.experts.down_proj, st.expert_hidden_absmax_NF, alpha)
         st.expert_hidden_absmax_NF = st.expert_hidden_absmax_NF / s_NF
