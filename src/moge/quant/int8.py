@@ -66,9 +66,9 @@ def quantize_input(x_RI: Tensor, scale: Tensor | None, offset: Tensor | None = N
         s_R1 = (x.abs().amax(-1, keepdim=True) / QMAX_A).clamp(min=_TINY)
     else:
         s_R1 = scale.to(f).reshape(1, 1)
-    q = torch.round(x / s_R1)
+    q = torch.div(x, s_R1).round_()  # in place from here on: decode calls are small, allocations count
     if offset is not None:
-        q = q + offset.to(f).reshape(1, 1)
+        q.add_(offset.to(f).reshape(1, 1))
     return q.clamp_(QMIN_A, QMAX_A).to(torch.int8), s_R1.expand(x.shape[0], 1)
 
 
@@ -112,8 +112,8 @@ def int8_matmul(xq_RI: Tensor, scale_R1: Tensor, wq_OI: Tensor, col_scale_O: Ten
     if compute == "int8" and _int_mm_ok(xq_RI, wq_OI):
         acc = int_mm(xq_RI, wq_OI)
         if col_bias_O is not None:
-            acc = acc + col_bias_O
-        return acc.to(f) * (scale_R1 * col_scale_O.to(f))
+            acc.add_(col_bias_O)
+        return acc.to(f).mul_(scale_R1).mul_(col_scale_O.to(f))
     # dequantize oracle: float operands, ordinary matmul
     x = xq_RI.to(f)
     if offset is not None:
