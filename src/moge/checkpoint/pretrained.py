@@ -177,8 +177,9 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
-    model is made. An Ascend W8A8 directory gives the int8 model (scales stay float32). Missing / unexpected / mis-shaped tensors, unreadable files and a missing
-    ``config.json`` raise :class:`CheckpointError` naming them. Returns the model in eval mode.
+    model is made. An Ascend W8A8 directory gives the int8 model (scales stay float32). Missing /
+    unexpected / mis-shaped tensors, unreadable files and a missing ``config.json`` raise
+    :class:`CheckpointError` naming them. Returns the model in eval mode.
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -50,7 +50,6 @@ METADATA_NAME = "moge_quantization.json"
 _META_KEYS = {"model_quant_type", "kv_quant_type", "fa_quant_type", "reduce_quant_type", "version", "group_size",
               "metadata", "model_type"}
 _STATIC_FIELDS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
-_DYNAMIC_FIELDS = ("weight", "weight_scale", "weight_offset")
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<field>\w+)$")
 
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ..errors import MoGEError
 from ..experts import get_experts_backend
-from .int8 import COMPUTES, compute_dtype, int8_available, int8_matmul, quantize_input, quantize_weight, static_input_scale
+from .int8 import (COMPUTES, compute_dtype, int8_available, int8_matmul, quantize_input, quantize_weight,
+                   static_input_scale)
 
 ACTS = ("static", "dynamic")
 
@@ -70,8 +71,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("input_smooth", torch.ones(*e, in_features) if smooth else None)
 
     @classmethod
-    def quantize(cls, weight: Tensor, bias: Tensor | None = None, act: str = "static", input_absmax: Tensor | None = None,
-                 smooth: Tensor | None = None, compute: str = "auto") -> "Int8Linear":
+    def quantize(cls, weight: Tensor, bias: Tensor | None = None, act: str = "static",
+                 input_absmax: Tensor | None = None, smooth: Tensor | None = None,
+                 compute: str = "auto") -> "Int8Linear":
         """Quantize float ``weight [*E, O, I]`` (already multiplied by any smoothing it carries).
 
         Static activations need ``input_absmax``: the calibrated absolute maxima of the (smoothed) input,
