@@ -61,8 +61,6 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
     V.number("top_p", top_p, 0.0, 1.0, lo_open=True, error=E)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise V.ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if model is None:
-        return
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise V.ArgumentTypeError(f"model must be a MoGEForCausalLM (or the transformers wrapper), got "
                                   f"{type(model).__name__}")

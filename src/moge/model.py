@@ -297,6 +297,9 @@ def head_forward(lm_head: nn.Linear, h_BSH: Tensor, stats: list[RouterStats | No
         V.integer("logits_to_keep", logits_to_keep, 0)
     if labels is not None:
         V.tensor("labels", labels, "int")
+        if labels.dim() == 2 and labels.shape[1] < 2:
+            raise V.InvalidArgumentError(f"labels need at least 2 positions (position s predicts labels[s+1]), got "
+                                         f"shape {tuple(labels.shape)}")
         if tuple(labels.shape) != tuple(h_BSH.shape[:2]):
             raise V.InvalidArgumentError(f"labels must be [B, S] = {list(h_BSH.shape[:2])} like input_ids, got "
                                          f"{tuple(labels.shape)}")

@@ -193,6 +193,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--hang-timeout", type=float, default=30.0,
+                   help="with --ep: seconds without progress after which a rank that the others wait for is "
+                        "named as hung and the run stops (default 30; 0 = off; the collective timeout is 120)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
@@ -218,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .parallel import fault_guard, init_distributed
 
+    V.number("--hang-timeout", args.hang_timeout, 0.0, error=TrainingConfigError)
     info = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
     try:
-        with fault_guard(info):
+        with fault_guard(info, hang_s=args.hang_timeout):
             Trainer(cfg, resume=args.resume, resume_overrides=overrides, dist=info, explicit=explicit).train()
     finally:
         if torch.distributed.is_initialized():
@@ -445,12 +449,14 @@ class Trainer:
             # One tokenizer for all ranks: rank 0 trains it, the others load its file.
             shared = self.out / ".ep-tokenizer.json"
             if self.dist.is_main:
-                self.tokenizer, self.data = prepare_data(cfg, None, vocab)
-                self.out.mkdir(parents=True, exist_ok=True)
-                save_tokenizer(self.tokenizer, shared)
+                with self.dist.busy("training the tokenizer"):  # the others wait at the barrier
+                    self.tokenizer, self.data = prepare_data(cfg, None, vocab)
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    save_tokenizer(self.tokenizer, shared)
             self._barrier()
             if not self.dist.is_main:
-                self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
+                with self.dist.busy("preparing the data"):
+                    self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
             self._barrier()
             if self.dist.is_main:
                 shared.unlink()
@@ -660,7 +666,8 @@ class Trainer:
                                    "total_steps": self.cfg.steps, "min_lr_ratio": self.cfg.min_lr_ratio,
                                    "last_lr": self.lr(max(self.step - 1, 0))},
                      "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "data": self.data.summary}
-            commit_checkpoint(self.out, write_files, state)
+            with self.dist.busy("writing a checkpoint"):  # the others wait at the barrier
+                commit_checkpoint(self.out, write_files, state)
         self._barrier()
 
     def _barrier(self) -> None:

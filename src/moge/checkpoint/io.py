@@ -52,9 +52,12 @@ def writing(what: str, path: str | Path, note: str = "") -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except OSError as e:
-        where = e.filename if e.filename else path
-        reason = e.strerror or str(e) or type(e).__name__
+    except Exception as e:
+        # safetensors reports its own I/O failures (a full disk, a file size limit) as SafetensorError
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        where = getattr(e, "filename", None) or path
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise CheckpointWriteError(f"cannot write {what} {path}: {reason} ({where})" + (f"; {note}" if note else "")) \
             from None
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
-from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes,
+from ..errors import ArgumentTypeError
+from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
                  open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
                      quantization_format, released_config_dict, stack_experts, to_published_state_dict)
@@ -119,7 +120,7 @@ def read_config(directory: str | Path) -> MoGEConfig:
     quantized checkpoint is refused with an error naming its format.
     """
     if not isinstance(directory, (str, Path)):
-        raise TypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
+        raise ArgumentTypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
     path = Path(directory)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -232,7 +233,7 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     by name (see :func:`load_state_dict`). Returns the model in eval mode.
     """
     if not isinstance(directory, (str, Path)):
-        raise TypeError(f"load_pretrained(directory): a str or Path, got {type(directory).__name__}")
+        raise ArgumentTypeError(f"load_pretrained(directory) must be a str or Path, got {type(directory).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist" if not directory.exists()
