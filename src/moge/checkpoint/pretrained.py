@@ -75,7 +75,11 @@ def verify_against_manifest(directory: Path, files) -> bool:
 
 def refuse_non_finite(name: str, t: Tensor, where: str) -> None:
     """:class:`CheckpointCorruptError` naming the tensor when a floating tensor holds NaN or inf."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    # Fast path: NaN/inf propagate through a sum (one streaming pass, ~0.06 s/GB on one core against
+    # ~1.5 s/GB for isfinite). A non-finite sum may also be an overflow (float16), so it is confirmed.
+    if not (t.is_floating_point() and t.numel()) or torch.isfinite(t.sum()):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointCorruptError(f"tensor {name} in {where} holds {bad} non-finite value(s) (NaN or inf) out "
                                      f"of {t.numel()}; refusing to load it (verify=False / --no-verify skips "
