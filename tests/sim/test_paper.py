@@ -45,15 +45,16 @@ def test_300i_duo_has_nothing_fitted_to_it():
     assert duo.attn_mem_eff is None and duo.mem_eff is None      # the paper's own LPDDR4X fractions
 
 
-def test_cli_prints_fitted_and_held_out_apart(capsys):
+def test_cli_prints_fitted_and_held_out_apart(capsys, tmp_path):
     for cmd in ("paper", "validate"):
         assert main(["simulate", cmd]) == 0
         out = capsys.readouterr().out
         assert out.index("### Calibration points") < out.index("### Held-out points")
         assert "FITTED on the 800I A2 calibration points only" in out and "300I Duo MoE decode, batch 80" in out
-    assert main(["simulate", "paper", "--json", "--mtp-acceptance", "0.5"]) == 0
+    plot = tmp_path / "paper.png"
+    assert main(["simulate", "paper", "--json", "--mtp-acceptance", "0.5", "--plot", str(plot)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["role"] for r in rows} == {"fit", "held-out"}
+    assert {r["role"] for r in rows} == {"fit", "held-out"} and plot.stat().st_size > 10_000
     assert main(["simulate", "fit", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["rounded"] == out["stored"]

@@ -274,7 +274,7 @@ def _repredict(hw: HardwareProfile, rows: list[dict], fitted: str) -> list[dict]
     out = []
     for r in rows:
         res = simulate(get_config(r["preset"]), hw, 1, r["phase"], r["batch"], r["context"], "fp32", check_memory=False)
-        role = "fit" if (r["preset"], r["phase"]) == (fitted, "decode") else "held-out"
+        role = ("fit" if r["preset"] == fitted else "held-out") if r["phase"] == "decode" else "not fitted"
         out.append(dict(r, predicted_ms=res.step_ms, error=res.step_ms / r["measured_ms"] - 1, role=role,
                         predicted_overhead_ms=sum(o.count * o.overhead_ms for o in res.ops)))
     return out
@@ -287,5 +287,5 @@ def format_compare(rows: list[dict]) -> str:
     for r in rows:
         out.append(f"| {r['preset']} | {r['phase']} | {r['batch']} x {r['context']} | {r['measured_ms']:.2f} | "
                    f"{r['predicted_ms']:.2f} | {r['error']:+.1%} | {r['predicted_overhead_ms']:.2f} | "
-                   f"{r['measured_aten_ops']} / {r['simulated_eager_ops']} | {r.get('role', 'not fitted')} |")
+                   f"{r['measured_aten_ops']} / {r['simulated_eager_ops']:.0f} | {r.get('role', 'not fitted')} |")
     return "\n".join(out)

@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="override an 800I A2 profile field (what-if; the held-out errors then mean nothing)")
         p.add_argument("--mtp-acceptance", type=float, default=None, help="MTP acceptance for the MTP points")
+        p.add_argument("--plot", metavar="FILE.png", help="write the errors as a bar chart")
         p.add_argument("--json", action="store_true")
         p.set_defaults(_sim=_run_paper)
 
@@ -238,6 +239,9 @@ def _run_paper(args: argparse.Namespace) -> int:
     profiles = {"ascend-800i-a2": get_profile("ascend-800i-a2", **_overrides(args.set))}
     mtp = PAPER_MTP if args.mtp_acceptance is None else MTP(PAPER_MTP.depth, args.mtp_acceptance)
     rows = paper_comparison(profiles, mtp)
+    if args.plot:
+        from .paper import plot_comparison
+        plot_comparison(rows, args.plot)
     print(json.dumps(rows) if args.json else format_table(rows, profiles))
     return 0
 

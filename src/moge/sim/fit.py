@@ -87,7 +87,7 @@ def describe_fit(profiles: dict | None = None) -> str:
     hw = (profiles or {}).get("ascend-800i-a2") or PROFILES["ascend-800i-a2"]
     for k, (_, _, _, what) in FIT_PARAMETERS.items():
         lines.append(f"  {k} = {getattr(hw, k):g}  ({what}; stored {A2_FITTED[k]:g})")
-    lines.append("Not fitted (a priori, set before any comparison): 800I A2 peaks 512 TOPS INT8 and 1.6 TB/s "
+    lines.append("Not fitted (a priori): 800I A2 peaks 512 TOPS INT8 and 1.6 TB/s "
                  "HBM, 15 us per HCCS message step, 5 us per operator launch, GEMM-weight and vector memory "
                  "efficiencies 0.95 / 0.89; 300I Duo: everything (the paper's 95% / 89% memory efficiencies, "
                  "the 800I A2's fitted GEMM efficiencies, 25 us per PCIe step).")

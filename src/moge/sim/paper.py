@@ -121,3 +121,34 @@ def format_table(rows: list[dict], profiles: dict[str, HardwareProfile] | None =
     out.append(f"MTP: depth {PAPER_MTP.depth}, acceptance {PAPER_MTP.acceptance} (ASSUMPTION: DeepSeek-V3's "
                f"reported 85-90% second-token acceptance, lower end; the paper gives none).")
     return "\n".join(out)
+
+
+def plot_comparison(rows: list[dict], path: str) -> None:
+    """Signed error of every point (calibration blue, held-out orange), with the 15% / 25% bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    ys = list(range(len(rows)))[::-1]
+    colors = ["tab:blue" if r["role"] == "fit" else "tab:orange" for r in rows]
+    ax.barh(ys, [100 * r["error"] for r in rows], color=colors)
+    for band, ls in ((15, "--"), (25, ":")):
+        for sgn in (-1, 1):
+            ax.axvline(sgn * band, color="k", ls=ls, lw=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(ys, [f"{r['label']} ({r['cards']} cards)" for r in rows], fontsize=8)
+    for y, r in zip(ys, rows):
+        ax.text(100 * r["error"] + (1 if r["error"] >= 0 else -1), y, f"{r['error']:+.0%}", va="center",
+                ha="left" if r["error"] >= 0 else "right", fontsize=7)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color="tab:blue", label="calibration (fitted)"),
+                       Patch(color="tab:orange", label="held out (predicted)")], fontsize=8, loc="lower right")
+    ax.set_xlabel("simulator vs paper (%): dashed 15%, dotted 25%")
+    lim = max(30, 10 + 100 * max(abs(r["error"]) for r in rows))
+    ax.set_xlim(-lim, lim)
+    ax.set_title("Simulator vs the paper (W8A8, int8 KV cache, 2K context)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
