@@ -1,6 +1,7 @@
 """`moge simulate ...` through the top-level CLI entry: JSON shapes, errors, search, calibration."""
 
 import json
+import re
 
 import pytest
 
@@ -101,3 +102,22 @@ def test_calibrate_writes_profile_and_compares(capsys, tmp_path):
     res = run_json(capsys, ["simulate", "perf", "--model", "debug", "--hardware", "local-cpu", "--calibration",
                             str(path), "--cards", "1", "--weights", "fp32", "--json"])
     assert res["hardware"] == "local-cpu" and res["step_ms"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["perf", "--expert-ep", "0"], "--expert-ep must be >= 1"),
+    (["perf", "--attn-tp", "0"], "--attn-tp must be >= 1"),
+    (["perf", "--set", "mem_bw_gbs=0"], "mem_bw_gbs must be > 0"),
+    (["perf", "--set", "mem_bw_gbs=-1"], "mem_bw_gbs must be > 0"),
+    (["perf", "--set", "mem_bw_gbs=fast"], "mem_bw_gbs must be a finite number"),
+    (["perf", "--set", "matmul_eff=1.5"], r"matmul_eff must be in \(0, 1\]"),
+    (["search", "--cards", "0"], "--cards must be >= 1"),
+    (["search", "--calibration", "/nonexistent/local-cpu.json"], "no such file"),
+    (["perf", "--hardware", "/bin/sh"], "cannot read hardware profile"),
+])
+def test_bad_simulate_options_are_one_line_errors(argv, message, capsys):
+    from moge.cli import main
+
+    assert main(["simulate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err), err

@@ -95,7 +95,8 @@ def test_local_cpu_profile_file_is_used(tmp_path):
     path.write_text(json.dumps(prof.to_dict()))
     hw = get_profile("local-cpu", calibration=path)
     assert hw.mem_bw_gbs == 123.0 and hw.matmul_curve == ((1e6, 10.0), (1e9, 50.0))
-    assert get_profile("local-cpu", calibration=tmp_path / "missing.json") == PROFILES["local-cpu"]
+    with pytest.raises(HardwareError, match="no such file"):  # an explicit file must exist (issue 14)
+        get_profile("local-cpu", calibration=tmp_path / "missing.json")
     r = simulate(get_config("debug"), hw, 1, "prefill", 1, 64, "fp32")
     assert r.step_ms > 0 and r.ttft_ms == r.step_ms
 

@@ -95,11 +95,50 @@ class HardwareProfile:
     source: str = ""
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.mem_tech not in MEMORY_EFFICIENCY:
             raise HardwareError(f"unknown memory technology {self.mem_tech!r}; choose one of {sorted(MEMORY_EFFICIENCY)}")
         if self.chips_per_card < 1 or self.chips_per_host < self.chips_per_card or self.chips_per_host % self.chips_per_card:
             raise HardwareError(f"chips_per_host ({self.chips_per_host}) must be a multiple of chips_per_card "
                                 f"({self.chips_per_card}) and both >= 1")
+
+    # (fields, lower bound, strictly above it?, upper bound): what a physical chip can have
+    _POSITIVE = ("bf16_tflops", "fp32_tflops", "memory_gb", "mem_bw_gbs")
+    _OPTIONAL_POSITIVE = ("int8_tops", "card_link_gbs")
+    _NON_NEGATIVE = ("card_link_us", "host_link_gbs", "host_link_us", "cross_link_gbs", "cross_link_us",
+                     "op_overhead_us")
+    _FRACTIONS = ("matmul_eff", "gmm_eff", "attn_eff", "mem_eff", "attn_mem_eff", "usable_memory_frac")
+
+    def _check_numbers(self) -> None:
+        """:class:`HardwareError` naming the field for a non-number, NaN/inf, or a value no chip has
+        (a zero bandwidth would divide by zero, a negative one give negative times)."""
+        import math
+
+        def number(name: str, v) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise HardwareError(f"hardware profile field {name} must be a finite number, got {v!r}")
+            return float(v)
+
+        for name in self._POSITIVE + self._OPTIONAL_POSITIVE:
+            v = getattr(self, name)
+            if v is None and name in self._OPTIONAL_POSITIVE:
+                continue
+            if number(name, v) <= 0:
+                raise HardwareError(f"hardware profile field {name} must be > 0, got {v!r}")
+        for name in self._NON_NEGATIVE:
+            if number(name, getattr(self, name)) < 0:
+                raise HardwareError(f"hardware profile field {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in self._FRACTIONS:
+            v = getattr(self, name)
+            if v is not None and not 0 < number(name, v) <= 1:
+                raise HardwareError(f"hardware profile field {name} must be in (0, 1], got {v!r}")
+        if self.decode_op_overhead_us is not None and number("decode_op_overhead_us", self.decode_op_overhead_us) < 0:
+            raise HardwareError(f"hardware profile field decode_op_overhead_us must be >= 0, "
+                                f"got {self.decode_op_overhead_us!r}")
+        for name in ("chips_per_card", "chips_per_host"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise HardwareError(f"hardware profile field {name} must be an integer, got {v!r}")
 
     def compute_tflops(self, weights: str, kind: str = "gemm") -> float:
         """Achievable dense rate (TFLOP/s per chip) for the weight precision and kernel kind
@@ -241,7 +280,7 @@ def load_profile_file(path: str | Path) -> HardwareProfile:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HardwareError(f"cannot read hardware profile {path}: {e}") from None
     if not isinstance(d, dict):
         raise HardwareError(f"hardware profile {path} is not a JSON object")
@@ -254,6 +293,8 @@ def get_profile(name: str, calibration: str | Path | None = None, **overrides) -
     ``calibration`` overrides where the calibrated ``local-cpu`` profile is looked for. ``overrides``
     replace fields (e.g. ``mem_bw_gbs=...`` for what-if studies).
     """
+    if calibration is not None and not Path(calibration).is_file():
+        raise HardwareError(f"--calibration {calibration}: no such file (write one with moge simulate calibrate)")
     if name.endswith(".json") or os.path.sep in name:
         prof = load_profile_file(name)
     elif name == "local-cpu":

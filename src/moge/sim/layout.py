@@ -74,6 +74,9 @@ def default_layout(config: MoGEConfig, ranks: int, attn_tp: int | None = None, e
     s.7 at 8 ranks: attention DP2 x TP4, experts TP2 x EP4, shared TP8). Explicit values override."""
     if ranks < 1:
         raise PerfError(f"the rank count must be >= 1, got {ranks}")
+    for flag, v in (("--attn-tp", attn_tp), ("--expert-ep", expert_ep), ("--shared-tp", shared_tp)):
+        if v is not None and v < 1:
+            raise PerfError(f"{flag} must be >= 1, got {v}")
     tp = attn_tp or math.gcd(ranks, 4)
     if expert_ep is None:
         ep = max(e for e in range(1, min(ranks, 4) + 1) if ranks % e == 0 and config.groups % e == 0)
