@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .errors import InvalidArgumentError
 from .routing import expert_counts
 
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Any, Any], Tensor]
@@ -65,7 +66,7 @@ def get_experts_backend(name: str, device: torch.device | None = None) -> Expert
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown experts backend {name!r}; available: {['auto', *available_backends()]}") from None
+        raise InvalidArgumentError(f"unknown experts backend {name!r}; available: {['auto', *available_backends()]}") from None
 
 
 def default_backend(device: torch.device | None = None) -> str:
@@ -131,7 +132,7 @@ def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor
     """
     flat_P = ids_TK.reshape(-1)
     order_P = torch.argsort(flat_P, stable=True)
-    return order_P, order_P // ids_TK.shape[1], expert_counts(ids_TK, num_experts)
+    return order_P, order_P // ids_TK.shape[1], expert_counts(ids_TK, num_experts, check=False)
 
 
 def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -142,6 +142,7 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
         ``torch.float32`` / ``torch.bfloat16`` / their names. ``device_map``: None, a device
         (``"cpu"``, ``"cuda:0"``) or ``{"": device}``. Hub downloads are not supported.
         """
+        verify = kwargs.pop("verify", True)  # moge's own: manifest SHA-256 and NaN/inf refusal on load
         unknown = set(kwargs) - _IGNORED_LOAD_KWARGS
         if model_args or unknown:
             raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained got unsupported arguments: "
@@ -159,7 +160,7 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 moge_cfg, **{k: raw[k] for k in ("use_cache", "output_router_logits") if k in raw})
         with torch.device("meta"):
             model = cls(config)
-        load_into(model, path, config.to_moge_config(), tdtype, device)
+        load_into(model, path, config.to_moge_config(), tdtype, device, verify=verify)
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.config.dtype = next(model.parameters()).dtype
         return model.eval()

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from .io import (CheckpointError, atomic_write, header_shapes, listing, open_shards, read_json, save_shards,
-                 to_dtype_device, weight_files, write_json)
+                 to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
                      stack_experts, to_published_state_dict)
 
@@ -272,16 +272,22 @@ def from_ascend(read: Callable[[str], Tensor], names: list[str], plan: Mapping[s
 # ---- directories -----------------------------------------------------------------------------------
 
 def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig,
-                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                        verify: bool = True) -> torch.nn.Module:
     """Load an Ascend W8A8 directory into ``module`` (a float model built on the meta device): the int8
     modules its description names are installed first, every tensor name, shape and dtype is checked
-    before data is read, then the tensors are assigned."""
+    before data is read, then the tensors are assigned. ``verify`` as for float checkpoints: a training
+    manifest, if any, is checked, and float tensors holding NaN/inf are refused by name."""
     from ..model import RotaryEmbedding
     from ..quant import QuantError, install_quantized
+    from .pretrained import refuse_non_finite, resolve_device, verify_against_manifest
 
     directory = Path(directory)
+    dev = resolve_device(device)
     description = read_description(directory)
     files = weight_files(directory)
+    if verify:
+        verify_against_manifest(directory, set(files.values()))
     names = sorted(files)
     plan = quant_plan(description, names)
     try:
@@ -289,7 +295,6 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
     except QuantError as e:
         raise CheckpointError(f"{directory / QUANT_DESCRIPTION_NAME}: {e}") from None
     expected_pub, _ = to_ascend_state_dict(module.state_dict(), config)
-    dev = torch.device(device)
     with open_shards(sorted(set(files.values()))) as handles:
         shapes = header_shapes(files, handles)
         # a float bias next to quant_bias is redundant (the Ascend kernel ignores it): tolerated
@@ -306,9 +311,12 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
 
         def read(name: str) -> Tensor:
             try:
-                return handles[files[name]].get_tensor(name)
+                t = handles[files[name]].get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"cannot read tensor {name} from {files[name]}: {e}") from None
+            if verify:
+                refuse_non_finite(name, t, str(files[name]))
+            return t
 
         sd = from_ascend(read, [n for n in names if n not in extra_bias], plan, config, dtype, dev)
     if config.tie_word_embeddings:
@@ -326,23 +334,25 @@ def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mappin
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a quantized state dict in the Ascend W8A8 layout: shards, then the description (and moge's
     calibration notes in ``moge_quantization.json`` when given), then ``config.json``; each file atomic."""
+    from .pretrained import check_tokenizer_file
+
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
-    tensors, desc = to_ascend_state_dict(state_dict, config)
-    save_shards(tensors, directory, max_shard_size, progress)
-    write_json(directory / QUANT_DESCRIPTION_NAME, desc)
-    if metadata is not None:
-        write_json(directory / METADATA_NAME, dict(metadata))
-    elif (directory / METADATA_NAME).exists():  # notes of an earlier save into this directory
-        (directory / METADATA_NAME).unlink()
-    dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and desc.get(k) == FLOAT}
-    write_json(directory / "config.json",
-               released_config_dict(config, next(iter(dtypes)) if len(dtypes) == 1 else None, config_overrides))
+    tensors, desc = to_ascend_state_dict(state_dict, config)  # refuses what the layout cannot hold, first
     if tokenizer_file is not None:
-        src = Path(tokenizer_file)
-        if not src.is_file():
-            raise CheckpointError(f"tokenizer file {src} does not exist")
-        if src.resolve() != (directory / "tokenizer.json").resolve():
-            atomic_write(directory / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
+        check_tokenizer_file(tokenizer_file)
+    writable_dir(directory, "checkpoint directory")
+    with writing("checkpoint", directory):
+        save_shards(tensors, directory, max_shard_size, progress)
+        write_json(directory / QUANT_DESCRIPTION_NAME, desc)
+        if metadata is not None:
+            write_json(directory / METADATA_NAME, dict(metadata))
+        elif (directory / METADATA_NAME).exists():  # notes of an earlier save into this directory
+            (directory / METADATA_NAME).unlink()
+        dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and desc.get(k) == FLOAT}
+        write_json(directory / "config.json",
+                   released_config_dict(config, next(iter(dtypes)) if len(dtypes) == 1 else None, config_overrides))
+        if tokenizer_file is not None:
+            src = Path(tokenizer_file)
+            if src.resolve() != (directory / "tokenizer.json").resolve():
+                atomic_write(directory / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
     return directory

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, MoGEConfig
 from .hardware import HardwareProfile, get_profile
-from .perf import MemoryFitError, PerfError, param_counts, simulate
+from .perf import MemoryFitError, PerfError, default_kv_cache, param_counts, simulate
 
 DEFAULT_LATENCY_MS = {"ascend-800i-a2": 50.0, "ascend-300i-duo": 100.0}
 
@@ -90,7 +90,16 @@ def run_search(args: argparse.Namespace) -> int:
     """CLI entry of ``moge simulate search``."""
     from tqdm import tqdm
 
+    for flag, v, low in (("--cards", args.cards, 1), ("--context", args.context, 1), ("--max-batch", args.max_batch, 1),
+                         ("--top", args.top, 1)):
+        if v < low:
+            raise PerfError(f"{flag} must be >= {low}, got {v}")
+    if args.latency_ms is not None and not args.latency_ms > 0:
+        raise PerfError(f"--latency-ms must be > 0, got {args.latency_ms}")
+    if not 0 < args.params_min <= args.params_max:
+        raise PerfError(f"--params-min/--params-max must satisfy 0 < min <= max, got {args.params_min}, {args.params_max}")
     hw = get_profile(args.hardware, args.calibration)
+    args.kv_cache = args.kv_cache or default_kv_cache(args.weights)
     latency = args.latency_ms or DEFAULT_LATENCY_MS.get(hw.name, 50.0)
     cands = candidates(args)
     if not cands:
