@@ -165,6 +165,8 @@ BAD = [
      r"integer tensors described as FLOAT \(not in quant_model_description.json as W8A8\) \(24\)"),
     ("mixed expert types", lambda t, d: d.update({"model.layers.1.mlp.experts.3.down_proj.weight": "W8A8_DYNAMIC"}),
      r"the experts of model.layers.1.mlp.experts mix quantization types"),
+    ("NaN in a float tensor", lambda t, d: t["model.layers.0.mlp.gate.weight"].__setitem__((0, 0), float("nan")),
+     r"tensor model.layers.0.mlp.gate.weight in .* holds 1 non-finite value"),
     ("missing tensor", lambda t, d: t.pop("model.layers.1.mlp.experts.7.down_proj.deq_scale"),
      r"missing tensors in .* model.layers.1.mlp.experts.7.down_proj.deq_scale"),
 ]
