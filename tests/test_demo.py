@@ -20,12 +20,14 @@ def test_demo_writes_report_and_plots(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| moge |" in printed and "| topk |" in printed and "report.md" in printed
+    assert "| moge fp32 |" in printed and "| moge W8A8 (expert-aware, static) |" in printed
     for name in ("report.md", "overview.png", "loss.png", "balance.png", "group_loads.png", "expert_share.png",
                  "tokenizer.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "exactly 0 in every layer at every training step: yes" in report
     assert "![overview](overview.png)" in report and "## Samples" in report
+    assert "| moge W8A8 (expert-aware, static) |" in report
     moge, topk = summarize(read_metrics(out / "moge", "moge")), summarize(read_metrics(out / "topk", "topk"))
     assert moge["max_is"] == 0.0 and moge["max_max_mean_load"] == 1.0
     assert topk["max_is"] > 0.0

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "train": "moge.train",
     "generate": "moge.generate",
     "convert": "moge.checkpoint.convert",
+    "quantize": "moge.quantize",
     "info": "moge.info",
     "route": "moge.routing_demo",
     "simulate": "moge.sim.cli",

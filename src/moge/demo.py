@@ -5,7 +5,9 @@ data order, initialisation seed and schedule; only the router differs. The repor
 (``OUT/report.md``, PNGs, ``OUT/overview.png``) shows loss curves, the Imbalance Score and max/mean
 device load of every layer over training, the last batch's per-group load, per-domain expert token
 shares and generated samples. MoGE's Imbalance Score is checked to be exactly 0 at every logged step
-in every layer. The defaults took 4 min 07 s on two idle CPU cores (8.5 min on a busy machine).
+in every layer. The run ends with the MoGE model quantized to W8A8 (``moge quantize``'s defaults, measured
+on every validation row; ``--no-w8a8`` skips it). The defaults took 4 min 07 s on two idle CPU cores
+(8.5 min on a busy machine) before the W8A8 step was added; see README.md for its cost.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs trained at once, each in its own single-threaded process (default: as many "
                         "as there are CPU cores and routers on CPU, 1 on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-w8a8", dest="w8a8", action="store_false",
+                   help="skip the W8A8 row (MoGE model quantized with expert-aware smoothing, static activations)")
 
 
 def _init_worker(threads: int) -> None:
@@ -169,6 +173,18 @@ def run(args: argparse.Namespace) -> int:
                      f"each the maximum over its steps).")
         if not zero:
             raise MoGEError("MoGE produced a non-zero Imbalance Score; this contradicts its construction")
+    w8a8 = None
+    if "moge" in run_dirs and args.w8a8:
+        from .quantize import w8a8_quality
+
+        t1 = time.perf_counter()
+        calib = 8 * args.batch_size * args.seq_len  # eight training batches: 16,384 tokens by default
+        quality, _, _ = w8a8_quality(run_dirs["moge"], tokenizer, args.seq_len, calib_tokens=calib)
+        timings["W8A8"] = time.perf_counter() - t1
+        w8a8 = quality.summary("moge")
+        notes.append(f"W8A8 of the MoGE model (`moge quantize`: expert-aware smoothing, static activations, "
+                     f"{calib:,} calibration tokens of the training split), every validation row; see "
+                     f"docs/quantization.md:\n\n" + w8a8)
     timings["total before report"] = time.perf_counter() - t_start
     report_path, summaries = write_report(out, run_dirs, samples, timings, notes)
     timings["report"] = time.perf_counter() - t0
@@ -177,8 +193,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(summary_table(summaries))
     print()
+    if w8a8 is not None:
+        print(w8a8)
+        print()
     for note in notes:
-        print(note)
+        if w8a8 is None or w8a8 not in note:
+            print(note)
     print("wall-clock: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     try:
         import resource  # Unix only

@@ -10,18 +10,28 @@ projection, each stored ``[out, in]`` like ``nn.Linear``) and ``down_proj [N, H,
 
 A backend is a function ``(x [T,H], expert_ids [T,K], weights [T,K], gate_up [N,2F,H], down [N,H,F])
 -> y [T,H]`` computing ``y_t = sum_k weights[t,k] * Expert_{ids[t,k]}(x_t)``. ``eager`` is the plain
-per-expert loop and the test oracle; faster backends must match it and are chosen by name:
+per-expert loop and the test oracle; faster backends must match it and are chosen by name.
+
+The weights are of one of two kinds (the kind seam): float tensors ``[N, O, I]``, or quantized stacked
+weights (:class:`moge.quant.Int8Linear` with a leading expert dimension), any object with ``shape`` and
+``matmul(x_RI, e, row_scale_R1, out) -> [R, O]``. Backends reach an expert's matrix only through
+:func:`expert_linear`, so every backend runs both kinds: a quantized weight quantizes its input rows and
+multiplies in int8 (or through its dequantize oracle), and takes the rows' gate weights as an output
+row scale so that its down projection sees the unweighted activation it was calibrated on.
 
 * ``grouped_mm``: sort pairs by expert, two ``F.grouped_mm`` calls, no Python loop and no host sync
   of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
 * ``sorted``: per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
   sync for the counts; the fastest on CPU (the CPU choice; see benchmarks/RESULTS.md).
+
+Quantized weights are inference-only (no backward). ``grouped_mm`` has no int8 kernel to call, so with
+quantized weights it runs the ``sorted`` loop (one host sync).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from .errors import InvalidArgumentError
 from .routing import expert_counts
 
-ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Any, Any], Tensor]
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
 
@@ -72,21 +82,43 @@ def default_backend(device: torch.device | None = None) -> str:
     return "sorted" if "sorted" in _BACKENDS else "eager"
 
 
+def expert_linear(x_RI: Tensor, w: Any, e: int, row_scale_R1: Tensor | None = None,
+                  out: Tensor | None = None) -> Tensor:
+    """Rows ``x [R, I]`` times expert ``e``'s ``[O, I]`` matrix of ``w`` -> ``[R, O]``, each output row
+    multiplied by ``row_scale`` when given.
+
+    ``w`` is a float tensor ``[N, O, I]`` or quantized stacked weights (see the module docstring); this
+    is the only place backends touch an expert's matrix.
+    """
+    if isinstance(w, Tensor):
+        y_RO = torch.mm(x_RI, w[e].t(), out=out)
+        if row_scale_R1 is None:
+            return y_RO
+        # out-of-place unless writing into a buffer: autograd needs the product for the scale's gradient
+        return y_RO.mul_(row_scale_R1) if out is not None else y_RO * row_scale_R1
+    return w.matmul(x_RI, e, row_scale_R1, out)
+
+
+def is_float_weight(w: Any) -> bool:
+    """True for plain float stacked weights, False for a quantized kind."""
+    return isinstance(w, Tensor)
+
+
 def _swiglu(h_P2F: Tensor) -> Tensor:
     gate_PF, up_PF = h_P2F.chunk(2, dim=-1)
     return F.silu(gate_PF) * up_PF
 
 
 @register_experts_backend("eager")
-def eager_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+def eager_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """Reference: loop over experts, gather each one's tokens, run its MLP, scatter-add the result."""
     y_TH = torch.zeros_like(x_TH)
     for e in range(gate_up_N2FH.shape[0]):
         tok_P, slot_P = torch.where(ids_TK == e)
         if tok_P.numel() == 0:
             continue
-        h_PF = _swiglu(F.linear(x_TH[tok_P], gate_up_N2FH[e]))
-        out_PH = F.linear(h_PF, down_NHF[e]) * w_TK[tok_P, slot_P].unsqueeze(-1).to(x_TH.dtype)
+        h_PF = _swiglu(expert_linear(x_TH[tok_P], gate_up_N2FH, e))
+        out_PH = expert_linear(h_PF, down_NHF, e, w_TK[tok_P, slot_P].unsqueeze(-1).to(x_TH.dtype))
         y_TH = y_TH.index_add(0, tok_P, out_PH)
     return y_TH
 
@@ -142,14 +174,17 @@ def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Te
 
 
 @register_experts_backend("grouped_mm")
-def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """Sort pairs by expert, two grouped matmuls, un-permute and sum the K slots: no loop, no host sync.
 
     The gate weight is applied to the ``[P, F]`` activation before the down projection (the
     projection is linear, so this is exact) because that tensor is H/F times smaller than the output.
     The K outputs of a token are combined by an inverse-permutation gather and a ``[T, K, H]`` sum
-    instead of zeros + index_add: deterministic and one pass over memory.
+    instead of zeros + index_add: deterministic and one pass over memory. Quantized weights go through
+    the ``sorted`` loop (there is no grouped int8 matmul to call).
     """
+    if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
+        return _sorted_forward(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)[0]
     t, k = ids_TK.shape
     order_P, token_P, offsets_N = sort_by_expert(ids_TK, gate_up_N2FH.shape[0])
     expert_P = ids_TK.reshape(-1)[order_P]
@@ -186,6 +221,41 @@ def _segments(counts: list[int], max_rows: int) -> list[tuple[int, int, list[tup
     return chunks
 
 
+def _sorted_forward(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any):
+    """The ``sorted`` forward for either weight kind: ``(y, chunks, order, token, wsort, saved_gu)``.
+
+    Float down weights get the gate weight on the ``[rows, F]`` activation (cheaper than on the output);
+    quantized ones get it as an output row scale, so they quantize the unweighted activation.
+    """
+    n, f2, h = gate_up_N2FH.shape
+    order_P, token_P, counts_N = sort_pairs(ids_TK, n)
+    counts = counts_N.tolist()  # the one host sync
+    chunks = _segments(counts, max(1, _CHUNK_BYTES // (h * x_TH.element_size())))
+    wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
+    float_down = is_float_weight(down_NHF)
+    keep = float_down and is_float_weight(gate_up_N2FH)  # the pre-activations the backward reuses
+    y_TH = torch.zeros_like(x_TH)
+    saved_gu = []
+    for start, end, segs in chunks:
+        tok_R = token_P[start:end]
+        xs_RH = x_TH.index_select(0, tok_R)
+        gu_R2F = x_TH.new_empty(end - start, f2)
+        for e, a, b in segs:
+            expert_linear(xs_RH[a:b], gate_up_N2FH, e, out=gu_R2F[a:b])
+        g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
+        hw_RF = F.silu(g_RF).mul_(u_RF)
+        w_R1 = wsort_P1[start:end]
+        if float_down:
+            hw_RF.mul_(w_R1)
+        out_RH = x_TH.new_empty(end - start, h)
+        for e, a, b in segs:
+            expert_linear(hw_RF[a:b], down_NHF, e, None if float_down else w_R1[a:b], out=out_RH[a:b])
+        y_TH.index_add_(0, tok_R, out_RH)
+        if keep:
+            saved_gu.append(gu_R2F)
+    return y_TH, chunks, order_P, token_P, wsort_P1, saved_gu
+
+
 class _SortedExperts(torch.autograd.Function):
     """All routed experts as one autograd node: per-expert GEMMs on contiguous sorted segments.
 
@@ -201,28 +271,9 @@ class _SortedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF):
-        t, k = ids_TK.shape
-        n, f2, h = gate_up_N2FH.shape
-        order_P, token_P, counts_N = sort_pairs(ids_TK, n)
-        counts = counts_N.tolist()  # the one host sync
-        chunks = _segments(counts, max(1, _CHUNK_BYTES // (h * x_TH.element_size())))
-        wsort_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
-        y_TH = torch.zeros_like(x_TH)
-        saved_gu = []
-        for start, end, segs in chunks:
-            tok_R = token_P[start:end]
-            xs_RH = x_TH.index_select(0, tok_R)
-            gu_R2F = x_TH.new_empty(end - start, f2)
-            for e, a, b in segs:
-                torch.mm(xs_RH[a:b], gate_up_N2FH[e].t(), out=gu_R2F[a:b])
-            g_RF, u_RF = gu_R2F.chunk(2, dim=-1)
-            hw_RF = F.silu(g_RF).mul_(u_RF).mul_(wsort_P1[start:end])
-            out_RH = x_TH.new_empty(end - start, h)
-            for e, a, b in segs:
-                torch.mm(hw_RF[a:b], down_NHF[e].t(), out=out_RH[a:b])
-            y_TH.index_add_(0, tok_R, out_RH)
-            saved_gu.append(gu_R2F)
-        ctx.chunks, ctx.k, ctx.w_dtype, ctx.saved_gu = chunks, k, w_TK.dtype, saved_gu
+        y_TH, chunks, order_P, token_P, wsort_P1, saved_gu = _sorted_forward(x_TH, ids_TK, w_TK, gate_up_N2FH,
+                                                                             down_NHF)
+        ctx.chunks, ctx.k, ctx.w_dtype, ctx.saved_gu = chunks, ids_TK.shape[1], w_TK.dtype, saved_gu
         ctx.save_for_backward(x_TH, order_P, token_P, wsort_P1, gate_up_N2FH, down_NHF)
         return y_TH
 
@@ -282,12 +333,14 @@ class _SortedExperts(torch.autograd.Function):
 
 
 @register_experts_backend("sorted")
-def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """Per-expert GEMMs on contiguous sorted segments with a fused hand-written backward.
 
     One host sync (the per-expert counts) per call; the fastest choice on CPU at both prefill and
-    decode sizes. See :class:`_SortedExperts`.
+    decode sizes. See :class:`_SortedExperts`. Quantized weights run the same loop without an autograd node.
     """
+    if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
+        return _sorted_forward(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)[0]
     return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 

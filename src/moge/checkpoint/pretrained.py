@@ -20,8 +20,9 @@ from ..config import ConfigError, MoGEConfig, read_config_dict
 from ..errors import ArgumentTypeError
 from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
                  open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
-from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
-                     quantization_format, released_config_dict, stack_experts, to_published_state_dict)
+from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, config_from_dict, group_expert_names,
+                     published_shapes, quantization_format, released_config_dict, stack_experts,
+                     to_published_state_dict)
 
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -109,19 +110,20 @@ def model_config(model: Any) -> MoGEConfig:
 
 
 def refuse_quantized(directory: Path) -> None:
-    """:class:`CheckpointError` naming the format when ``directory`` holds a quantized checkpoint."""
+    """:class:`CheckpointError` naming the format when ``directory`` holds a quantized checkpoint (for
+    readers of float state dicts; whole models load it through :func:`load_into`)."""
     fmt = quantization_format(directory)
     if fmt is not None:
-        raise CheckpointError(f"{directory} is a quantized checkpoint in the {fmt} format, which moge does "
-                              f"not load yet; load the float checkpoint it was made from")
+        raise CheckpointError(f"{directory} is a quantized checkpoint in the {fmt} format, which has no float "
+                              f"state dict; load it as a model (load_pretrained) instead")
 
 
 def read_config(directory: str | Path) -> MoGEConfig:
     """The :class:`MoGEConfig` of a checkpoint directory (or of a ``config.json`` path).
 
     A released config without a group count reads groups = ``num_experts_per_tok``; missing
-    pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A
-    quantized checkpoint is refused with an error naming its format.
+    pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A quantized
+    checkpoint has an ordinary config.
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
@@ -132,7 +134,6 @@ def read_config(directory: str | Path) -> MoGEConfig:
         path = confined(path, CONFIG_NAME)
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} at {path}")
-    refuse_quantized(path.parent)
     try:
         d = read_config_dict(path)
     except ConfigError as e:  # an unreadable file is a checkpoint problem; bad field values stay ConfigError
@@ -168,8 +169,8 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
         shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
         quant = [n for n, p in wanted.items() if handles[p].get_slice(n).get_dtype() in _QUANT_DTYPES]
         if quant:
-            raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}; moge "
-                                  f"does not load quantized checkpoints yet")
+            raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}, but no "
+                                  f"{QUANT_DESCRIPTION_NAME} saying how they are quantized")
         others = sorted(f"{n} ({handles[p].get_slice(n).get_dtype()})" for n, p in wanted.items()
                         if handles[p].get_slice(n).get_dtype() not in _FLOAT_DTYPES)
         if others:
@@ -210,8 +211,13 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
               verify: bool = True) -> torch.nn.Module:
     """Load a checkpoint into ``module`` (built on the meta device, parameter names as in the checkpoint
     with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties.
-    ``verify``: see :func:`load_state_dict`."""
+    ``verify``: see :func:`load_state_dict`. An Ascend W8A8 directory installs its int8 modules first
+    (:func:`.quantized.load_quantized_into`)."""
     from ..model import RotaryEmbedding
+
+    if quantization_format(directory) is not None:
+        from .quantized import load_quantized_into
+        return load_quantized_into(module, directory, config, resolve_dtype(dtype), device, verify)
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sd = load_state_dict(directory, config, dtype, device, expected=expected, verify=verify)
@@ -231,8 +237,8 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
-    model is made. Missing / unexpected / mis-shaped tensors, unreadable files and a missing
-    ``config.json`` raise :class:`CheckpointError` naming them. ``verify`` (default True): a directory
+    model is made. An Ascend W8A8 directory gives the int8 model (scales stay float32). Missing /
+    unexpected / mis-shaped tensors, unreadable files and a missing ``config.json`` raise :class:`CheckpointError` naming them. ``verify`` (default True): a directory
     with a training manifest is checked against it (SHA-256) and tensors holding NaN/inf are refused
     by name (see :func:`load_state_dict`). Returns the model in eval mode.
     """
@@ -268,6 +274,8 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     Weights first (``model.safetensors``, or shards plus ``model.safetensors.index.json``), then
     ``config.json`` (:func:`.layout.released_config_dict`), then optionally ``tokenizer.json``; each file
     atomically, so a directory with a config always has a complete set of weights. Returns the directory.
+    A state dict of int8 modules (:mod:`moge.quant`) is written in the Ascend W8A8 layout instead
+    (:func:`.quantized.save_quantized`).
     """
     if isinstance(directory, torch.nn.Module) or not isinstance(config, MoGEConfig):
         raise TypeError("save_pretrained(directory, config, state_dict): to save a model object use "
@@ -277,10 +285,18 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
         raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
     if tokenizer_file is not None:
         check_tokenizer_file(tokenizer_file)  # before anything is written
+    state_dict = normalise_names(state_dict)
+    if any(t.dtype == torch.int8 for t in state_dict.values()):  # int8 modules: the Ascend W8A8 layout
+        from .quantized import save_quantized
+        return save_quantized(directory, config, state_dict, max_shard_size, tokenizer_file, progress,
+                              config_overrides)
     writable_dir(directory, "checkpoint directory")
-    published = to_published_state_dict(normalise_names(state_dict), config)
+    published = to_published_state_dict(state_dict, config)
     with writing("checkpoint", directory):
         save_shards(published, directory, max_shard_size, progress)
+        for stale in (QUANT_DESCRIPTION_NAME, "moge_quantization.json"):  # a float save over a quantized dir
+            if (directory / stale).exists():
+                (directory / stale).unlink()
         dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
         dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
         write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
