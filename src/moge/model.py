@@ -162,8 +162,11 @@ def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past:
     """Boolean SDPA mask ``[B,1,S,L]`` (True = attend), or None when plain causal masking suffices.
 
     Queries are the last S of L positions. Padded keys are masked; a query whose every key is masked
-    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs).
+    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs). A 4-D
+    mask is taken as the ready boolean ``[B,1,S,L]`` (then pass position ids too).
     """
+    if attention_mask_BL is not None and attention_mask_BL.dim() == 4:
+        return attention_mask_BL  # already [B,1,S,L] boolean (the transformers wrapper converts its masks)
     if attention_mask_BL is None and (past == 0 or s == 1):
         return None
     L = past + s
@@ -189,6 +192,9 @@ class MoGEModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+        # Activation checkpointing of each decoder layer while training; transformers'
+        # gradient_checkpointing_enable() sets this flag and `_gradient_checkpointing_func` (moge.hf).
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
@@ -205,10 +211,24 @@ class MoGEModel(nn.Module):
         cos_sin = self.rotary(position_ids, x_BSH.dtype)
         mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
         stats: list[RouterStats | None] = []
+        # A cache would be written twice (forward and recompute), so layers with one run normally.
+        recompute = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                     and past_key_values is None)
+        checkpoint = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
         for layer in self.layers:
-            x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
+            if recompute:
+                x_BSH, st = checkpoint(layer, x_BSH, cos_sin, mask, None)
+            else:
+                x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
             stats.append(st)
         return self.norm(x_BSH), stats
+
+
+def _checkpoint(fn, *args):
+    """Non-reentrant activation checkpointing: RouterStats tensors keep their gradient (aux loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
