@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
+from .hf_files import write_generation_config, write_tokenizer_config
 from .io import (CheckpointError, atomic_write, header_shapes, open_shards, save_shards,
                  to_dtype_device, weight_files, write_json)
 from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
@@ -196,12 +197,15 @@ def normalise_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mapping[str, Tensor],
                     max_shard_size: int | str = "2GB", tokenizer_file: str | Path | None = None,
-                    progress: bool = False, config_overrides: Mapping[str, Any] | None = None) -> Path:
+                    progress: bool = False, config_overrides: Mapping[str, Any] | None = None,
+                    generation_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``state_dict`` (our names, experts stacked) under ``config`` in the released layout.
 
     Weights first (``model.safetensors``, or shards plus ``model.safetensors.index.json``), then
-    ``config.json`` (:func:`.layout.released_config_dict`), then optionally ``tokenizer.json``; each file
-    atomically, so a directory with a config always has a complete set of weights. Returns the directory.
+    ``config.json`` (:func:`.layout.released_config_dict`) and ``generation_config.json`` (the special
+    ids, updated with ``generation_config``), then optionally ``tokenizer.json`` with the tokenizer
+    files transformers reads (see :mod:`.hf_files`); each file atomically, so a directory with a config
+    always has a complete set of weights. Returns the directory.
     """
     if isinstance(directory, torch.nn.Module) or not isinstance(config, MoGEConfig):
         raise TypeError("save_pretrained(directory, config, state_dict): to save a model object use "
@@ -214,12 +218,14 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
     write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
+    write_generation_config(directory, config, generation_config)
     if tokenizer_file is not None:
         src = Path(tokenizer_file)
         if not src.is_file():
             raise CheckpointError(f"tokenizer file {src} does not exist")
         if src.resolve() != (directory / TOKENIZER_NAME).resolve():
             atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
+        write_tokenizer_config(directory, config)
     return directory
 
 
