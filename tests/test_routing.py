@@ -260,7 +260,7 @@ def test_error_topk_out_of_range():
 
 @pytest.mark.parametrize("shape", [(8,), (2, 3, 8)])
 def test_error_logits_not_2d(shape):
-    with pytest.raises(ValueError, match=re.escape(f"must be 2-D [T, N], got shape {shape}")):
+    with pytest.raises(ValueError, match=re.escape(f"must be 2-D [T, N] with N >= 1, got shape {shape}")):
         moge_route(torch.randn(*shape), 4, 1)
 
 

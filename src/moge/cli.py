@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "info": "moge.info",
     "route": "moge.routing_demo",
     "simulate": "moge.sim.cli",
+    "analyze": "moge.analyze",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class MoGEConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mlp_only_layers, (list, tuple)):
+            raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
         self.mlp_only_layers = list(self.mlp_only_layers)
         self.validate()
 
@@ -102,15 +105,7 @@ class MoGEConfig:
     # ---- checks ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the offending fields if the sizes are inconsistent."""
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "num_experts",
-                    "num_experts_per_tok", "moe_intermediate_size"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.shared_expert_intermediate_size < 0:
-            raise ConfigError(f"shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}")
+        self._check_types()
         if self.router not in ROUTERS:
             raise ConfigError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.hidden_act != "silu":
@@ -143,6 +138,55 @@ class MoGEConfig:
         if bad:
             raise ConfigError(f"mlp_only_layers {bad} out of range for num_hidden_layers={self.num_hidden_layers}")
 
+    def _check_types(self) -> None:
+        """Every field's type and range (a hand-edited config.json may hold anything)."""
+        def integer(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                what = "a positive integer" if lo == 1 else "an integer" if lo < 0 else f">= {lo}"
+                raise ConfigError(f"{name} must be {what}{' or null' if optional else ''}, got {v!r}")
+
+        def number(name: str, lo: float, lo_open: bool) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (v > lo if lo_open else v >= lo)
+            if not ok:
+                raise ConfigError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo}, got {v!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            integer(name, 1)
+        integer("shared_expert_intermediate_size", 0)
+        for name in ("head_dim", "topk_groups", "intermediate_size"):
+            integer(name, 1, optional=True)
+        integer("num_groups", -(1 << 62), optional=True)  # its range is checked below, with the others
+        for name, lo, lo_open in (("rms_norm_eps", 0.0, True), ("rope_theta", 0.0, True),
+                                  ("attention_dropout", 0.0, False), ("router_aux_loss_coef", 0.0, False),
+                                  ("router_z_loss_coef", 0.0, False), ("initializer_range", 0.0, False)):
+            number(name, lo, lo_open)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("router", "hidden_act", "experts_backend"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.experts_backend != "auto":
+            from .experts import available_backends  # only here: keeps config (and moge simulate) torch-free
+            if self.experts_backend not in available_backends():
+                raise ConfigError(f"experts_backend must be one of {['auto', *available_backends()]}, got "
+                                  f"{self.experts_backend!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            for i in ids:
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size):
+                    raise ConfigError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}) or null, "
+                                      f"got {v!r}")
+        bad = [i for i in self.mlp_only_layers if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise ConfigError(f"mlp_only_layers must hold integer layer indices, got {self.mlp_only_layers!r}")
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.mlp_only_layers
 
@@ -157,6 +201,8 @@ class MoGEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoGEConfig":
         """Build from a dict such as a published ``config.json``; keys we do not model are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object / dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if kwargs.get("mlp_only_layers") is None:
@@ -223,8 +269,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_config(name: str, **overrides: Any) -> MoGEConfig:
     """The named preset (see :data:`PRESETS`) with optional field overrides."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MoGEConfig)})
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; the fields are {[f.name for f in dataclasses.fields(MoGEConfig)]}")
     return MoGEConfig(**{**PRESETS[name], **overrides})
 
 

@@ -92,12 +92,27 @@ def run(args: argparse.Namespace) -> int:
     from .tokenizer import save_tokenizer, train_tokenizer
     from .train import TrainConfig, Trainer, resolve_device
 
+    from . import validate as V
+    from .checkpoint.io import writable_dir
+    from .config import ROUTERS
+
     t_start = time.perf_counter()
     out = Path(args.out)
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     if not routers:
         raise MoGEError("--routers is empty")
-    out.mkdir(parents=True, exist_ok=True)
+    bad = [r for r in routers if r not in ROUTERS]
+    if bad:
+        raise MoGEError(f"--routers: unknown router(s) {bad}; choose from {list(ROUTERS)}")
+    V.integer("--jobs", args.jobs, 1, optional=True, error=MoGEError)
+    get_config(args.preset)
+    resolve_device(args.device)
+    # Every run's options are checked before the tokenizer is trained (minutes for a large vocabulary).
+    TrainConfig(out=str(out / routers[0]), preset=args.preset, router=routers[0], steps=args.steps,
+                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                eval_every=args.eval_every, log_every=args.log_every, save_every=0, seed=args.seed,
+                device=args.device, vocab_size=args.vocab_size).validate()
+    writable_dir(out, "--out")
     timings: dict[str, float] = {}
 
     # One tokenizer for every run, trained on the training split only.

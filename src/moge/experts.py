@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .errors import MoGEError
+from .errors import InvalidArgumentError
 from .routing import expert_counts
 
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -37,7 +37,7 @@ _BACKENDS: dict[str, ExpertsBackend] = {}
 _HOST_SYNC: set[str] = set()  # backends that read data-dependent sizes on the host (not traceable by torch.export)
 
 
-class ExpertsBackendError(MoGEError, ValueError):
+class ExpertsBackendError(InvalidArgumentError):
     """An experts backend that does not exist, or cannot run where it was asked to (e.g. under torch.export)."""
 
 
@@ -114,7 +114,7 @@ def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor
     """
     flat_P = ids_TK.reshape(-1)
     order_P = torch.argsort(flat_P, stable=True)
-    return order_P, order_P // ids_TK.shape[1], expert_counts(ids_TK, num_experts)
+    return order_P, order_P // ids_TK.shape[1], expert_counts(ids_TK, num_experts, check=False)
 
 
 def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,14 +27,25 @@ class GenerationError(MoGEError, ValueError):
 
 
 def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, temperature: float,
-                top_k: int, top_p: float) -> None:
+                top_k: int, top_p: float, model: torch.nn.Module | None = None,
+                eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                generator: torch.Generator | None = None) -> None:
+    """Every argument of :func:`generate`, before any work. The prompt's token ids are checked
+    against the vocabulary here, once (a sync on an accelerator); the decode steps then feed back ids
+    the model sampled itself, so the per-step forward does not check them again."""
+    from . import validate as V
+
+    E = GenerationError
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise GenerationError("input_ids must be an integer tensor [batch, seq]"
                               + (f", got shape {tuple(input_ids.shape)} {input_ids.dtype}"
                                  if isinstance(input_ids, Tensor) else f", got {type(input_ids).__name__}"))
     if input_ids.shape[1] == 0:
         raise GenerationError("input_ids is empty: every prompt needs at least one token (e.g. <bos>)")
+    if input_ids.shape[0] == 0:
+        raise GenerationError("input_ids has no rows: give at least one prompt")
     if attention_mask is not None:
+        V.tensor("attention_mask", attention_mask, error=E)
         if attention_mask.shape != input_ids.shape:
             raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                                   f"shape {tuple(input_ids.shape)}")
@@ -43,14 +54,27 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
             raise GenerationError("attention_mask has padding at the end of a row: pad prompts on the LEFT")
         if bool((am[:, 1:].long() - am[:, :-1].long() < 0).any()):
             raise GenerationError("attention_mask is not left padding (a 0 follows a 1 in some row)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    V.number("temperature", temperature, 0.0, error=E)
+    V.integer("top_k", top_k, 0, error=E)
+    V.number("top_p", top_p, 0.0, 1.0, lo_open=True, error=E)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise V.ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise V.ArgumentTypeError(f"model must be a MoGEForCausalLM (or the transformers wrapper), got "
+                                  f"{type(model).__name__}")
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int):
+        V.ids_in_range("input_ids", input_ids, vocab, error=E)
+        for name, ids in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            for i in ([] if ids is None else [ids] if not isinstance(ids, (list, tuple)) else ids):
+                V.integer(name, i, 0, vocab - 1, error=E)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and input_ids.shape[1] + max_new_tokens > limit:
+        raise GenerationError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                              f"model's max_position_embeddings={limit}")
 
 
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -90,7 +114,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     """
     from .model import KVCache
 
-    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, model, eos_token_id,
+                pad_token_id, generator)
     device = next(model.parameters()).device
     ids_BS = input_ids.to(device=device, dtype=torch.long)
     if max_new_tokens == 0:
@@ -141,6 +166,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to text prompts")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint against its manifest (SHA-256) and refusing NaN/inf weights")
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -170,18 +197,29 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerationError(f"--device {args.device}: CUDA is not available")
+    from . import validate as V
+    V.integer("--max-new-tokens", args.max_new_tokens, 0, error=GenerationError)
+    V.number("--temperature", args.temperature, 0.0, error=GenerationError)
+    V.integer("--top-k", args.top_k, 0, error=GenerationError)
+    V.number("--top-p", args.top_p, 0.0, 1.0, lo_open=True, error=GenerationError)
+    V.integer("--seed", args.seed, 0, 2 ** 63 - 1, error=GenerationError)
     tokenizer = None
     if args.prompt:
-        tok_path = ckpt / "tokenizer.json"
+        from .checkpoint import confined
+        tok_path = confined(ckpt, "tokenizer.json")
         if not tok_path.is_file():
             raise GenerationError(f"no tokenizer.json in {ckpt}: pass token ids with --prompt-ids \"1 2 3\"")
         from tokenizers import Tokenizer
+        if args.verify:
+            from .checkpoint.training_state import verify_files
+            verify_files(ckpt, ["tokenizer.json"])
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:
             raise CheckpointError(f"cannot read tokenizer {tok_path}: {e}") from None
 
-    model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
+    model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                            verify=args.verify)
     cfg = model.config
     if tokenizer is not None:
         rows = [tokenizer.encode(t).ids for t in args.prompt]

@@ -13,7 +13,9 @@ all go to that device; several devices are refused: the model is single-device, 
 shards it), ``key_mapping`` (regex -> replacement on the checkpoint's tensor names as moge reads them,
 experts already stacked), ``output_loading_info``, ``tqdm_class`` (transformers uses it for Hub
 downloads only; moge reads local directories) and config attributes (``output_router_logits=True``,
-``num_labels=3``, ``tie_word_embeddings=...``). Anything else is refused by name.
+``num_labels=3``, ``tie_word_embeddings=...``) and moge's ``verify`` (default True: the training
+manifest's SHA-256 and the NaN/inf refusal of :func:`moge.checkpoint.load_state_dict`). Anything else
+is refused by name.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
     """``cls.from_pretrained(path, ...)`` (see the module docstring); returns the model in eval mode, or
     ``(model, loading_info)`` with ``output_loading_info=True``."""
     output_loading_info = kwargs.pop("output_loading_info", False)
+    verify = kwargs.pop("verify", True)  # moge's own: manifest SHA-256 and NaN/inf refusal on load
     key_mapping = kwargs.pop("key_mapping", None)
     attn = kwargs.pop("attn_implementation", None)
     if attn not in _ATTENTION:
@@ -185,7 +188,7 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
     if lost:
         raise CheckpointError(listing(f"missing tensors in {path}", [n.replace(bb, BACKBONE_PREFIX, 1) for n in lost]))
 
-    read = load_state_dict(path, moge_cfg, tdtype, device)
+    read = load_state_dict(path, moge_cfg, tdtype, device, verify=verify)
     sd = to_model_names({new: read.pop(old) for new, old in found.items()}, model)
     for n in unexpected:
         sd.pop(n, None)

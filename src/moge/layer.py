@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import validate as V
 from .config import ROUTERS, MoGEConfig
-from .experts import SwiGLU, SwiGLUExperts
+from .experts import SwiGLU, SwiGLUExperts, available_backends
 from .routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
 
 
@@ -61,13 +62,25 @@ class MoGELayer(nn.Module):
                  topk_groups: int | None = None, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
                  experts_backend: str = "auto"):
         super().__init__()
+        for name, value, lo in (("hidden_size", hidden_size, 1), ("num_experts", num_experts, 1),
+                                ("num_experts_per_tok", num_experts_per_tok, 1),
+                                ("moe_intermediate_size", moe_intermediate_size, 1),
+                                ("shared_expert_intermediate_size", shared_expert_intermediate_size, 0)):
+            V.integer(name, value, lo)
+        V.integer("num_groups", num_groups, 1, optional=True)
+        V.integer("topk_groups", topk_groups, 1, optional=True)
+        V.number("aux_loss_coef", aux_loss_coef, 0.0)
+        V.number("z_loss_coef", z_loss_coef, 0.0)
+        V.choice("experts_backend", experts_backend, ["auto", *available_backends()])
         m = num_groups if num_groups is not None else num_experts_per_tok
         if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+            raise V.InvalidArgumentError(f"router must be one of {ROUTERS}, got {router!r}")
+        if num_experts_per_tok > num_experts:
+            raise V.InvalidArgumentError(f"num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}")
         if m < 1 or num_experts % m:
-            raise ValueError(f"num_experts={num_experts} is not divisible by num_groups={m}")
+            raise V.InvalidArgumentError(f"num_experts={num_experts} is not divisible by num_groups={m}")
         if router == "moge" and (num_experts_per_tok % m or not 1 <= num_experts_per_tok // m <= num_experts // m):
-            raise ValueError(f"MoGE needs num_experts_per_tok={num_experts_per_tok} = num_groups={m} x K' with "
+            raise V.InvalidArgumentError(f"MoGE needs num_experts_per_tok={num_experts_per_tok} = num_groups={m} x K' with "
                              f"1 <= K' <= {num_experts // m}")
         self.hidden_size, self.num_experts, self.top_k, self.num_groups = hidden_size, num_experts, num_experts_per_tok, m
         self.router = router
@@ -106,20 +119,33 @@ class MoGELayer(nn.Module):
 
     def stats(self, r: Routing) -> RouterStats:
         """Counts, per-group loads and the (coefficient-scaled) auxiliary losses of a routing."""
-        counts_N = expert_counts(r.expert_ids, self.num_experts)
+        counts_N = expert_counts(r.expert_ids, self.num_experts, check=False)
         zero = r.scores.new_zeros(())
         return RouterStats(
             expert_counts=counts_N,
             group_loads=counts_N.view(self.num_groups, -1).sum(-1),
-            aux_loss=aux_loss(r.scores, r.expert_ids, self.aux_loss_coef) if self.aux_loss_coef else zero,
+            aux_loss=aux_loss(r.scores, r.expert_ids, self.aux_loss_coef, check=False) if self.aux_loss_coef else zero,
             z_loss=z_loss(r.logits, self.z_loss_coef) if self.z_loss_coef else zero,
             expert_ids=r.expert_ids,
             num_tokens=r.expert_ids.shape[0],
             router_logits=r.logits,
         )
 
+    def check_input(self, x: Tensor) -> None:
+        """Refuse what the layer cannot compute, from metadata only (no host sync): a non-tensor, a
+        non-float or complex dtype, a last dimension other than H, no tokens, or a dtype other than
+        the weights' outside autocast."""
+        V.tensor("MoGELayer input x", x, "float", last=self.hidden_size)
+        if x.numel() == 0:
+            raise V.InvalidArgumentError(f"MoGELayer input x has no tokens (shape {tuple(x.shape)})")
+        w = self.gate.weight
+        if x.dtype != w.dtype and w.device.type != "meta" and not torch.is_autocast_enabled(x.device.type):
+            raise V.ArgumentTypeError(f"MoGELayer input x has dtype {x.dtype} but the layer's weights are "
+                                      f"{w.dtype}; cast one to the other (or run under torch.autocast)")
+
     def forward(self, x: Tensor, backend: str | None = None) -> tuple[Tensor, RouterStats]:
-        """``x [..., H] -> (y [..., H], RouterStats)``."""
+        """``x [..., H] -> (y [..., H], RouterStats)``; bad inputs fail in :meth:`check_input`."""
+        self.check_input(x)
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         r = self.route(x_TH)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate as V
 from .config import MoGEConfig
 from .experts import SwiGLU
 from .layer import MoGELayer, RouterStats
@@ -186,6 +187,54 @@ def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past:
 class MoGEModel(nn.Module):
     """Embedding, decoder layers and the final norm (no output head)."""
 
+    def check_inputs(self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+                     past_key_values, inputs_embeds: Tensor | None, check_ids: bool | None = None) -> None:
+        """Refuse bad inputs with a named error before any work.
+
+        Types, dtypes and shapes are checked always (metadata only). Whether every token id is in
+        ``[0, V)`` needs the ids' values: ``check_ids=None`` checks them when they are on the CPU,
+        where that costs one pass over ``B*S`` integers and no device sync, and skips it on an
+        accelerator, where reading them back would stall every decode step and training step (there
+        :func:`moge.generate.generate` checks the prompt once at its entry); ``True`` always checks,
+        ``False`` never.
+        """
+        vocab, hidden = self.embed_tokens.num_embeddings, self.embed_tokens.embedding_dim
+        if (input_ids is None) == (inputs_embeds is None):
+            raise V.InvalidArgumentError("pass exactly one of input_ids [B, S] and inputs_embeds [B, S, H], got "
+                                         + ("both" if input_ids is not None else "neither"))
+        if input_ids is not None:
+            V.tensor("input_ids", input_ids, "int", dims=2, nonempty=True)
+            # values are data: not readable while torch.export / torch.compile trace the forward
+            on_cpu = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            if check_ids or (check_ids is None and on_cpu):
+                V.ids_in_range("input_ids", input_ids, vocab)
+            b, s = input_ids.shape
+        else:
+            V.tensor("inputs_embeds", inputs_embeds, "float", dims=3, last=hidden, nonempty=True)
+            b, s = inputs_embeds.shape[:2]
+        past = 0
+        if past_key_values is not None:
+            if not (hasattr(past_key_values, "get_seq_length") and hasattr(past_key_values, "update")):
+                raise V.ArgumentTypeError(f"past_key_values must be a KV cache (KVCache or transformers' "
+                                          f"DynamicCache), got {type(past_key_values).__name__}")
+            past = past_key_values.get_seq_length()
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready boolean mask (moge.hf builds them)
+            if attention_mask.dtype != torch.bool:
+                raise V.ArgumentTypeError(f"a 4-D attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
+            if tuple(attention_mask.shape) not in ((b, 1, s, past + s), (1, 1, s, past + s)):
+                raise V.InvalidArgumentError(f"a 4-D attention_mask must be [B, 1, S, past+S] = [{b}, 1, {s}, "
+                                             f"{past + s}], got {tuple(attention_mask.shape)}")
+        elif attention_mask is not None:
+            V.tensor("attention_mask", attention_mask, dims=2)
+            if tuple(attention_mask.shape) != (b, past + s):
+                raise V.InvalidArgumentError(f"attention_mask must be [B, past+S] = [{b}, {past + s}], got "
+                                             f"{tuple(attention_mask.shape)}")
+        if position_ids is not None:
+            V.tensor("position_ids", position_ids, "int", dims=2)
+            if position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
+                raise V.InvalidArgumentError(f"position_ids must be [B, S] = [{b}, {s}] (or [1, S]), got "
+                                             f"{tuple(position_ids.shape)}")
+
     def __init__(self, config: MoGEConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -198,7 +247,10 @@ class MoGEModel(nn.Module):
 
     def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
-                inputs_embeds: Tensor | None = None) -> tuple[Tensor, list[RouterStats | None]]:
+                inputs_embeds: Tensor | None = None,
+                check_ids: bool | None = None) -> tuple[Tensor, list[RouterStats | None]]:
+        """Final hidden states ``[B,S,H]`` and per-layer router stats; see :meth:`check_inputs`."""
+        self.check_inputs(input_ids_BS, attention_mask, position_ids, past_key_values, inputs_embeds, check_ids)
         x_BSH = self.embed_tokens(input_ids_BS) if inputs_embeds is None else inputs_embeds
         b, s, _ = x_BSH.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -267,6 +319,20 @@ def head_forward(lm_head: nn.Linear, h_BSH: Tensor, stats: list[RouterStats | No
     aux and z losses (None without MoE layers).
     """
     if isinstance(logits_to_keep, Tensor):
+        V.tensor("logits_to_keep", logits_to_keep, "int")
+    else:
+        V.integer("logits_to_keep", logits_to_keep, 0)
+    if labels is not None:
+        V.tensor("labels", labels, "int")
+        if labels.dim() == 2 and labels.shape[1] < 2:
+            raise V.InvalidArgumentError(f"labels need at least 2 positions (position s predicts labels[s+1]), got "
+                                         f"shape {tuple(labels.shape)}")
+        if tuple(labels.shape) != tuple(h_BSH.shape[:2]):
+            raise V.InvalidArgumentError(f"labels must be [B, S] = {list(h_BSH.shape[:2])} like input_ids, got "
+                                         f"{tuple(labels.shape)}")
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # values only where reading is free
+            V.ids_in_range("labels", labels, lm_head.out_features, allow=(-100,))
+    if isinstance(logits_to_keep, Tensor):
         h_BSH = h_BSH[:, logits_to_keep]
     elif logits_to_keep:
         h_BSH = h_BSH[:, -logits_to_keep:]
@@ -309,14 +375,16 @@ class MoGEForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
                 position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                logits_to_keep: int | Tensor = 0) -> ModelOutput:
+                logits_to_keep: int | Tensor = 0, check_ids: bool | None = None) -> ModelOutput:
         """Logits ``[B,S,V]``; with ``labels`` the shifted mean cross-entropy (``-100`` ignored).
 
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
+        Bad inputs raise a named error first; ``check_ids`` is explained in :meth:`MoGEModel.check_inputs`.
         """
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                                  check_ids)
         logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router_stats=stats,
                            past_key_values=past_key_values if use_cache else None)

@@ -26,11 +26,18 @@ def run(args: argparse.Namespace) -> int:
 
     from .errors import MoGEError
 
+    from .validate import check_memory
+
     n, k, m = args.experts, args.k, args.groups
     if min(n, k, m, args.tokens, args.batches) < 1:
         raise MoGEError("--experts, --k, --groups, --tokens and --batches must all be positive")
     if n % m or k % m or k // m > n // m:
         raise MoGEError(f"MoGE needs --experts={n} and --k={k} divisible by --groups={m}, with K/M <= N/M")
+    if not 0 <= args.seed < 2 ** 63:
+        raise MoGEError(f"--seed must be in [0, 2^63), got {args.seed}")
+    # the random logits of every batch at once, plus the router's float32 scores and sort of one batch
+    check_memory(4 * args.batches * args.tokens * n + 16 * args.tokens * n,
+                 f"--batches {args.batches} x --tokens {args.tokens} x --experts {n}")
     g = torch.Generator().manual_seed(args.seed)
     routers = {
         "moge": lambda z: moge_route(z, m, k // m),

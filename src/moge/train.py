@@ -23,7 +23,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,14 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointCorruptError, atomic_write, load_pretrained, save_pretrained, write_tokenizer_config
+from . import validate as V
+from .checkpoint import (CheckpointCorruptError, atomic_write, confined, load_pretrained, save_pretrained,
+                         write_tokenizer_config)
+from .checkpoint.io import writable_dir, writing
+from .checkpoint.lock import DirectoryLock
+from .checkpoint.pretrained import refuse_non_finite
 from .checkpoint.training_state import (COMMIT_DIR, OPTIMIZER_FILE, commit_checkpoint, has_checkpoint,
                                         read_training_tensors, recover_checkpoint_dir, restore_rng_state, state_path,
                                         verify_checkpoint)
 from .config import ROUTERS, MoGEConfig, get_config
-from .data import (DEFAULT_VAL_FRACTION, Document, SequenceSampler, corpus_summary, load_documents,
+from .data import (DEFAULT_VAL_FRACTION, DataError, Document, SequenceSampler, corpus_summary, load_documents,
                    pack_documents, shuffled, split_documents)
-from .errors import MoGEError
+from .errors import MoGEError, MoGEWarning
+from .validate import check_memory
 from .metrics import balance_from_counts
 from .parallel import (all_reduce_mean, clip_grad_norm_, full_state_dict, gather_named_tensor, shard_named_tensor,
                        sync_gradients)
@@ -95,7 +103,9 @@ class TrainConfig:
     ep: int = 1
 
     def validate(self) -> None:
-        """Raise :class:`TrainingConfigError` naming the option that is out of range."""
+        """Raise :class:`TrainingConfigError` naming the option that is out of range (or of the wrong
+        type: a ``train_config`` read back from a hand-edited checkpoint may hold anything)."""
+        self._check_types()
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             if int(getattr(self, name)) < 1:
                 raise TrainingConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -108,11 +118,41 @@ class TrainConfig:
             raise TrainingConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.router not in ROUTERS:
             raise TrainingConfigError(f"--router must be one of {ROUTERS}, got {self.router!r}")
-        if self.aux_coef is not None and self.aux_coef < 0:
-            raise TrainingConfigError(f"--aux-coef must be >= 0, got {self.aux_coef}")
+        V.number("--aux-coef", self.aux_coef, 0.0, optional=True, error=TrainingConfigError)
+        V.number("--weight-decay", self.weight_decay, 0.0, error=TrainingConfigError)
+        V.number("--grad-clip", self.grad_clip, 0.0, error=TrainingConfigError)
+        V.number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, error=TrainingConfigError)
+        V.number("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True, error=TrainingConfigError)
+        V.integer("--vocab-size", self.vocab_size, MIN_VOCAB, MAX_VOCAB, optional=True, error=TrainingConfigError)
+        V.integer("--seed", self.seed, 0, 2 ** 32 - 1, error=TrainingConfigError)  # numpy's seed range
         if self.ep < 1 or self.batch_size % self.ep:
             raise TrainingConfigError(f"--batch-size {self.batch_size} must be divisible by --ep {self.ep} (it is "
                                       f"the global batch, split evenly over the expert-parallel ranks)")
+
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = _FIELD_TYPES.get(f.name)
+            ok = want is None or (v is None and f.name in _OPTIONAL) or (
+                isinstance(v, want) and not (isinstance(v, bool) and bool not in want))
+            if f.name == "data" and ok:
+                ok = all(isinstance(x, str) for x in v)
+            if not ok:
+                kinds = " or ".join(t.__name__ for t in want) + (" or null" if f.name in _OPTIONAL else "")
+                raise TrainingConfigError(f"--{f.name.replace('_', '-')} must be {kinds}, got {v!r}")
+
+
+_FIELD_TYPES = {"out": (str,), "preset": (str,), "router": (str,), "device": (str,), "tokenizer": (str,),
+                "data": (list,), "compile": (bool,), "progress": (bool,), "deterministic": (bool,),
+                **{k: (int,) for k in ("steps", "batch_size", "seq_len", "grad_accum", "warmup", "vocab_size", "seed",
+                                       "eval_every", "eval_batches", "log_every", "save_every", "ep")},
+                **{k: (int, float) for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_coef",
+                                             "val_fraction")}}
+_OPTIONAL = {"aux_coef", "vocab_size", "tokenizer"}
+# A tokenizer needs its 256 bytes and 3 special tokens; above 2^20 tokens the BPE trainer's tables no
+# longer fit a machine's memory (the tokenizers library aborts the process instead of raising).
+MIN_VOCAB, MAX_VOCAB = 259, 1 << 20
 
 
 # Options a resumed run may change; all others are taken from the checkpoint.
@@ -156,6 +196,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--hang-timeout", type=float, default=30.0,
+                   help="with --ep: seconds without progress after which a rank that the others wait for is "
+                        "named as hung and the run stops (default 30; 0 = off; the collective timeout is 120)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
@@ -174,15 +217,18 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"ep"}
+    explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                if f.name != "out" and getattr(args, f.name, None) is not None}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1:
-        Trainer(cfg, resume=args.resume, resume_overrides=overrides).train()
+        Trainer(cfg, resume=args.resume, resume_overrides=overrides, explicit=explicit).train()
         return 0
     from .parallel import fault_guard, init_distributed
 
+    V.number("--hang-timeout", args.hang_timeout, 0.0, error=TrainingConfigError)
     info = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
     try:
-        with fault_guard(info):
-            Trainer(cfg, resume=args.resume, resume_overrides=overrides, dist=info).train()
+        with fault_guard(info, hang_s=args.hang_timeout):
+            Trainer(cfg, resume=args.resume, resume_overrides=overrides, dist=info, explicit=explicit).train()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -262,9 +308,59 @@ def prepare_data(cfg: TrainConfig, tokenizer=None, vocab_size: int = 4096):
         if len(rows):
             val_rows[domain] = rows
     summary = {"train": corpus_summary(train_docs), "val": corpus_summary(val_docs),
+               "fingerprint": data_fingerprint(train_rows, val_rows),
                "train_rows": int(train_rows.shape[0]), "val_rows": {k: int(v.shape[0]) for k, v in val_rows.items()},
                "train_tokens": int(train_rows.numel())}
     return tokenizer, DataBundle(train_rows, val_rows, summary)
+
+
+def data_fingerprint(train_rows: torch.Tensor, val_rows: dict[str, torch.Tensor]) -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of the packed training rows and of the validation rows: what a
+    resumed run must see again, token for token (the row count alone misses edited text)."""
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    return {"train": digest([train_rows]), "val": digest(val_rows[k] for k in sorted(val_rows))}
+
+
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    """:class:`DataError` when the data a run resumes on is not the data it was checkpointed with."""
+    old = saved.get("fingerprint") if isinstance(saved, dict) else None
+    if not isinstance(old, dict):
+        return  # written before fingerprints: only the row count is checked (by the sampler)
+    changed = [k for k in ("train", "val") if old.get(k) != now["fingerprint"][k]]
+    if changed:
+        diff = ", ".join(f"{k} {old.get(k)} -> {now['fingerprint'][k]}" for k in changed)
+        raise DataError(f"the {' and '.join(changed)} data changed since the checkpoint in {out} was written "
+                        f"(fingerprint {diff}); resume with the same --data files, --seq-len and tokenizer, or "
+                        f"start a new run")
+
+
+def _ignored_flags(explicit: dict[str, Any], saved: "TrainConfig", allowed) -> list[str]:
+    """The options given on a ``--resume`` command line that differ from the run's and are not applied."""
+    out = []
+    for k, v in sorted(explicit.items()):
+        if k in allowed or k == "out" or not hasattr(saved, k):
+            continue
+        if getattr(saved, k) != v:
+            out.append(f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})")
+    return out
+
+
+def estimate_training_bytes(model_config: MoGEConfig, cfg: "TrainConfig", world: int = 1) -> int:
+    """A lower estimate of one process's training memory: float32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter) plus the activations of one micro-batch (logits and their
+    gradient, and about 24 values per hidden unit per layer)."""
+    from .model import count_parameters
+
+    params = count_parameters(model_config)["total"]
+    rows = cfg.batch_size // max(world, 1)
+    acts = rows * cfg.seq_len * (3 * model_config.vocab_size + 24 * model_config.hidden_size *
+                                 model_config.num_hidden_layers)
+    return 16 * params + 4 * acts
 
 
 class Trainer:
@@ -275,28 +371,70 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
-                 tokenizer=None, bar_position: int = 0, dist=None):
+                 tokenizer=None, bar_position: int = 0, dist=None, explicit: dict[str, Any] | None = None):
         from .parallel import DistInfo
 
         self.bar_position = bar_position
         self.out = Path(cfg.out)
+        self._lock = DirectoryLock(self.out)
         # Expert parallelism: rank / world / group / device of this process (one process: world 1).
         self.dist = dist if dist is not None else DistInfo(0, 1, 0, None, torch.device("cpu"))
+        try:
+            self._setup(cfg, resume, resume_overrides, tokenizer, explicit or {})
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _take_directory(self, resume: bool) -> None:
+        """Refuse an --out that is a file, create it, and take its lock (rank 0: the one writer)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise TrainingConfigError(f"--out {self.out} exists and is not a directory; choose a directory")
+        if resume and not self.out.is_dir():
+            raise TrainingConfigError(f"--resume: {self.out} does not exist (nothing to resume)")
+        if not self.dist.is_main:
+            return
+        writable_dir(self.out, "training output directory")
+        self._lock.acquire()
+        note = self._lock.stale_note()
+        if note:
+            print(f"moge train: {note}", file=sys.stderr)
+
+    def _setup(self, cfg: TrainConfig, resume: bool, resume_overrides: set[str] | None, tokenizer,
+               explicit: dict[str, Any]) -> None:
+        if not resume:
+            cfg.validate()  # before anything is created
+            get_config(cfg.preset, router=cfg.router)
+        self._take_directory(resume)
         if resume:
-            if self.out.is_dir():
-                if self.dist.is_main:  # the others wait: one process repairs the directory
-                    recover_checkpoint_dir(self.out)
+            if self.dist.is_main:  # the others wait: one process repairs the directory
+                recover_checkpoint_dir(self.out)
             self._barrier()
             state = verify_checkpoint(self.out)
             known = {f.name for f in fields(TrainConfig)}
-            saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
-            for k in resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES:
+            try:
+                saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
+                saved.validate()
+            except (TrainingConfigError, TypeError) as e:
+                raise CheckpointCorruptError(f"{state_path(self.out)}: its train_config is invalid: {e}") from None
+            allowed = resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES
+            ignored = _ignored_flags(explicit, saved, allowed)
+            if ignored and self.dist.is_main:
+                warnings.warn(f"--resume continues the run in {self.out} with its own options; ignored: "
+                              f"{', '.join(ignored)}. A resumed run may change only "
+                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}",
+                              MoGEWarning, stacklevel=3)
+            for k in allowed:
                 setattr(saved, k, getattr(cfg, k))
             saved.out = cfg.out
             cfg = saved
         elif has_checkpoint(self.out):
             raise TrainingConfigError(f"{self.out} already holds a training checkpoint; pass --resume to continue "
                                       f"it or choose another --out")
+        elif self.dist.is_main:
+            # A fresh run owns the directory: metrics of a run killed before its first checkpoint go.
+            stale = self._metrics_path()
+            if stale.is_file():
+                stale.unlink()
         cfg.validate()
         if cfg.ep != self.dist.world_size:
             raise TrainingConfigError(f"--ep {cfg.ep} but {self.dist.world_size} process(es) were launched; use "
@@ -306,7 +444,7 @@ class Trainer:
         overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
         base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
         if resume:
-            tokenizer = load_tokenizer(self.out / TOKENIZER_FILE)
+            tokenizer = load_tokenizer(confined(self.out, TOKENIZER_FILE))
         elif tokenizer is None and cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
         vocab = cfg.vocab_size or base.vocab_size
@@ -314,22 +452,32 @@ class Trainer:
             # One tokenizer for all ranks: rank 0 trains it, the others load its file.
             shared = self.out / ".ep-tokenizer.json"
             if self.dist.is_main:
-                self.tokenizer, self.data = prepare_data(cfg, None, vocab)
-                self.out.mkdir(parents=True, exist_ok=True)
-                save_tokenizer(self.tokenizer, shared)
+                with self.dist.busy("training the tokenizer"):  # the others wait at the barrier
+                    self.tokenizer, self.data = prepare_data(cfg, None, vocab)
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    save_tokenizer(self.tokenizer, shared)
             self._barrier()
             if not self.dist.is_main:
-                self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
+                with self.dist.busy("preparing the data"):
+                    self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
             self._barrier()
             if self.dist.is_main:
                 shared.unlink()
         else:
             self.tokenizer, self.data = prepare_data(cfg, tokenizer, vocab)
+        if resume:
+            _check_same_data(state.get("data"), self.data.summary, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
                                          max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
+        check_memory(estimate_training_bytes(self.model_config, cfg, self.dist.world_size),
+                     f"training {cfg.preset} with --batch-size {cfg.batch_size} --seq-len {cfg.seq_len} "
+                     f"(vocabulary {self.model_config.vocab_size})", self.device)
         if resume:
-            self.model = load_pretrained(self.out, dtype=torch.float32, device=str(self.device))
+            # verify_checkpoint has hashed every file; here only NaN/inf weights remain to refuse.
+            self.model = load_pretrained(self.out, dtype=torch.float32, device=str(self.device), verify=False)
+            for name, p in self.model.named_parameters():
+                refuse_non_finite(name, p.detach(), str(self.out))
             self.model_config = self.model.config
         else:
             self.model = build_model(self.model_config, cfg.seed, self.device)
@@ -489,6 +637,10 @@ class Trainer:
             except KeyError as e:
                 raise CheckpointCorruptError(f"{self.out / OPTIMIZER_FILE} lacks tensor {e}") from None
             exp_avg, exp_avg_sq = (shard_named_tensor(name, t, rank, world) for t in (exp_avg, exp_avg_sq))
+            for key, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                if t.shape != p.shape or not t.is_floating_point():
+                    raise CheckpointCorruptError(f"{self.out / OPTIMIZER_FILE}: {name}.{key} has shape "
+                                                 f"{tuple(t.shape)} {t.dtype}, the parameter {tuple(p.shape)}")
             self.optimizer.state[p] = {
                 "step": torch.tensor(meta["step"][name], dtype=torch.float32),
                 "exp_avg": exp_avg.to(p.device, p.dtype), "exp_avg_sq": exp_avg_sq.to(p.device, p.dtype)}
@@ -503,6 +655,8 @@ class Trainer:
         full_sd = full_state_dict(self.model, self.dist.group) if self.dist.world_size > 1 else None
         opt_tensors, opt_meta = self.optimizer_state()
         if self.dist.is_main:
+            self._lock.acquire()
+
             def write_files(staging: Path) -> None:
                 sd = full_sd if full_sd is not None else self.model.state_dict()
                 save_pretrained(staging, self.model_config, sd)  # the same files at any EP size
@@ -516,7 +670,8 @@ class Trainer:
                                    "total_steps": self.cfg.steps, "min_lr_ratio": self.cfg.min_lr_ratio,
                                    "last_lr": self.lr(max(self.step - 1, 0))},
                      "sampler": self.sampler.state_dict(), "optimizer": opt_meta, "data": self.data.summary}
-            commit_checkpoint(self.out, write_files, state)
+            with self.dist.busy("writing a checkpoint"):  # the others wait at the barrier
+                commit_checkpoint(self.out, write_files, state)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -530,13 +685,17 @@ class Trainer:
         self.load_optimizer_state(optimizer_tensors, state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        restore_rng_state(rng_tensors, state["rng"])
+        try:
+            restore_rng_state(rng_tensors, state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointCorruptError(f"{state_path(self.out)}: the saved RNG state cannot be restored "
+                                         f"({type(e).__name__}: {e})") from None
         if self.dist.is_main:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics lines written after the checkpoint (they will be produced again)."""
-        path = self.out / METRICS_FILE
+        path = self._metrics_path()
         if not path.is_file():
             return
         keep = []
@@ -547,14 +706,25 @@ class Trainer:
             except json.JSONDecodeError:
                 break  # a line cut off by the interruption
         text = "".join(s + "\n" for s in keep)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        with writing("metrics", path):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def _metrics_path(self) -> Path:
+        """``DIR/metrics.jsonl``, refused if it is a link that leads out of the directory."""
+        return confined(self.out, METRICS_FILE)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:  # one metrics file, written by rank 0
             return
-        with (self.out / METRICS_FILE).open("a") as f:
+        self._lock.acquire()  # no-op while held; again after train() returned
+        path = self._metrics_path()
+        with writing("metrics", path), path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Release the output directory's lock (``train`` does when it returns or raises)."""
+        self._lock.release()
 
     def _layer_records(self, counts, balances: list[torch.Tensor]) -> list[dict[str, Any]]:
         """Per-layer metrics over the logging interval (IS mean and max, max/mean load) and last step counts."""
@@ -622,6 +792,7 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            self.close()
         return last_eval or {}
 
 

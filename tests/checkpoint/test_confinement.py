@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from helpers import TINY_CONFIG, published_tensors, write_published_checkpoint
 from moge.checkpoint import CheckpointError, confined, load_pretrained
-from moge.checkpoint.training_state import STATE_FILE, commit_checkpoint, verify_checkpoint
+from moge.checkpoint.training_state import STATE_FILE, commit_checkpoint, read_manifest, verify_checkpoint, verify_files
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.safetensors", "a/../../outside.safetensors", "", "~x"])
@@ -59,4 +59,4 @@ def test_manifest_entries_outside_are_neither_read_nor_deleted(tmp_path):
     # The next commit into that directory removes the previous checkpoint's files: never these.
     commit_checkpoint(out, lambda staging: (staging / "weights.bin").write_bytes(b"new"), {"step": 2})
     assert victim.read_text() == "keep me"
-    assert verify_checkpoint(out)["step"] == 2
+    assert read_manifest(out)[1]["step"] == 2 and verify_files(out, ["weights.bin"])

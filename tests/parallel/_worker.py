@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 import time
 
@@ -211,13 +212,15 @@ def main() -> None:
         check_equivalence(group, rank, world, "moge", torch.float64, "eager", dispatch="variable")
         check_no_host_sync(group, rank, world)
         check_model(group, rank, world)
-    elif scenario in ("raise", "hang"):
+    elif scenario in ("raise", "hang", "stop"):
         ep = apply_expert_parallel(make_layer("moge", torch.float32, "auto"), group)
-        with fault_guard(info, grace_s=2.0):
+        with fault_guard(info, grace_s=2.0, hang_s=float(os.environ.get("MOGE_TEST_HANG", "0"))):
             if rank == world - 1:
                 if scenario == "raise":
                     raise ValueError(f"injected failure on rank {rank}")
-                time.sleep(600)  # a stuck rank: the others must give up at the collective timeout
+                if scenario == "stop":  # frozen whole: not even its heartbeat thread runs
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                time.sleep(600)  # a stuck rank: named by the heartbeat, else the collective timeout
             for _ in range(3):
                 y, _ = ep(torch.randn(T, H))
                 y.sum().backward()

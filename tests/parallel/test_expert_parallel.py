@@ -44,9 +44,40 @@ def test_rank_that_raises_stops_the_others_naming_it():
 
 @pytest.mark.timeout(120)
 def test_stuck_rank_makes_the_others_fail_at_the_timeout():
-    res = launch([WORKER, "hang"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "4"}, kill_ranks_after={1})
+    """With the heartbeat off, the collective timeout still bounds a hang."""
+    res = launch([WORKER, "hang"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "4", "MOGE_TEST_HANG": "0"},
+                 kill_ranks_after={1})
     assert res[0].returncode not in (0, None), "rank 0 should give up after the collective timeout"
     assert "RankFailedError" in res[0].stderr and "no rank reported an error" in res[0].stderr, res[0].stderr[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_hung_rank_is_named_by_the_heartbeat_long_before_the_timeout():
+    """Rank 1 sleeps (alive, no progress): it is named, with where it is stuck, after the 2 s hang
+    timeout instead of after the 30 s collective timeout; rank 0 raises RankFailedError naming it."""
+    t0 = time.monotonic()
+    res = launch([WORKER, "hang"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "30", "MOGE_TEST_HANG": "2"})
+    elapsed = time.monotonic() - t0
+    sleep_line = next(i for i, line in enumerate(open(WORKER), 1) if "time.sleep(600)" in line)
+    assert res[1].returncode == 3 and "rank 1 is hung" in res[1].stderr, res[1].stderr[-3000:]
+    assert f"_worker.py:{sleep_line}" in res[1].stderr, "the message names where the rank is stuck"
+    assert res[0].returncode not in (0, None)
+    assert "RankFailedError" in res[0].stderr and "rank 1 failed: RankHungError: rank 1 is hung" in res[0].stderr, \
+        res[0].stderr[-3000:]
+    assert elapsed < 20, f"took {elapsed:.1f} s; the collective timeout is 30 s"
+
+
+@pytest.mark.timeout(120)
+def test_frozen_rank_is_named_by_its_silent_heartbeat():
+    """Rank 1 is stopped whole (SIGSTOP: its own watchdog cannot run): rank 0 sees its heartbeat stop
+    and ends itself naming rank 1, long before the 30 s collective timeout."""
+    t0 = time.monotonic()
+    res = launch([WORKER, "stop"], 2, timeout_s=60, env={"MOGE_TEST_TIMEOUT": "30", "MOGE_TEST_HANG": "2"},
+                 kill_ranks_after={1})
+    elapsed = time.monotonic() - t0
+    assert res[0].returncode == 3, res[0].stderr[-3000:]
+    assert "rank 1 stopped responding" in res[0].stderr, res[0].stderr[-3000:]
+    assert elapsed < 25, f"took {elapsed:.1f} s; the collective timeout is 30 s"
 
 
 def test_more_local_ranks_than_gpus_names_both_numbers(monkeypatch):

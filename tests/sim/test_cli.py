@@ -45,6 +45,14 @@ def test_perf_json_shape(capsys):
     assert sum(o["total_ms"] for o in out["ops"]) == pytest.approx(out["step_ms"])
 
 
+def test_perf_chips_and_mtp(capsys):
+    out = run_json(capsys, ["simulate", "perf", "--hardware", "ascend-300i-duo", "--cards", "4", "--batch", "128",
+                            "--weights", "int8", "--mtp-depth", "1", "--mtp-acceptance", "0.5", "--json"])
+    assert out["ranks"] == 8 and out["mtp"] == {"depth": 1, "acceptance": 0.5}
+    assert out["tpot_ms"] == pytest.approx(out["step_ms"] / 1.5)
+    assert out["layout"] == {"attn_dp": 2, "attn_tp": 4, "expert_tp": 2, "expert_ep": 4, "shared_tp": 8}
+
+
 def test_perf_human_table_and_misfit_error(capsys):
     assert main(["simulate", "perf", "--model", "tiny", "--hardware", "h100", "--cards", "1",
                  "--phase", "prefill", "--batch", "2", "--context", "256"]) == 0
@@ -80,6 +88,15 @@ def test_calibrate_writes_profile_and_compares(capsys, tmp_path):
         # the simulator's eager op count follows the real model's structure
         if r["measured_aten_ops"]:
             assert r["simulated_eager_ops"] == pytest.approx(r["measured_aten_ops"], rel=0.2)
+    # a decode-path per-op cost fitted to one preset: its row then matches, the others are held out
+    out = run_json(capsys, ["simulate", "calibrate", "--out", str(path), "--repeats", "1", "--compare",
+                            "--presets", "debug", "--prefill-tokens", "32", "--decode-batch", "2",
+                            "--decode-context", "16", "--fit-decode", "debug", "--json"])
+    fitted = [r for r in out["compare"] if r["role"] == "fit"]
+    assert len(fitted) == 1 and fitted[0]["phase"] == "decode" and abs(fitted[0]["error"]) < 1e-9
+    assert json.loads(path.read_text())["decode_op_overhead_us"] > 0
+    assert main(["simulate", "calibrate", "--out", str(path), "--fit-decode", "debug"]) == 2
+    assert "needs --compare" in capsys.readouterr().err
     # --hardware local-cpu then uses the file
     res = run_json(capsys, ["simulate", "perf", "--model", "debug", "--hardware", "local-cpu", "--calibration",
                             str(path), "--cards", "1", "--weights", "fp32", "--json"])

@@ -1,4 +1,4 @@
-"""Performance model: parameter counts, monotonic sanity, memory check, paper comparison, search."""
+"""Performance model: parameter counts, monotonic sanity, memory check, chips and cards, MTP, dispatch."""
 
 import dataclasses
 
@@ -6,11 +6,11 @@ import pytest
 
 from moge.config import get_config
 from moge.sim.hardware import PROFILES, HardwareError, get_profile
-from moge.sim.paper import paper_comparison
-from moge.sim.perf import (Layout, MemoryFitError, PerfError, default_layout, param_counts, resolve_model,
-                           simulate)
+from moge.sim.perf import (MTP, Layout, MemoryFitError, PerfError, default_kv_cache, default_layout, param_counts,
+                           resolve_model, simulate)
 
 A2 = PROFILES["ascend-800i-a2"]
+DUO = PROFILES["ascend-300i-duo"]
 PANGU = get_config("pangu-pro-moe-72b")
 
 
@@ -36,11 +36,12 @@ def test_dense_model_counts():
 
 @pytest.mark.parametrize("phase,batch", [("decode", 1), ("decode", 64), ("decode", 512), ("prefill", 2)])
 def test_more_bandwidth_never_slower(phase, batch):
-    times = [simulate(PANGU, dataclasses.replace(A2, mem_bw_gbs=bw, link_bw_gbs=bw / 8), 4, phase, batch,
-                      2048, "int8", kv_cache="int8", check_memory=False).step_ms
-             for bw in (400, 800, 1600, 3200, 6400)]
-    assert all(a >= b for a, b in zip(times, times[1:]))
-    assert times[0] > times[-1]
+    times = [simulate(PANGU, dataclasses.replace(hw, mem_bw_gbs=bw, host_link_gbs=bw / 8, cross_link_gbs=bw / 16),
+                      4, phase, batch, 2048, "int8", kv_cache="int8", check_memory=False).step_ms
+             for hw in (A2, DUO) for bw in (100, 400, 800, 1600, 3200, 6400)]
+    times = [times[:6], times[6:]]
+    for t in times:
+        assert all(a >= b for a, b in zip(t, t[1:])) and t[0] > t[-1]
 
 
 @pytest.mark.parametrize("phase,batch", [("decode", 1), ("decode", 256), ("prefill", 2)])
@@ -68,7 +69,7 @@ def test_topk_busiest_device_is_slower_than_moge():
 
 
 def test_memory_check_refuses_impossible_fit():
-    with pytest.raises(MemoryFitError, match=r"does not fit: needs [0-9.]+ GB per card \(weights"):
+    with pytest.raises(MemoryFitError, match=r"does not fit: needs [0-9.]+ GB per chip \(weights"):
         simulate(PANGU, A2, 1, "decode", 1, 2048, "bf16")
     # the same model fits on 4 cards in int8
     res = simulate(PANGU, A2, 4, "decode", 1, 2048, "int8")
@@ -86,14 +87,6 @@ def test_layout_errors_are_clear():
         get_profile("tpu-v9")
 
 
-def test_paper_points_within_20_percent():
-    # a regression guard on the once-calibrated 800I A2 profile (docs/simulator.md)
-    rows = paper_comparison(A2)
-    assert len(rows) == 6
-    for r in rows:
-        assert abs(r["error"]) < 0.20, r
-
-
 def test_local_cpu_profile_file_is_used(tmp_path):
     prof = dataclasses.replace(PROFILES["local-cpu"], mem_bw_gbs=123.0, op_overhead_us=4.0,
                                matmul_curve=((1e6, 10.0), (1e9, 50.0)))
@@ -105,3 +98,56 @@ def test_local_cpu_profile_file_is_used(tmp_path):
     assert get_profile("local-cpu", calibration=tmp_path / "missing.json") == PROFILES["local-cpu"]
     r = simulate(get_config("debug"), hw, 1, "prefill", 1, 64, "fp32")
     assert r.step_ms > 0 and r.ttft_ms == r.step_ms
+
+
+def test_cards_are_made_of_chips():
+    # the 300I Duo: 4 cards = 8 ranks, the paper's H2P layout over chips
+    res = simulate(PANGU, DUO, 4, "decode", 80, 2048, "int8")
+    assert res.ranks == 8 and res.layout == Layout(2, 4, 2, 4, 8)
+    assert res.tokens_per_s_per_card == pytest.approx(80 / (res.step_ms / 1e3) / 4)
+    # per-chip memory: 72B int8 weights over 8 chips of 48 GB
+    assert 9 < res.memory_gb["weights"] < 11 and res.memory_gb["usable"] == pytest.approx(48 * 0.9)
+    assert DUO.card_memory_gb == 96
+    # two chips of one card share its PCIe port: halving the chips per card (same port) is faster
+    solo = dataclasses.replace(DUO, chips_per_card=1, chips_per_host=4)
+    assert simulate(PANGU, solo, 8, "decode", 80, 2048, "int8").step_ms < res.step_ms
+
+
+def test_kv_cache_default_is_one_rule():
+    assert default_kv_cache("int8") == "int8" and default_kv_cache("bf16") == "bf16"
+    assert default_kv_cache("fp32") == "fp32"
+    a = simulate(PANGU, A2, 4, "decode", 64, 2048, "int8")
+    b = simulate(PANGU, A2, 4, "decode", 64, 2048, "int8", kv_cache="int8")
+    assert a.step_ms == b.step_ms and a.memory_gb == b.memory_gb
+
+
+def test_mtp_tokens_per_step_and_time_per_token():
+    base = simulate(PANGU, A2, 4, "decode", 256, 2048, "int8")
+    mtp = simulate(PANGU, A2, 4, "decode", 256, 2048, "int8", mtp=MTP(1, 0.8))
+    assert MTP(1, 0.8).tokens_per_step == pytest.approx(1.8) and MTP(2, 0.5).tokens_per_step == pytest.approx(1.75)
+    assert mtp.step_ms > base.step_ms                        # verify 2 tokens + draft one
+    assert mtp.tpot_ms == pytest.approx(mtp.step_ms / 1.8)
+    assert mtp.tokens_per_s_per_card == pytest.approx(256 * 1.8 / (mtp.step_ms / 1e3) / 4)
+    assert any(o.name.startswith("mtp_") for o in mtp.ops) and not any(o.name.startswith("mtp_") for o in base.ops)
+    # with nothing accepted, MTP only costs time
+    assert simulate(PANGU, A2, 4, "decode", 256, 2048, "int8", mtp=MTP(1, 0.0)).tpot_ms > base.tpot_ms
+    with pytest.raises(PerfError, match="decode only"):
+        simulate(PANGU, A2, 4, "prefill", 2, 2048, "int8", mtp=MTP())
+    with pytest.raises(PerfError, match="acceptance"):
+        MTP(1, 1.5)
+
+
+def test_moge_dispatch_is_allgather_topk_is_alltoall():
+    moge = {o.name for o in simulate(PANGU, A2, 4, "decode", 64, 2048, "int8", "moge").ops}
+    topk = {o.name for o in simulate(PANGU, A2, 4, "decode", 64, 2048, "int8", "topk").ops}
+    assert {"dispatch_allgather", "combine_reducescatter"} <= moge and not any("all2all" in n for n in moge)
+    assert "shared_allgather" not in moge                    # shared expert TP over the same ranks: fused
+    assert {"dispatch_all2all", "combine_all2all", "shared_allgather"} <= topk
+
+
+def test_efficiency_per_memory_technology_and_kernel_kind():
+    assert DUO.memory_eff("gemm") == 0.95 and DUO.memory_eff("attention") == 0.89   # the paper's kernels
+    assert A2.memory_eff("attention") == A2.attn_mem_eff != A2.memory_eff("gemm")
+    assert dataclasses.replace(A2, mem_eff=0.5).memory_eff("attention") == 0.5
+    with pytest.raises(HardwareError, match="memory technology"):
+        dataclasses.replace(A2, mem_tech="sram")

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from ..config import MoGEConfig
-from .io import CheckpointError
+from .io import CheckpointError, confined
 from .layout import IGNORED_RE, PER_EXPERT_RE, check_names_and_shapes, from_published_state_dict
-from .pretrained import (CONFIG_NAME, TOKENIZER_NAME, build_on_meta, load_pretrained, normalise_names, read_config,
-                         resolve_dtype, save_model)
+from .pretrained import (CONFIG_NAME, TOKENIZER_NAME, build_on_meta, check_tokenizer_file, load_pretrained,
+                         normalise_names, read_config, resolve_dtype, save_model)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.json for a state-dict SRC")
     p.add_argument("--preset", help="preset name for a state-dict SRC (instead of --config)")
     p.add_argument("--tokenizer", help="tokenizer.json to copy into DST (default: SRC's, if any)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking SRC against its manifest (SHA-256) and refusing NaN/inf weights")
 
 
 def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
@@ -55,7 +57,7 @@ def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
 
 def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB", dtype: str | None = None,
             config: MoGEConfig | None = None, tokenizer_file: str | Path | None = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, verify: bool = True) -> Path:
     """Convert ``src`` (a checkpoint directory or a state-dict file) into the released layout at ``dst``.
 
     A directory is loaded with :func:`load_pretrained` and re-written (re-sharded, optionally cast).
@@ -65,15 +67,23 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise CheckpointError(f"source {src} does not exist")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} exists and is not a directory; choose a new directory")
+    if tokenizer_file is not None:
+        check_tokenizer_file(tokenizer_file)
     if dst.exists() and dst.resolve() == (src if src.is_dir() else src.parent).resolve():
         raise CheckpointError(f"destination {dst} is the source directory; write to a new directory")
     tdtype = resolve_dtype(dtype)
     if src.is_dir():
         if config is not None:
             raise CheckpointError("--config/--preset are only for a state-dict file; a directory has its config.json")
-        model = load_pretrained(src, dtype=tdtype)
-        if tokenizer_file is None and (src / TOKENIZER_NAME).is_file():
-            tokenizer_file = src / TOKENIZER_NAME
+        model = load_pretrained(src, dtype=tdtype, verify=verify)
+        own = confined(src, TOKENIZER_NAME)
+        if tokenizer_file is None and own.is_file():
+            if verify:
+                from .training_state import verify_files
+                verify_files(src, [TOKENIZER_NAME])
+            tokenizer_file = check_tokenizer_file(own)
         return save_model(model, dst, max_shard_size, tokenizer_file, progress)
     if config is None:
         if (src.parent / CONFIG_NAME).is_file():
@@ -105,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from ..config import get_config
         config = get_config(args.preset)
     out = convert(args.src, args.dst, args.max_shard_size, None if args.dtype == "auto" else args.dtype, config,
-                  args.tokenizer, progress=True)
+                  args.tokenizer, progress=True, verify=args.verify)
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     size = sum((out / f).stat().st_size for f in files if f.endswith(".safetensors"))
     print(f"wrote {out}: {', '.join(files)} ({size / 1e6:.1f} MB of weights)")

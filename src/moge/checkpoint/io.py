@@ -39,6 +39,40 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint file is missing, truncated or altered (its size or SHA-256 differs from the record)."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, read-only or unwritable directory); the message
+    names the file and the system's reason."""
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | Path, note: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``what`` at ``path`` into :class:`CheckpointWriteError`
+    naming the path and the reason (``note`` says what is still intact)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        # safetensors reports its own I/O failures (a full disk, a file size limit) as SafetensorError
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        where = getattr(e, "filename", None) or path
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise CheckpointWriteError(f"cannot write {what} {path}: {reason} ({where})" + (f"; {note}" if note else "")) \
+            from None
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """``path`` as an output directory: refuse an existing non-directory, and create it (with parents),
+    raising :class:`CheckpointWriteError` naming the reason when it cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointWriteError(f"{what} {path} exists and is not a directory; choose a directory")
+    with writing(what, path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ---- paths -----------------------------------------------------------------------------------------
 
 def confined(directory: str | Path, name: str, what: str = "file") -> Path:
@@ -172,7 +206,7 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     Shard names in the index are confined to the directory (see :func:`confined`).
     """
     directory = Path(directory)
-    index = directory / INDEX_NAME
+    index = confined(directory, INDEX_NAME)
     if index.is_file():
         data = read_json(index, "safetensors index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -183,7 +217,7 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
         if absent:
             raise CheckpointError(listing(f"shard files named in {index} are missing", absent))
         return {name: shards[fname] for name, fname in weight_map.items()}
-    single = directory / WEIGHTS_NAME
+    single = confined(directory, WEIGHTS_NAME)
     if single.is_file():
         with open_shards([single]) as handles:
             return {name: single for name in handles[single].keys()}

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config import MoGEConfig
-from .io import CheckpointError, listing, read_json
+from .io import CheckpointError, confined, listing, read_json
 
 RELEASED_MODEL_TYPE = "PanguProMoE"
 RELEASED_ARCHITECTURE = "PanguProMoEForCausalLM"
@@ -218,10 +218,10 @@ def special_token_ids(directory: str | Path) -> dict[str, int]:
     directory = Path(directory)
 
     def load(name: str) -> dict:
-        p = directory / name
-        if not p.is_file():
-            return {}
         try:
+            p = confined(directory, name)
+            if not p.is_file():
+                return {}
             d = read_json(p)
         except CheckpointError:
             return {}

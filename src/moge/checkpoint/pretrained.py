@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
+from ..errors import ArgumentTypeError
 from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (CheckpointError, atomic_write, header_shapes, open_shards, save_shards,
-                 to_dtype_device, weight_files, write_json)
+from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
+                 open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (check_names_and_shapes, config_from_dict, group_expert_names, published_shapes,
                      quantization_format, released_config_dict, stack_experts, to_published_state_dict)
 
@@ -30,6 +31,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 # Integer tensors that mark a quantized checkpoint (Ascend W8A8 stores int8 weights and int32 biases).
 _QUANT_DTYPES = ("I8", "U8", "int8", "uint8")
+# What a float checkpoint may store (safetensors' dtype names).
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -40,8 +43,48 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}, the matching torch "
-                          f"dtypes, or 'auto'")
+    raise DtypeArgumentError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}, the matching torch "
+                             f"dtypes, or 'auto'")
+
+
+class DtypeArgumentError(CheckpointError, ValueError):
+    """A ``dtype`` argument that is not a floating dtype moge loads weights in."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; :class:`CheckpointError` (a ``ValueError``)
+    naming it otherwise, before anything is read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DtypeArgumentError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise DtypeArgumentError(f"device {device!r}: " + ("CUDA is not available" if not torch.cuda.is_available()
+                                 else f"only {torch.cuda.device_count()} CUDA device(s)"))
+    return dev
+
+
+def verify_against_manifest(directory: Path, files) -> bool:
+    """When ``directory`` has a training manifest, check ``config.json``, the index and ``files``
+    (paths of shards) against it, streaming each file through SHA-256; False when it has none."""
+    from .training_state import verify_files
+
+    names = [CONFIG_NAME] + ([INDEX_NAME] if (directory / INDEX_NAME).is_file() else []) + sorted(
+        {str(Path(f).relative_to(directory)) if Path(f).is_absolute() else str(f) for f in files})
+    return verify_files(directory, names)
+
+
+def refuse_non_finite(name: str, t: Tensor, where: str) -> None:
+    """:class:`CheckpointCorruptError` naming the tensor when a floating tensor holds NaN or inf."""
+    # Fast path: NaN/inf propagate through a sum (one streaming pass, ~0.06 s/GB on one core against
+    # ~1.5 s/GB for isfinite). A non-finite sum may also be an overflow (float16), so it is confirmed.
+    if not (t.is_floating_point() and t.numel()) or torch.isfinite(t.sum()):
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointCorruptError(f"tensor {name} in {where} holds {bad} non-finite value(s) (NaN or inf) out "
+                                     f"of {t.numel()}; refusing to load it (verify=False / --no-verify skips "
+                                     f"this check)")
 
 
 def unwrap_model(model: Any) -> Any:
@@ -81,11 +124,13 @@ def read_config(directory: str | Path) -> MoGEConfig:
     pad/bos/eos come from the directory's tokenizer (see :func:`.layout.config_from_dict`). A
     quantized checkpoint is refused with an error naming its format.
     """
+    if not isinstance(directory, (str, Path)):
+        raise ArgumentTypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
     path = Path(directory)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_dir():
-        path = path / CONFIG_NAME
+        path = confined(path, CONFIG_NAME)
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} at {path}")
     refuse_quantized(path.parent)
@@ -98,22 +143,27 @@ def read_config(directory: str | Path) -> MoGEConfig:
 
 def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu",
-                    expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+                    expected: Mapping[str, tuple[int, ...]] | None = None, verify: bool = True) -> dict[str, Tensor]:
     """Read a released-layout directory into our state-dict form (experts stacked).
 
     Tensors are read memory-mapped, cast to ``dtype`` (None keeps the stored dtype) and placed on
     ``device``. With ``expected`` (native name -> shape, e.g. from a meta-device model) the checkpoint
     is checked before any data is read: missing, unexpected or mis-shaped tensors raise
-    :class:`CheckpointError` naming them, with expected and found shapes.
+    :class:`CheckpointError` naming them, with expected and found shapes. With ``verify`` (the
+    default) a directory with a training manifest has its config, index and shards checked against
+    it (SHA-256, streamed) before anything is read, and every tensor is refused, by name, if it holds
+    NaN or inf; see ``docs/checkpoints.md`` for the cost.
     """
     directory = Path(directory)
     dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
     refuse_quantized(directory)
     config = config if config is not None else read_config(directory)
     files = weight_files(directory)
+    if verify:
+        verify_against_manifest(directory, set(files.values()))
     plain, experts = group_expert_names(files)
     wanted = {n: files[n] for n in plain} | {n: files[n] for parts in experts.values() for n in parts.values()}
-    dev = torch.device(device)
     out: dict[str, Tensor] = {}
     with open_shards(sorted(set(wanted.values()))) as handles:
         shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
@@ -121,6 +171,11 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
         if quant:
             raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}; moge "
                                   f"does not load quantized checkpoints yet")
+        others = sorted(f"{n} ({handles[p].get_slice(n).get_dtype()})" for n, p in wanted.items()
+                        if handles[p].get_slice(n).get_dtype() not in _FLOAT_DTYPES)
+        if others:
+            raise CheckpointError(listing(f"{directory} holds tensors that are not floating point (moge loads "
+                                          f"F32/F16/BF16/F64 weights)", others, limit=4))
         if expected is not None:
             # a tied head may be stored redundantly
             check_names_and_shapes(str(directory), published_shapes(expected, config.tie_word_embeddings), shapes,
@@ -128,9 +183,12 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
 
         def read(name: str) -> Tensor:
             try:
-                return handles[wanted[name]].get_tensor(name)
+                t = handles[wanted[name]].get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"cannot read tensor {name} from {wanted[name]}: {e}") from None
+            if verify:
+                refuse_non_finite(name, t, str(wanted[name]))
+            return t
 
         for name in plain:
             if not (config.tie_word_embeddings and name == "lm_head.weight"):
@@ -149,13 +207,15 @@ def build_on_meta(config: MoGEConfig):
 
 
 def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig,
-              dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+              dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+              verify: bool = True) -> torch.nn.Module:
     """Load a checkpoint into ``module`` (built on the meta device, parameter names as in the checkpoint
-    with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties."""
+    with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties.
+    ``verify``: see :func:`load_state_dict`."""
     from ..model import RotaryEmbedding
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    sd = load_state_dict(directory, config, dtype, device, expected=expected)
+    sd = load_state_dict(directory, config, dtype, device, expected=expected, verify=verify)
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     module.load_state_dict(sd, strict=True, assign=True)
@@ -167,20 +227,26 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
 
 
 def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu"):
+                    device: str | torch.device = "cpu", verify: bool = True):
     """Load a released-layout checkpoint directory into a :class:`~moge.model.MoGEForCausalLM`.
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
     model is made. Missing / unexpected / mis-shaped tensors, unreadable files and a missing
-    ``config.json`` raise :class:`CheckpointError` naming them. Returns the model in eval mode.
+    ``config.json`` raise :class:`CheckpointError` naming them. ``verify`` (default True): a directory
+    with a training manifest is checked against it (SHA-256) and tensors holding NaN/inf are refused
+    by name (see :func:`load_state_dict`). Returns the model in eval mode.
     """
+    if not isinstance(directory, (str, Path)):
+        raise ArgumentTypeError(f"load_pretrained(directory) must be a str or Path, got {type(directory).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist" if not directory.exists()
                               else f"{directory} is not a directory")
+    resolve_dtype(dtype)
+    resolve_device(device)  # argument errors before any file is read
     config = read_config(directory)
-    model = load_into(build_on_meta(config), directory, config, dtype, device)
+    model = load_into(build_on_meta(config), directory, config, dtype, device, verify)
     return model.eval()
 
 
@@ -213,20 +279,38 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save a checkpoint to {directory}: it exists and is not a directory")
-    published = to_published_state_dict(normalise_names(state_dict), config)
-    save_shards(published, directory, max_shard_size, progress)
-    dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
-    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
-    write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
-    write_generation_config(directory, config, generation_config)
     if tokenizer_file is not None:
-        src = Path(tokenizer_file)
-        if not src.is_file():
-            raise CheckpointError(f"tokenizer file {src} does not exist")
-        if src.resolve() != (directory / TOKENIZER_NAME).resolve():
-            atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
-        write_tokenizer_config(directory, config)
+        check_tokenizer_file(tokenizer_file)  # before anything is written
+    writable_dir(directory, "checkpoint directory")
+    published = to_published_state_dict(normalise_names(state_dict), config)
+    with writing("checkpoint", directory):
+        save_shards(published, directory, max_shard_size, progress)
+        dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
+        dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+        write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
+        write_generation_config(directory, config, generation_config)
+        if tokenizer_file is not None:
+            src = Path(tokenizer_file)
+            if src.resolve() != (directory / TOKENIZER_NAME).resolve():
+                atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
+            write_tokenizer_config(directory, config)
     return directory
+
+
+def check_tokenizer_file(path: str | Path) -> Path:
+    """``path`` if it is a tokenizer file that ``tokenizers`` can load; :class:`CheckpointError` otherwise,
+    so that no other file is ever copied into a checkpoint as its ``tokenizer.json``."""
+    src = Path(path)
+    if not src.is_file():
+        raise CheckpointError(f"tokenizer file {src} does not exist" if not src.exists() else
+                              f"tokenizer file {src} is not a regular file")
+    from tokenizers import Tokenizer
+    try:
+        Tokenizer.from_file(str(src))
+    except Exception as e:  # tokenizers raises a bare Exception on anything it cannot parse
+        raise CheckpointError(f"{src} is not a tokenizer file (tokenizers cannot load it: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    return src
 
 
 def save_model(model: Any, directory: str | Path, max_shard_size: int | str = "2GB",

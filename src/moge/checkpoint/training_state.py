@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import CheckpointCorruptError, confined, fsync_dir, read_json, read_safetensors, sha256_file, write_json
+from .io import (INDEX_NAME, WEIGHTS_NAME, CheckpointCorruptError, CheckpointError, confined, fsync_dir, read_json,
+                 read_safetensors, sha256_file, write_json, writing)
 
 STATE_FILE = "moge_training_state.json"
 LEGACY_STATE_FILE = "trainer_state.json"  # moge 0.1 wrote this name; read, never written
@@ -35,13 +36,15 @@ RNG_FILE = "rng_state.safetensors"
 STAGING_DIR = ".ckpt-staging"
 COMMIT_DIR = ".ckpt-commit"
 STATE_VERSION = 1
+# Files every training checkpoint has besides its weights; the manifest must list them.
+REQUIRED_FILES = ("config.json", "tokenizer.json", OPTIMIZER_FILE, RNG_FILE)
 
 
 def state_path(out: str | Path) -> Path | None:
     """The training-state file of ``out`` (the current name, else a moge-0.1 one), or None."""
     out = Path(out)
     for name in (STATE_FILE, LEGACY_STATE_FILE):
-        p = out / name
+        p = confined(out, name)
         if p.is_file():
             if name == LEGACY_STATE_FILE:
                 try:  # transformers' Trainer writes the same name: only ours has a version and a manifest
@@ -98,6 +101,10 @@ def recover_checkpoint_dir(out: Path) -> None:
     """
     out = Path(out)
     commit = out / COMMIT_DIR
+    for d in (commit, out / STAGING_DIR):
+        if d.is_symlink():  # we only ever make real directories here: a link is not ours to follow
+            raise CheckpointError(f"{d} is a symbolic link (to {os.readlink(d)}); moge never creates one, so it "
+                                  f"refuses to roll it forward or clean it up. Remove the link and retry")
     if commit.is_dir():
         names = sorted(p.name for p in commit.iterdir())
         for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
@@ -105,7 +112,7 @@ def recover_checkpoint_dir(out: Path) -> None:
         fsync_dir(out)
         commit.rmdir()
     staging = out / STAGING_DIR
-    if staging.is_symlink() or staging.is_file():
+    if staging.is_file():
         staging.unlink()
     elif staging.exists():
         shutil.rmtree(staging)
@@ -144,17 +151,23 @@ def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dic
     out = Path(out)
     recover_checkpoint_dir(out)
     staging = out / STAGING_DIR
-    staging.mkdir(parents=True)
-    write_files(staging)
-    rng_tensors, rng_meta = rng_state_tensors()
-    save_file(rng_tensors, str(staging / RNG_FILE))
-    files = {}
-    for p in sorted(staging.iterdir()):
-        with p.open("rb") as f:
-            os.fsync(f.fileno())
-        files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    write_json(staging / STATE_FILE, {"version": STATE_VERSION, **state, "rng": rng_meta, "files": files})
-    fsync_dir(staging)
+    step = state.get("step", "?")
+    try:
+        with writing(f"the checkpoint of step {step} to", out, "the previous checkpoint is intact"):
+            staging.mkdir(parents=True)
+            write_files(staging)
+            rng_tensors, rng_meta = rng_state_tensors()
+            save_file(rng_tensors, str(staging / RNG_FILE))
+            files = {}
+            for p in sorted(staging.iterdir()):
+                with p.open("rb") as f:
+                    os.fsync(f.fileno())
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            write_json(staging / STATE_FILE, {"version": STATE_VERSION, **state, "rng": rng_meta, "files": files})
+            fsync_dir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # give the space back; the commit point was not reached
+        raise
     old = _listed_files(out)
     os.replace(staging, out / COMMIT_DIR)  # the commit point
     fsync_dir(out)
@@ -167,35 +180,127 @@ def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dic
             (out / LEGACY_STATE_FILE).unlink()  # superseded by the new name
 
 
-def verify_checkpoint(out: Path) -> dict[str, Any]:
-    """Read the training state of ``out`` and check every file it lists (size and SHA-256); return it.
+def _check_file(out: Path, path: Path, name: str, meta: Any, state_file: Path) -> None:
+    """One manifest entry against the file on disk (size first, then the SHA-256, streamed)."""
+    file = confined(out, name, "manifest entry")
+    if not file.is_file():
+        raise CheckpointCorruptError(f"checkpoint file {file} is missing")
+    if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+        raise CheckpointCorruptError(f"{state_file}: the manifest entry of {name!r} is malformed")
+    size = file.stat().st_size
+    if size != meta["bytes"]:
+        raise CheckpointCorruptError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
+                                     f"expected {meta['bytes']}")
+    if sha256_file(file) != meta["sha256"]:
+        raise CheckpointCorruptError(f"checkpoint file {file} is corrupt: its SHA-256 does not match "
+                                     f"{state_file.name}")
 
-    Raises :class:`CheckpointCorruptError` naming the first missing, truncated or altered file, and
-    :class:`~.io.CheckpointError` for a manifest entry that points outside ``out``.
-    """
+
+def read_manifest(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(state file, training state)`` of ``out`` when it has a manifest, else None (a released
+    checkpoint). A state file that exists but cannot be a manifest raises :class:`CheckpointCorruptError`."""
     out = Path(out)
     path = state_path(out)
     if path is None:
-        raise CheckpointCorruptError(f"{out} holds no training checkpoint ({STATE_FILE} missing)")
+        return None
     try:
         state = read_json(path, "training state")
     except Exception as e:
         raise CheckpointCorruptError(f"{path} is corrupt or truncated: {e}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(state.get("files"), dict):
-        raise CheckpointCorruptError(f"{path} is not a moge training state (version {STATE_VERSION})")
-    for name, meta in state["files"].items():
-        file = confined(out, name, "manifest entry")
-        if not file.is_file():
-            raise CheckpointCorruptError(f"checkpoint file {file} is missing")
-        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            raise CheckpointCorruptError(f"{path}: the manifest entry of {name!r} is malformed")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointCorruptError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
-                                         f"expected {meta['bytes']}")
-        if sha256_file(file) != meta["sha256"]:
-            raise CheckpointCorruptError(f"checkpoint file {file} is corrupt: its SHA-256 does not match "
-                                         f"{path.name}")
+        raise CheckpointCorruptError(f"{path} is not a moge training state (version {STATE_VERSION} with a "
+                                     f"'files' manifest)")
+    return path, state
+
+
+def verify_files(out: Path, paths) -> bool:
+    """Check ``paths`` (files inside ``out``) against ``out``'s manifest; False when there is none.
+
+    Every path must be listed (a checkpoint with a manifest covers every file a loader reads) and
+    match its size and SHA-256; raises :class:`CheckpointCorruptError` naming the first that does not.
+    """
+    out = Path(out)
+    found = read_manifest(out)
+    if found is None:
+        return False
+    path, state = found
+    root = out.resolve()
+    for p in paths:
+        rel = Path(p).resolve().relative_to(root).as_posix() if Path(p).is_absolute() else Path(p).as_posix()
+        if rel not in state["files"]:
+            raise CheckpointCorruptError(f"{out / rel} is not listed in the manifest of {path}; the checkpoint "
+                                         f"was altered after it was written")
+        _check_file(out, out / rel, rel, state["files"][rel], path)
+    return True
+
+
+_STATE_SCHEMA = {"step": int, "tokens_seen": int, "train_config": dict, "model_config": dict, "sampler": dict,
+                 "optimizer": dict, "rng": dict}
+
+
+def check_state(state: dict[str, Any], path: Path) -> None:
+    """The fields ``moge train --resume`` reads, with their types; :class:`CheckpointCorruptError` naming
+    the first that is missing or wrong (a hand-edited state file)."""
+    def need(d: Any, key: str, typ, where: str) -> Any:
+        v = d.get(key) if isinstance(d, dict) else None
+        if isinstance(v, bool) and typ in (int, float) or not isinstance(v, typ):
+            kind = typ.__name__ if not isinstance(typ, tuple) else " or ".join(t.__name__ for t in typ)
+            raise CheckpointCorruptError(f"{path}: {where}{key!r} must be {kind}, got {v!r}")
+        return v
+
+    for key, typ in _STATE_SCHEMA.items():
+        need(state, key, typ, "")
+    if state["step"] < 0 or state["tokens_seen"] < 0:
+        raise CheckpointCorruptError(f"{path}: 'step' and 'tokens_seen' must be >= 0")
+    for key in ("seed", "epoch", "position", "num_rows"):
+        if need(state["sampler"], key, int, "sampler ") < 0:
+            raise CheckpointCorruptError(f"{path}: sampler {key!r} must be >= 0, got {state['sampler'][key]}")
+    if state["sampler"]["position"] >= max(state["sampler"]["num_rows"], 1):
+        raise CheckpointCorruptError(f"{path}: sampler position {state['sampler']['position']} is not below its "
+                                     f"num_rows {state['sampler']['num_rows']}")
+    steps = need(state["optimizer"], "step", dict, "optimizer ")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in steps.values()):
+        raise CheckpointCorruptError(f"{path}: optimizer 'step' must map parameter names to numbers")
+    groups = need(state["optimizer"], "param_groups", list, "optimizer ")
+    if not all(isinstance(g, dict) for g in groups):
+        raise CheckpointCorruptError(f"{path}: optimizer 'param_groups' must be a list of objects")
+    n = need(state["rng"], "numpy", dict, "rng ")
+    for key, typ in (("name", str), ("pos", int), ("has_gauss", int), ("cached_gaussian", (int, float))):
+        need(n, key, typ, "rng numpy ")
+    py = need(state["rng"], "python", dict, "rng ")
+    need(py, "version", int, "rng python ")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in need(py, "state", list, "rng python ")):
+        raise CheckpointCorruptError(f"{path}: rng python 'state' must be a list of integers")
+
+
+def verify_checkpoint(out: Path) -> dict[str, Any]:
+    """Read the training state of ``out`` and check every file it lists (size and SHA-256); return it.
+
+    The manifest must list the files a resume reads (config, weights, tokenizer, optimizer and RNG
+    state) and the state the fields it uses (:func:`check_state`). Raises
+    :class:`CheckpointCorruptError` naming the first missing, truncated, altered or unlisted file or
+    malformed field, and :class:`~.io.CheckpointError` for a manifest entry that points outside ``out``.
+    """
+    out = Path(out)
+    found = read_manifest(out)
+    if found is None:
+        raise CheckpointCorruptError(f"{out} holds no training checkpoint ({STATE_FILE} missing)")
+    path, state = found
+    files = state["files"]
+    for name, meta in files.items():
+        _check_file(out, out / str(name), name, meta, path)
+    weights = [n for n in (WEIGHTS_NAME, INDEX_NAME) if n in files]
+    missing = [n for n in REQUIRED_FILES if n not in files] + ([] if weights else [WEIGHTS_NAME])
+    if missing:
+        raise CheckpointCorruptError(f"{path}: the manifest does not list {missing}; the checkpoint was altered "
+                                     f"after it was written")
+    if INDEX_NAME in files:
+        index = read_json(out / INDEX_NAME, "safetensors index")
+        shards = set((index.get("weight_map") or {}).values()) if isinstance(index, dict) else set()
+        unlisted = sorted(str(s) for s in shards if s not in files)
+        if unlisted:
+            raise CheckpointCorruptError(f"{path}: the manifest does not list the shards {unlisted}")
+    check_state(state, path)
     return state
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
@@ -51,11 +51,17 @@ class DistInfo:
     device: torch.device
     timeout_s: float = 120.0
     store: Any = field(default=None, repr=False)
+    heartbeat: Any = field(default=None, repr=False)  # set by fault_guard while it runs
 
     @property
     def is_main(self) -> bool:
         """True on rank 0, the rank that writes checkpoints and logs."""
         return self.rank == 0
+
+    def busy(self, what: str):
+        """Context manager marking a phase in which this rank works while the others wait in a
+        collective, so the hang detector of :func:`fault_guard` does not call it hung."""
+        return self.heartbeat.busy(what) if self.heartbeat is not None else nullcontext()
 
 
 def init_distributed(timeout_s: float = 120.0, backend: str | None = None) -> DistInfo:
@@ -148,20 +154,30 @@ def failed_ranks(info: DistInfo) -> dict[int, str]:
 
 
 @contextmanager
-def fault_guard(info: DistInfo, grace_s: float = 3.0) -> Iterator[None]:
+def fault_guard(info: DistInfo, grace_s: float = 3.0, hang_s: float | None = None) -> Iterator[None]:
     """Run one rank's work so that any rank's failure ends every rank in bounded time, naming the rank.
 
     A local exception is recorded in the store, this rank's process group is aborted (its peers'
     pending collectives fail at once instead of at the timeout) and, after ``grace_s`` seconds during
     which the store stays readable, re-raised. A failed collective becomes :class:`RankFailedError`
-    naming the ranks that recorded a failure; if none did (a killed or hung process), the message
-    says so and the launcher's log (torchrun names the exited rank) has the rest.
+    naming the ranks that recorded a failure; if none did (a killed process), the message says so and
+    the launcher's log (torchrun names the exited rank) has the rest.
+
+    A rank that is alive but hung is found by a :class:`~.heartbeat.Heartbeat` after ``hang_s``
+    seconds (default a quarter of the collective timeout; 0 turns it off) and named the same way.
     """
     if info.world_size == 1:
         yield
         return
+    from .heartbeat import Heartbeat
+
+    hang_s = info.timeout_s / 4 if hang_s is None else hang_s
+    watch = Heartbeat(info.store, info.rank, info.world_size, hang_s, _FAIL_KEY) \
+        if hang_s > 0 and info.store is not None else None
+    info.heartbeat = watch
     try:
-        yield
+        with watch if watch is not None else nullcontext():
+            yield
     except BaseException as e:
         if _is_comm_error(e) and not isinstance(e, RankFailedError):
             deadline = time.monotonic() + grace_s
@@ -170,6 +186,8 @@ def fault_guard(info: DistInfo, grace_s: float = 3.0) -> Iterator[None]:
                 time.sleep(0.1)
                 failed = failed_ranks(info)
             failed.pop(info.rank, None)
+            if not failed and watch is not None and watch.suspects:  # the store died with the hung rank
+                failed = dict(watch.suspects)
             if failed:
                 who = "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
                 raise RankFailedError(f"rank {info.rank} stopped because {who}") from e
@@ -191,3 +209,5 @@ def fault_guard(info: DistInfo, grace_s: float = 3.0) -> Iterator[None]:
                 pass
         time.sleep(grace_s)  # rank 0 may host the store: keep it up while the peers read the record
         raise
+    finally:
+        info.heartbeat = None

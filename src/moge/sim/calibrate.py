@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .hardware import PROFILES, HardwareProfile, default_calibration_path
+from .hardware import PROFILES, HardwareError, HardwareProfile, default_calibration_path
 
 # (M, K, N) GEMMs: from decode-sized to large; the rate is interpolated by FLOPs between them
 MATMUL_SIZES = [(1, 64, 64), (4, 64, 128), (4, 128, 512), (16, 256, 256), (64, 128, 384), (256, 128, 384), (256, 512, 512),
@@ -205,6 +205,27 @@ def _copy_cache(cache, cls):
     return new
 
 
+def fit_decode_overhead(hw: HardwareProfile, rows: list[dict], preset: str) -> float:
+    """The per-op cost on the decode path (us) at which the simulator matches the measured decode step
+    of ``preset`` (one of ``rows``); the prediction is linear in it, so two evaluations solve it."""
+    import dataclasses
+
+    from ..config import get_config
+    from .perf import simulate
+
+    row = next((r for r in rows if r["preset"] == preset and r["phase"] == "decode"), None)
+    if row is None:
+        raise HardwareError(f"--fit-decode {preset}: no decode measurement of that preset (add it to --presets)")
+    cfg = get_config(preset)
+
+    def predicted(us: float) -> float:
+        prof = dataclasses.replace(hw, decode_op_overhead_us=us)
+        return simulate(cfg, prof, 1, "decode", row["batch"], row["context"], "fp32", check_memory=False).step_ms
+
+    a, b = predicted(0.0), predicted(1.0) - predicted(0.0)
+    return max(0.0, (row["measured_ms"] - a) / b) if b > 0 else hw.op_overhead_us
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     """CLI entry of ``moge simulate calibrate``."""
     import torch
@@ -216,30 +237,55 @@ def run_calibrate(args: argparse.Namespace) -> int:
     prof = measure(args.repeats)
     out = Path(args.out) if args.out else default_calibration_path()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof, indent=1))
     hw = HardwareProfile.from_dict(prof)
     result = {"profile_path": str(out), "profile": prof}
+    if args.fit_decode and not args.compare:
+        raise HardwareError("--fit-decode needs --compare (it fits to the measured decode step)")
     if args.compare:
         print("timing the real model ...", file=sys.stderr)
         result["compare"] = compare(hw, args.presets, args.prefill_tokens, args.decode_batch,
                                     args.decode_context, args.repeats)
+        if args.fit_decode:
+            # fitted on one preset's decode step; the other presets' decode rows are held out
+            prof["decode_op_overhead_us"] = fit_decode_overhead(hw, result["compare"], args.fit_decode)
+            prof["source"] += f"; decode_op_overhead_us fitted to the {args.fit_decode} decode step"
+            hw = HardwareProfile.from_dict(prof)
+            result["compare"] = _repredict(hw, result["compare"], args.fit_decode)
+    out.write_text(json.dumps(prof, indent=1))
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"wrote {out}")
     print(f"  matmul fp32: " + ", ".join(f"{f / 1e6:.1f} MFLOP -> {r:.1f} GFLOP/s" for f, r in prof["matmul_curve"]))
     print(f"  memory bandwidth (copy): {prof['mem_bw_gbs']:.2f} GB/s;  per-op overhead: {prof['op_overhead_us']:.2f} us")
+    if prof.get("decode_op_overhead_us") is not None:
+        print(f"  decode-path per-op cost (fitted to the {args.fit_decode} decode step): "
+              f"{prof['decode_op_overhead_us']:.2f} us")
     if args.compare:
         print(format_compare(result["compare"]))
     return 0
 
 
+def _repredict(hw: HardwareProfile, rows: list[dict], fitted: str) -> list[dict]:
+    """The comparison rows predicted again with ``hw``, each marked fit / held-out."""
+    from ..config import get_config
+    from .perf import simulate
+
+    out = []
+    for r in rows:
+        res = simulate(get_config(r["preset"]), hw, 1, r["phase"], r["batch"], r["context"], "fp32", check_memory=False)
+        role = ("fit" if r["preset"] == fitted else "held-out") if r["phase"] == "decode" else "not fitted"
+        out.append(dict(r, predicted_ms=res.step_ms, error=res.step_ms / r["measured_ms"] - 1, role=role,
+                        predicted_overhead_ms=sum(o.count * o.overhead_ms for o in res.ops)))
+    return out
+
+
 def format_compare(rows: list[dict]) -> str:
     """Markdown table of :func:`compare` rows."""
-    out = ["| preset | phase | batch x context | measured ms | predicted ms | error | predicted overhead ms | aten ops measured / simulated |",
-           "|---|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| preset | phase | batch x context | measured ms | predicted ms | error | predicted overhead ms | aten ops measured / simulated | role |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r['preset']} | {r['phase']} | {r['batch']} x {r['context']} | {r['measured_ms']:.2f} | "
                    f"{r['predicted_ms']:.2f} | {r['error']:+.1%} | {r['predicted_overhead_ms']:.2f} | "
-                   f"{r['measured_aten_ops']} / {r['simulated_eager_ops']} |")
+                   f"{r['measured_aten_ops']} / {r['simulated_eager_ops']:.0f} | {r.get('role', 'not fitted')} |")
     return "\n".join(out)

@@ -3,7 +3,9 @@
 Sub-commands:
   imbalance  Monte Carlo of the Imbalance Score under top-K vs MoGE routing (paper Figure 2(b))
   perf       operator-level step time / throughput / memory of a model on a hardware profile
-  paper      the simulator's predictions vs the paper's Ascend 800I A2 numbers
+  paper      the simulator vs the paper's numbers: calibration points and held-out points apart
+             (``validate`` is the same command)
+  fit        re-run the fit of the 800I A2's unknown figures on the calibration points
   calibrate  measure this machine into the local-cpu profile; --compare against the real model
   search     sweep model shapes for the best decode throughput per card under a latency limit
 """
@@ -16,7 +18,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``imbalance``, ``perf``, ``paper``, ``calibrate`` and ``search`` sub-subcommands."""
+    """Add the ``imbalance``, ``perf``, ``paper``/``validate``, ``fit``, ``calibrate`` and ``search`` sub-subcommands."""
     sub = parser.add_subparsers(dest="sim_command", metavar="SIMCOMMAND")
 
     p = sub.add_parser("imbalance", help="Monte Carlo of device imbalance under top-K vs MoGE routing")
@@ -41,18 +43,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences in the step")
     p.add_argument("--context", type=int, default=2048, help="prompt length (prefill) / cached tokens (decode)")
     p.add_argument("--router", choices=("moge", "topk"), default=None, help="default: the config's router")
-    p.add_argument("--attn-tp", type=int, default=None, help="attention TP (DP = cards / TP)")
-    p.add_argument("--expert-ep", type=int, default=None, help="routed-expert EP (expert TP = cards / EP)")
-    p.add_argument("--shared-tp", type=int, default=None, help="shared-expert / dense-MLP TP (default: all cards)")
+    p.add_argument("--attn-tp", type=int, default=None, help="attention TP over chips (DP = chips / TP)")
+    p.add_argument("--expert-ep", type=int, default=None, help="routed-expert EP over chips (expert TP = chips / EP)")
+    p.add_argument("--shared-tp", type=int, default=None, help="shared-expert / dense-MLP TP (default: all chips)")
+    p.add_argument("--mtp-depth", type=int, default=0, help="decode with multi-token prediction: drafted tokens per step")
+    p.add_argument("--mtp-acceptance", type=float, default=0.85,
+                   help="per-token acceptance rate of the drafts (default 0.85, an assumption: see docs/simulator.md)")
     p.add_argument("--no-memory-check", action="store_true", help="report memory but do not refuse a misfit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(_sim=_run_perf)
 
-    p = sub.add_parser("paper", help="simulator vs the paper's Ascend 800I A2 numbers (W8A8, 4 cards)")
-    p.add_argument("--hardware", default="ascend-800i-a2")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a profile field")
+    for name in ("paper", "validate"):
+        p = sub.add_parser(name, help="simulator vs the paper's numbers: calibration and held-out points apart")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override an 800I A2 profile field (what-if; the held-out errors then mean nothing)")
+        p.add_argument("--mtp-acceptance", type=float, default=None, help="MTP acceptance for the MTP points")
+        p.add_argument("--plot", metavar="FILE.png", help="write the errors as a bar chart")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(_sim=_run_paper)
+
+    p = sub.add_parser("fit", help="re-run the 800I A2 fit on the calibration points and compare with the stored values")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(_sim=_run_paper)
+    p.set_defaults(_sim=_run_fit)
 
     p = sub.add_parser("calibrate", help="measure this CPU into the local-cpu profile (and compare with the real model)")
     p.add_argument("--out", default=None, help="profile JSON to write (default ~/.cache/moge/local-cpu.json)")
@@ -63,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-context", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions (the fastest is used)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for calibration and comparison")
+    p.add_argument("--fit-decode", metavar="PRESET", default=None,
+                   help="with --compare: fit the decode-path per-op cost to PRESET's measured decode step "
+                        "(the other presets stay held out) and store it in the profile")
     p.add_argument("--json", action="store_true")
     p.set_defaults(_sim=_run_calibrate)
 
@@ -71,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cards", type=int, default=4)
     p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default="int8")
-    p.add_argument("--kv-cache", choices=("bf16", "int8"), default="int8")
+    p.add_argument("--kv-cache", choices=("bf16", "int8"), default=None, help="default: int8 with int8 weights, else bf16")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--latency-ms", type=float, default=None, help="per-token step limit (default 50 on the 800I A2, 100 on the 300I Duo)")
     p.add_argument("--hidden", type=int, nargs="+", default=[4096, 5120, 6144, 7168, 8192])
@@ -100,7 +115,8 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a profile field")
     p.add_argument("--cards", type=int, default=4)
     p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default="bf16")
-    p.add_argument("--kv-cache", choices=("bf16", "int8", "fp32"), default=None, help="default: bf16 (fp32 with fp32 weights)")
+    p.add_argument("--kv-cache", choices=("bf16", "int8", "fp32"), default=None,
+                   help="default: int8 with int8 (W8A8) weights, fp32 with fp32, else bf16")
 
 
 def _overrides(items: list[str]) -> dict:
@@ -194,12 +210,18 @@ def _run_perf(args: argparse.Namespace) -> int:
     from .hardware import get_profile
     from .perf import check_layout, default_layout, format_result, resolve_model, simulate
 
+    from .perf import MTP, PerfError
+
     config = resolve_model(args.model)
     hw = get_profile(args.hardware, args.calibration, **_overrides(args.set))
-    layout = default_layout(config, args.cards, args.attn_tp, args.expert_ep, args.shared_tp)
-    check_layout(config, layout, args.cards)
+    if args.cards < 1:
+        raise PerfError(f"--cards must be >= 1, got {args.cards}")
+    ranks = args.cards * hw.chips_per_card
+    layout = default_layout(config, ranks, args.attn_tp, args.expert_ep, args.shared_tp)
+    check_layout(config, layout, ranks)
+    mtp = MTP(args.mtp_depth, args.mtp_acceptance) if args.mtp_depth else None
     res = simulate(config, hw, args.cards, args.phase, args.batch, args.context, args.weights, args.router,
-                   layout, args.kv_cache, check_memory=not args.no_memory_check)
+                   layout, args.kv_cache, check_memory=not args.no_memory_check, mtp=mtp)
     if args.json:
         d = res.to_dict()
         d.update(model=args.model, hardware=hw.name, weights=args.weights)
@@ -211,11 +233,35 @@ def _run_perf(args: argparse.Namespace) -> int:
 
 def _run_paper(args: argparse.Namespace) -> int:
     from .hardware import get_profile
-    from .paper import format_table, paper_comparison
+    from .paper import PAPER_MTP, format_table, paper_comparison
+    from .perf import MTP
 
-    hw = get_profile(args.hardware, **_overrides(args.set))
-    rows = paper_comparison(hw)
-    print(json.dumps(rows) if args.json else format_table(rows, hw))
+    profiles = {"ascend-800i-a2": get_profile("ascend-800i-a2", **_overrides(args.set))}
+    mtp = PAPER_MTP if args.mtp_acceptance is None else MTP(PAPER_MTP.depth, args.mtp_acceptance)
+    rows = paper_comparison(profiles, mtp)
+    if args.plot:
+        from .paper import plot_comparison
+        plot_comparison(rows, args.plot)
+    print(json.dumps(rows) if args.json else format_table(rows, profiles))
+    return 0
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from .fit import FIT_PARAMETERS, calibration_points, fit, rounded
+    from .hardware import A2_FITTED
+
+    values = fit()
+    stored = {k: A2_FITTED[k] for k in FIT_PARAMETERS}
+    if args.json:
+        print(json.dumps({"fitted": values, "rounded": rounded(values), "stored": stored,
+                          "points": [p.label for p in calibration_points()]}))
+        return 0
+    print("fitted on: " + "; ".join(p.label for p in calibration_points()))
+    for k, (_, _, _, what) in FIT_PARAMETERS.items():
+        print(f"  {k:<14} {values[k]:10.4g}  (stored {stored[k]:g}) -- {what}")
+    same = rounded(values) == stored
+    print("the stored constants (hardware.A2_FITTED) match this fit" if same else
+          "the stored constants differ: update hardware.A2_FITTED to the rounded values above")
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, MoGEConfig
 from .hardware import HardwareProfile, get_profile
-from .perf import MemoryFitError, PerfError, param_counts, simulate
+from .perf import MemoryFitError, PerfError, default_kv_cache, param_counts, simulate
 
 DEFAULT_LATENCY_MS = {"ascend-800i-a2": 50.0, "ascend-300i-duo": 100.0}
 
@@ -91,6 +91,7 @@ def run_search(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     hw = get_profile(args.hardware, args.calibration)
+    args.kv_cache = args.kv_cache or default_kv_cache(args.weights)
     latency = args.latency_ms or DEFAULT_LATENCY_MS.get(hw.name, 50.0)
     cands = candidates(args)
     if not cands:
