@@ -251,6 +251,22 @@ def test_static_cache_generates_as_the_dynamic_cache(ckpt):
     torch.testing.assert_close(step, full[:, 4:], rtol=1e-4, atol=1e-5)
 
 
+def test_4d_masks_give_what_the_2d_mask_gives(ckpt):
+    kind, path = ckpt
+    m = load(path)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [0, 0, 1, 50, 51, 52]])
+    mask = (ids != 0).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+    allowed = allowed | (torch.eye(6, dtype=torch.bool) & ~allowed.any(-1, keepdim=True))  # no empty rows
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        for m4 in (allowed, additive):
+            got = m(input_ids=ids, attention_mask=m4, position_ids=pos).logits
+            torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
 def test_batched_pipeline_matches_one_prompt_at_a_time_and_keeps_bos(ckpt):
     kind, path = ckpt
     pipe = transformers.pipeline("text-generation", model=str(path), batch_size=2, device="cpu")
