@@ -44,12 +44,22 @@ from .routing import expert_counts
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Any, Any], Tensor]
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
+_HOST_SYNC: set[str] = set()  # backends that read data-dependent sizes on the host (not traceable by torch.export)
 
 
-def register_experts_backend(name: str) -> Callable[[ExpertsBackend], ExpertsBackend]:
-    """Decorator registering an experts backend under ``name`` (see the module docstring for the signature)."""
+class ExpertsBackendError(InvalidArgumentError):
+    """An experts backend that does not exist, or cannot run where it was asked to (e.g. under torch.export)."""
+
+
+def register_experts_backend(name: str, host_sync: bool = False) -> Callable[[ExpertsBackend], ExpertsBackend]:
+    """Decorator registering an experts backend under ``name`` (see the module docstring for the signature).
+
+    ``host_sync=True`` marks a backend that reads data-dependent sizes on the host; ``auto`` never picks
+    one under ``torch.export``, and naming one there is an error.
+    """
     def deco(fn: ExpertsBackend) -> ExpertsBackend:
         _BACKENDS[name] = fn
+        (_HOST_SYNC.add if host_sync else _HOST_SYNC.discard)(name)
         return fn
     return deco
 
@@ -63,21 +73,25 @@ def get_experts_backend(name: str, device: torch.device | None = None) -> Expert
     """The backend called ``name``; ``auto`` picks the fastest one for ``device``."""
     if name == "auto":
         name = default_backend(device)
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown experts backend {name!r}; available: {['auto', *available_backends()]}") from None
+    if name not in _BACKENDS:
+        raise ExpertsBackendError(f"unknown experts backend {name!r}; available: {['auto', *available_backends()]}")
+    if name in _HOST_SYNC and torch.compiler.is_exporting():
+        raise ExpertsBackendError(f"experts backend {name!r} reads per-expert counts on the host, which "
+                                  f"torch.export cannot trace; use 'grouped_mm' or 'auto'")
+    return _BACKENDS[name]
 
 
 def default_backend(device: torch.device | None = None) -> str:
     """The backend ``auto`` resolves to on ``device``.
 
-    CUDA gets ``grouped_mm`` (no host sync, graph-capturable). Everywhere else gets ``sorted``: on a
+    CUDA and ``torch.export`` get ``grouped_mm`` (no host sync, graph-capturable). Everywhere else gets ``sorted``: on a
     CPU the one host sync it costs is free, and a per-expert loop of plain GEMMs with a hand-written
     backward beat ``grouped_mm`` there (see benchmarks/RESULTS.md); it also covers every dtype.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and "grouped_mm" in _BACKENDS:
+    # Under torch.export the graph must not depend on routing data: grouped_mm keeps the counts on the
+    # device (every shape is T*K pairs, whatever the router chose).
+    if (dev.type == "cuda" or torch.compiler.is_exporting()) and "grouped_mm" in _BACKENDS:
         return "grouped_mm"
     return "sorted" if "sorted" in _BACKENDS else "eager"
 
@@ -109,7 +123,7 @@ def _swiglu(h_P2F: Tensor) -> Tensor:
     return F.silu(gate_PF) * up_PF
 
 
-@register_experts_backend("eager")
+@register_experts_backend("eager", host_sync=True)
 def eager_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """Reference: loop over experts, gather each one's tokens, run its MLP, scatter-add the result."""
     y_TH = torch.zeros_like(x_TH)
@@ -161,13 +175,15 @@ class _ContiguousGrad(torch.autograd.Function):
 def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Tensor) -> Tensor:
     """Row p of ``x`` times expert ``expert_P[p]``'s ``[out, in]`` matrix: ``[P, I] -> [P, O]``.
 
-    Uses ``F.grouped_mm`` where it has a kernel (float32/bf16 with rows a multiple of 16 bytes);
-    otherwise (float64, odd sizes) a per-pair batched matmul on gathered weights: still no expert
-    loop and no host sync, but it copies one weight matrix per pair, so it is a correctness
-    fallback, not a fast path.
+    Uses ``F.grouped_mm`` where it has a kernel (float32/bf16 with rows a multiple of 16 bytes; only
+    bf16 while torch traces, as its meta kernel takes nothing else); otherwise (float64, odd sizes,
+    float32 under ``torch.export`` / ``torch.compile``) a per-pair batched matmul on gathered weights:
+    still no expert loop and no host sync, but it copies one weight matrix per pair, so it is a
+    correctness fallback, not a fast path.
     """
     row_bytes = (x_PI.shape[-1] * x_PI.element_size(), w_NOI.shape[1] * x_PI.element_size())
-    if (x_PI.dtype in (torch.float32, torch.bfloat16) and hasattr(F, "grouped_mm")
+    dtypes = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
+    if (x_PI.dtype in dtypes and hasattr(F, "grouped_mm")
             and all(b % 16 == 0 for b in row_bytes)):  # the kernel needs 16-byte aligned row strides
         return _ContiguousGrad.apply(F.grouped_mm(x_PI, w_NOI.transpose(1, 2), offs=offsets_N))
     return torch.bmm(w_NOI[expert_P], x_PI.unsqueeze(-1)).squeeze(-1)
@@ -332,7 +348,7 @@ class _SortedExperts(torch.autograd.Function):
         return dx_TH, None, dw_TK, d_gu, d_down
 
 
-@register_experts_backend("sorted")
+@register_experts_backend("sorted", host_sync=True)
 def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """Per-expert GEMMs on contiguous sorted segments with a fused hand-written backward.
 

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                             verify=args.verify)
     cfg = model.config
     if tokenizer is not None:
-        rows = [tokenizer.encode(t).ids for t in args.prompt]
+        rows = [tokenizer.encode(t, add_special_tokens=False).ids for t in args.prompt]
         if not args.no_bos and cfg.bos_token_id is not None:
             rows = [r if r[:1] == [cfg.bos_token_id] else [cfg.bos_token_id, *r] for r in rows]
     else:

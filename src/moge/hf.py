@@ -1,16 +1,21 @@
-"""transformers integration: ``AutoConfig`` / ``AutoModelForCausalLM`` for Pangu Pro MoE checkpoints.
+"""transformers integration: the Auto classes for Pangu Pro MoE checkpoints.
 
 After ``import moge``, ``AutoModelForCausalLM.from_pretrained(path)`` loads a released-layout
 directory (``model_type`` ``"PanguProMoE"``, or the draft ``"PanGuMoE"``; no ``trust_remote_code``)
-into :class:`PanguProMoEForCausalLM`. The wrapper holds our :class:`~moge.model.MoGEModel` as
-``.model`` and an ``lm_head``, so parameter names equal the checkpoint's (experts stacked); the head,
-tying and losses are :mod:`moge.model`'s own functions, not copies. Loading and saving go through
-:mod:`moge.checkpoint` (memory-mapped, per-expert tensors stacked on load, split on save).
+into :class:`PanguProMoEForCausalLM`; ``AutoModel`` gives the base model :class:`PanguProMoEModel`
+and the sequence-classification, token-classification and question-answering Auto classes give
+transformers' generic heads on it (:mod:`moge.hf_heads`). Every class holds our
+:class:`~moge.model.MoGEModel`; the causal LM's head, tying and losses are :mod:`moge.model`'s own
+functions, not copies. Loading and saving go through :mod:`moge.checkpoint` (memory-mapped, experts
+stacked on load, split on save; see :mod:`moge.hf_loading`).
 
-The forward follows transformers' MoE models (``MoeCausalLMOutputWithPast``: ``aux_loss`` and
-``router_logits`` with ``output_router_logits``) and takes the cache under either name transformers
-has used (``past_key_values`` up to 5.23, ``cache`` from 5.24). Keyword arguments it does not know
-are refused with an error naming them, never silently dropped.
+The forward follows transformers' MoE models: ``MoeCausalLMOutputWithPast`` with ``aux_loss`` and
+``router_logits`` (``output_router_logits``), ``hidden_states`` and ``attentions`` when asked, tuples
+with ``return_dict=False``, the cache under either name transformers has used (``past_key_values``
+up to 5.23, ``cache`` from 5.24), dynamic or static caches and 2-D or 4-D masks (see
+:mod:`moge.hf_forward`), ``num_items_in_batch`` for exact gradient accumulation, and
+``gradient_checkpointing_enable()``. Keyword arguments it does not know are refused with an error
+naming them, never silently dropped.
 
 Registration is lazy: ``moge/__init__.py`` registers the classes when transformers' auto modules are
 first imported, so ``import moge`` does not import transformers. :func:`register` does it explicitly.
@@ -18,53 +23,148 @@ first imported, so ``import moge`` does not import transformers. :func:`register
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .checkpoint import CONFIG_NAME, CheckpointError, load_into, read_config, resolve_dtype, save_model
-from .config import read_config_dict
-from .errors import MoGEError
+from .checkpoint import save_pretrained as save_checkpoint
+from .checkpoint.io import write_json
+from .checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
 from .hf_config import PanGuMoEConfig, PanguProMoEConfig
+from .hf_forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
+                         run_backbone)
+from .hf_loading import backbone_path, load, to_checkpoint_names, to_model_names
 from .model import MoGEModel, head_forward, init_module, make_lm_head
 
-__all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanguProMoEConfig", "PanguProMoEForCausalLM", "register"]
+__all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
+           "PanguProMoEModel", "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
 
-# transformers 5.24 renamed the output's cache field from past_key_values to cache.
+# transformers 5.24 renamed the outputs' cache field from past_key_values to cache.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-# from_pretrained keyword arguments that only matter for hub downloads or transformers' own loader.
-_IGNORED_LOAD_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_safetensors",
-                        "attn_implementation", "cache_dir", "force_download", "proxies", "revision", "token",
-                        "_from_auto", "_from_pipeline", "adapter_kwargs", "output_loading_info"}
 # forward keyword arguments of transformers' TransformersKwargs for packed sequences: meaningful only
 # with a varlen attention kernel, which this model does not have.
 _PACKED_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal"}
+# save_pretrained keywords that change nothing for a local safetensors save.
+_HARMLESS_SAVE_KWARGS = {"safe_serialization", "save_function", "save_original_format"}
 
 
-class UnsupportedArgumentError(MoGEError, TypeError):
-    """A keyword argument the model does not implement; the message names it."""
-
-
-class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
-    """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`MoGEModel`) plus ``lm_head``.
-
-    ``forward`` returns :class:`~transformers.modeling_outputs.MoeCausalLMOutputWithPast` and accepts
-    any cache with ``DynamicCache``'s interface.
-    """
+class PanguProMoEPreTrainedModel(PreTrainedModel):
+    """What every Pangu Pro MoE class shares: config class, initialisation, loading and saving."""
 
     config_class = PanguProMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _tied_weights_keys: dict[str, str] = {}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_module(module, self.config.initializer_range)  # the native model's initialisation
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
+                        config: PanguProMoEConfig | None = None, dtype: Any = None, torch_dtype: Any = None,
+                        device_map: Any = None, **kwargs: Any):
+        """Load a local released-layout directory (memory-mapped, built on the meta device).
+
+        ``dtype`` (or the older ``torch_dtype``): ``"auto"``/None keeps the stored dtype, or
+        ``torch.float32`` / ``torch.bfloat16`` / their names. The other keywords are described in
+        :mod:`moge.hf_loading`. Hub downloads are not supported.
+        """
+        return load(cls, pretrained_model_name_or_path, model_args, config,
+                    dtype if dtype is not None else torch_dtype, device_map, kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "2GB",
+                        state_dict: dict[str, Tensor] | None = None, is_main_process: bool = True,
+                        push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write the released layout (:func:`moge.checkpoint.save_pretrained`), the generation config and,
+        for the heads, their labels; ``state_dict`` (e.g. from transformers' ``Trainer``) replaces the
+        model's own. Pushing to the Hub is not supported."""
+        unknown = sorted(set(kwargs) - _HARMLESS_SAVE_KWARGS)
+        if push_to_hub or unknown:
+            raise UnsupportedArgumentError(f"{type(self).__name__}.save_pretrained does not support "
+                                           f"{unknown or ['push_to_hub']}")
+        if not is_main_process:
+            return
+        sd = to_checkpoint_names(dict(state_dict if state_dict is not None else self.state_dict()), self)
+        cfg = self.config
+        overrides = {k: getattr(cfg, k) for k in ("use_cache", "output_router_logits")}
+        gen = self.generation_config.to_diff_dict() if self.can_generate() else None
+        directory = save_checkpoint(save_directory, cfg.to_moge_config(), sd, max_shard_size,
+                                    config_overrides=overrides, generation_config=gen)
+        if not isinstance(self, PanguProMoEForCausalLM):  # labels and class of a head, for from_pretrained
+            path = directory / "config.json"
+            d = json.loads(path.read_text())
+            d["architectures"] = [type(self).__name__]
+            d.update({k: v for k, v in cfg.to_dict().items() if k in ("id2label", "label2id", "problem_type")})
+            write_json(path, d)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that also takes a state dict in the released layout (per-expert
+        tensors, backbone under ``model.``), as transformers' ``Trainer`` reads back a saved checkpoint."""
+        bb = backbone_path(self) + "."
+        if any(PER_EXPERT_RE.match(k) for k in state_dict) or not any(k.startswith(bb) for k in state_dict):
+            cfg = self.config.to_moge_config()
+            state_dict = to_model_names(from_published_state_dict(state_dict, cfg), self)
+            head = getattr(self, "lm_head", None)
+            if cfg.tie_word_embeddings and head is not None and "lm_head.weight" not in state_dict:
+                state_dict["lm_head.weight"] = state_dict[bb + "embed_tokens.weight"]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class PanguProMoEModel(PanguProMoEPreTrainedModel):
+    """The base model (``AutoModel``): :class:`MoGEModel` as ``model``; returns the final hidden states."""
+
+    def __init__(self, config: PanguProMoEConfig):
+        super().__init__(config)
+        self.model = MoGEModel(config.to_moge_config())
+        self.post_init()
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:  # transformers' generic heads reach the embedding here
+        return self.model.embed_tokens
+
+    @embed_tokens.setter
+    def embed_tokens(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: Any = None, inputs_embeds: Tensor | None = None,
+                use_cache: bool | None = None, output_router_logits: bool | None = None,
+                output_hidden_states: bool | int | list[int] | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, cache: Any = None, num_items_in_batch: Any = None,
+                **kwargs: Any) -> MoeModelOutputWithPast | tuple:
+        """Final hidden states ``[B,S,H]`` (after the norm), the cache, and on request every layer's
+        hidden states, attention probabilities and router logits ``[B*S,N]``. ``num_items_in_batch``
+        is accepted for transformers' ``Trainer`` and unused (the base model has no loss)."""
+        _check_forward_kwargs(type(self).__name__, kwargs)
+        out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
+                           inputs_embeds, use_cache, output_hidden_states, output_attentions)
+        res = MoeModelOutputWithPast(last_hidden_state=out.h_BSH, hidden_states=out.hidden_states,
+                                     attentions=out.attentions,
+                                     router_logits=_router_logits(self, out, output_router_logits),
+                                     **{_CACHE_FIELD: out.cache})
+        return res if _return_dict(self, return_dict) else res.to_tuple()
+
+
+class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
+    """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`MoGEModel`) plus ``lm_head``.
+
+    ``forward`` returns :class:`~transformers.modeling_outputs.MoeCausalLMOutputWithPast` and accepts
+    any cache with ``DynamicCache``'s interface, or a transformers static cache.
+    """
 
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
@@ -72,9 +172,6 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = MoGEModel(self.moge_config)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_module(module, self.config.initializer_range)  # the native model's initialisation
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -88,101 +185,59 @@ class PanguProMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    @staticmethod
+    def create_masks_for_generate(attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
+        """``generate`` with a static cache would build a 4-D mask; the model builds its own from the 2-D one."""
+        return attention_mask
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Any = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
-                output_router_logits: bool | None = None, output_hidden_states: bool | None = None,
+                output_router_logits: bool | None = None, output_hidden_states: bool | int | list[int] | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int | Tensor = 0, cache: Any = None,
                 num_items_in_batch: int | Tensor | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast | tuple:
         """Logits ``[B,S,V]`` (or the last ``logits_to_keep``), the cache, and with ``labels`` the LM loss.
 
-        ``attention_mask`` is the 2-D ``[B, past+S]`` padding mask (1 = real token); left padding is
-        handled by position ids counted from each row's first real token. With
+        ``attention_mask`` is the 2-D ``[B, past+S]`` padding mask (1 = real token; left padding is
+        handled by position ids counted from each row's first real token) or a 4-D mask. With
         ``output_router_logits`` (argument or config) the output also holds every MoE layer's router
         logits ``[B*S, N]`` and ``aux_loss``: the paper's per-layer balance loss summed over layers,
         already multiplied by ``router_aux_loss_coef`` (plus the z-loss), which is added to ``loss``
-        when ``labels`` are given. ``num_items_in_batch`` (transformers' ``Trainer`` under gradient
-        accumulation) makes the LM loss a sum over tokens divided by that count.
+        when ``labels`` are given. ``num_items_in_batch`` (transformers' ``Trainer``, gradient
+        accumulation) makes the LM loss a sum over tokens divided by that count, and weights the aux
+        loss by this batch's share of those tokens, so the micro-batches add up to one batch's loss.
         """
-        _check_forward_kwargs(kwargs, output_hidden_states, output_attentions)
-        if cache is not None and past_key_values is not None and cache is not past_key_values:
-            raise UnsupportedArgumentError("pass the cache once: as `cache` or as `past_key_values`, not both")
-        cache = cache if cache is not None else past_key_values
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise UnsupportedArgumentError(
-                f"{type(self).__name__} takes a 2-D [batch, past+seq] attention_mask (got "
-                f"{attention_mask.dim()}-D); use the default DynamicCache, not a static cache")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        h_BSH, stats = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None,
-                                  inputs_embeds)
-        logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep, num_items_in_batch)
-        router_logits = None
-        if output_router_logits:
-            router_logits = tuple(st.router_logits for st in stats if st is not None)
-            if loss is not None and aux is not None:
-                loss = loss + aux
-        out = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux if output_router_logits else None, logits=logits,
-                                        router_logits=router_logits, **{_CACHE_FIELD: cache if use_cache else None})
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return out if return_dict else out.to_tuple()
-
-    # ---- loading and saving through moge.checkpoint ------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
-                        config: PanguProMoEConfig | None = None, dtype: Any = None, torch_dtype: Any = None,
-                        device_map: Any = None, subfolder: str = "", **kwargs: Any) -> "PanguProMoEForCausalLM":
-        """Load a local released-layout directory (memory-mapped, built on the meta device).
-
-        ``dtype`` (or the older ``torch_dtype``): ``"auto"``/None keeps the stored dtype, or
-        ``torch.float32`` / ``torch.bfloat16`` / their names. ``device_map``: None, a device
-        (``"cpu"``, ``"cuda:0"``) or ``{"": device}``. Hub downloads are not supported.
-        """
-        verify = kwargs.pop("verify", True)  # moge's own: manifest SHA-256 and NaN/inf refusal on load
-        unknown = set(kwargs) - _IGNORED_LOAD_KWARGS
-        if model_args or unknown:
-            raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained got unsupported arguments: "
-                                           f"{sorted(unknown) + [repr(a) for a in model_args]}")
-        path = Path(pretrained_model_name_or_path) / subfolder
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not a local checkpoint directory (Pangu Pro MoE checkpoints load "
-                                  "from local released-layout directories only)")
-        device = _resolve_device(device_map)
-        tdtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
-        if config is None:
-            moge_cfg = read_config(path)
-            raw = read_config_dict(path / CONFIG_NAME)
-            config = PanguProMoEConfig.from_moge_config(
-                moge_cfg, **{k: raw[k] for k in ("use_cache", "output_router_logits") if k in raw})
-        with torch.device("meta"):
-            model = cls(config)
-        load_into(model, path, config.to_moge_config(), tdtype, device, verify=verify)
-        model.config.name_or_path = str(pretrained_model_name_or_path)
-        model.config.dtype = next(model.parameters()).dtype
-        return model.eval()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "2GB",
-                        **kwargs: Any) -> None:
-        """Write the released layout (see :func:`moge.checkpoint.save_pretrained`)."""
-        save_model(self, save_directory, max_shard_size=max_shard_size)
+        _check_forward_kwargs(type(self).__name__, kwargs)
+        if labels is not None and (self.config.output_router_logits if output_router_logits is None
+                                   else output_router_logits):
+            check_router_loss_trainable(self)
+        out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
+                           inputs_embeds, use_cache, output_hidden_states, output_attentions)
+        logits, loss, aux = head_forward(self.lm_head, out.h_BSH, out.stats, labels, logits_to_keep, num_items_in_batch)
+        router_logits = _router_logits(self, out, output_router_logits)
+        if router_logits is not None and loss is not None and aux is not None:
+            share = 1.0
+            if num_items_in_batch is not None:
+                mine = (labels[:, 1:] != -100).sum().to(aux.device)
+                share = mine / torch.as_tensor(num_items_in_batch).to(aux.device)
+            loss = loss + aux * share
+        res = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux if router_logits is not None else None, logits=logits,
+                                        hidden_states=out.hidden_states, attentions=out.attentions,
+                                        router_logits=router_logits, **{_CACHE_FIELD: out.cache})
+        return res if _return_dict(self, return_dict) else res.to_tuple()
 
 
-class PanGuMoEForCausalLM(PanguProMoEForCausalLM):
-    """The same model for configs of the draft ``model_type: "PanGuMoE"`` (transformers maps each
-    config class to one model class); it saves under the released name."""
-
-    config_class = PanGuMoEConfig
+def _router_logits(model: PanguProMoEPreTrainedModel, out: BackboneOutput, asked: bool | None) -> tuple | None:
+    asked = model.config.output_router_logits if asked is None else asked
+    return tuple(st.router_logits for st in out.stats if st is not None) if asked else None
 
 
-def _check_forward_kwargs(kwargs: dict[str, Any], output_hidden_states: bool | None,
-                          output_attentions: bool | None) -> None:
-    if output_hidden_states or output_attentions:
-        which = "output_hidden_states" if output_hidden_states else "output_attentions"
-        raise UnsupportedArgumentError(f"{which}=True is not supported by PanguProMoEForCausalLM yet")
+def _return_dict(model: PanguProMoEPreTrainedModel, return_dict: bool | None) -> bool:
+    return model.config.return_dict if return_dict is None else return_dict
+
+
+def _check_forward_kwargs(who: str, kwargs: dict[str, Any]) -> None:
     packed = sorted(k for k in _PACKED_KWARGS & set(kwargs)
                     if kwargs[k] is not None and not (k == "is_causal" and kwargs[k] is True))
     if packed:
@@ -190,27 +245,32 @@ def _check_forward_kwargs(kwargs: dict[str, Any], output_hidden_states: bool | N
                                        f"attention); pass padded batches with an attention_mask")
     unknown = sorted(set(kwargs) - _PACKED_KWARGS)
     if unknown:
-        raise UnsupportedArgumentError(f"PanguProMoEForCausalLM.forward got unexpected keyword arguments {unknown}")
+        raise UnsupportedArgumentError(f"{who}.forward got unexpected keyword arguments {unknown}")
 
 
-def _resolve_device(device_map: Any) -> torch.device:
-    if device_map is None:
-        return torch.device("cpu")
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise UnsupportedArgumentError("PanguProMoEForCausalLM supports device_map=None, a device, or {'': device}")
-        device_map = device_map[""]
-    if device_map == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    return torch.device(device_map)
+def _draft(cls: type) -> type:
+    """The same class for configs of the draft ``model_type: "PanGuMoE"`` (transformers maps each config
+    class to one model class); it saves under the released name."""
+    return type(cls.__name__.replace("PanguProMoE", "PanGuMoE"), (cls,),
+                {"config_class": PanGuMoEConfig, "__module__": cls.__module__, "__doc__": _draft.__doc__})
+
+
+PanGuMoEModel = _draft(PanguProMoEModel)
+PanGuMoEForCausalLM = _draft(PanguProMoEForCausalLM)
 
 
 def register() -> None:
-    """Register both model types with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Register both model types with ``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM`` and the
+    head Auto classes (idempotent)."""
+    import sys
 
-    for config_cls, model_cls in ((PanguProMoEConfig, PanguProMoEForCausalLM), (PanGuMoEConfig, PanGuMoEForCausalLM)):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    for config_cls, base, causal in ((PanguProMoEConfig, PanguProMoEModel, PanguProMoEForCausalLM),
+                                     (PanGuMoEConfig, PanGuMoEModel, PanGuMoEForCausalLM)):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        AutoModel.register(config_cls, base, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, causal, exist_ok=True)
+    if "moge.hf_heads" not in sys.modules:  # while it is being imported it registers itself when done
+        from . import hf_heads
+        hf_heads.register_heads()

@@ -163,8 +163,11 @@ def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past:
     """Boolean SDPA mask ``[B,1,S,L]`` (True = attend), or None when plain causal masking suffices.
 
     Queries are the last S of L positions. Padded keys are masked; a query whose every key is masked
-    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs).
+    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs). A 4-D
+    mask is taken as the ready boolean ``[B,1,S,L]`` (then pass position ids too).
     """
+    if attention_mask_BL is not None and attention_mask_BL.dim() == 4:
+        return attention_mask_BL  # already [B,1,S,L] boolean (the transformers wrapper converts its masks)
     if attention_mask_BL is None and (past == 0 or s == 1):
         return None
     L = past + s
@@ -201,7 +204,8 @@ class MoGEModel(nn.Module):
                                          + ("both" if input_ids is not None else "neither"))
         if input_ids is not None:
             V.tensor("input_ids", input_ids, "int", dims=2, nonempty=True)
-            on_cpu = input_ids.device.type == "cpu"
+            # values are data: not readable while torch.export / torch.compile trace the forward
+            on_cpu = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
             if check_ids or (check_ids is None and on_cpu):
                 V.ids_in_range("input_ids", input_ids, vocab)
             b, s = input_ids.shape
@@ -214,7 +218,13 @@ class MoGEModel(nn.Module):
                 raise V.ArgumentTypeError(f"past_key_values must be a KV cache (KVCache or transformers' "
                                           f"DynamicCache), got {type(past_key_values).__name__}")
             past = past_key_values.get_seq_length()
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready boolean mask (moge.hf builds them)
+            if attention_mask.dtype != torch.bool:
+                raise V.ArgumentTypeError(f"a 4-D attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
+            if tuple(attention_mask.shape) not in ((b, 1, s, past + s), (1, 1, s, past + s)):
+                raise V.InvalidArgumentError(f"a 4-D attention_mask must be [B, 1, S, past+S] = [{b}, 1, {s}, "
+                                             f"{past + s}], got {tuple(attention_mask.shape)}")
+        elif attention_mask is not None:
             V.tensor("attention_mask", attention_mask, dims=2)
             if tuple(attention_mask.shape) != (b, past + s):
                 raise V.InvalidArgumentError(f"attention_mask must be [B, past+S] = [{b}, {past + s}], got "
@@ -231,6 +241,9 @@ class MoGEModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+        # Activation checkpointing of each decoder layer while training; transformers'
+        # gradient_checkpointing_enable() sets this flag and `_gradient_checkpointing_func` (moge.hf).
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
@@ -250,10 +263,24 @@ class MoGEModel(nn.Module):
         cos_sin = self.rotary(position_ids, x_BSH.dtype)
         mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
         stats: list[RouterStats | None] = []
+        # A cache would be written twice (forward and recompute), so layers with one run normally.
+        recompute = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                     and past_key_values is None)
+        checkpoint = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
         for layer in self.layers:
-            x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
+            if recompute:
+                x_BSH, st = checkpoint(layer, x_BSH, cos_sin, mask, None)
+            else:
+                x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
             stats.append(st)
         return self.norm(x_BSH), stats
+
+
+def _checkpoint(fn, *args):
+    """Non-reentrant activation checkpointing: RouterStats tensors keep their gradient (aux loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -303,7 +330,7 @@ def head_forward(lm_head: nn.Linear, h_BSH: Tensor, stats: list[RouterStats | No
         if tuple(labels.shape) != tuple(h_BSH.shape[:2]):
             raise V.InvalidArgumentError(f"labels must be [B, S] = {list(h_BSH.shape[:2])} like input_ids, got "
                                          f"{tuple(labels.shape)}")
-        if labels.device.type == "cpu":  # values only where reading them costs no device sync
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # values only where reading is free
             V.ids_in_range("labels", labels, lm_head.out_features, allow=(-100,))
     if isinstance(logits_to_keep, Tensor):
         h_BSH = h_BSH[:, logits_to_keep]

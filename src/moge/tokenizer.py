@@ -3,7 +3,10 @@
 Special tokens take the ids the model config expects: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2.
 Byte-level pre-tokenization (no added prefix space) makes ``decode(encode(text)) == text`` for any
 UTF-8 string, so a checkpoint's ``tokenizer.json`` can be loaded by ``tokenizers.Tokenizer.from_file``
-in ``moge generate`` or any other tool.
+in ``moge generate`` or any other tool. Training packs documents as ``<bos> text <eos>``; the saved
+tokenizer's post-processor prepends ``<bos>`` when special tokens are added (the default of
+``encode`` and of transformers' tokenizers), so a prompt encoded by any tool starts as training
+rows do. moge's own packing encodes without special tokens (:func:`encode_batch`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     check_special_ids(tok)
+    return with_bos(tok)
+
+
+def with_bos(tok):
+    """``tok`` with a post-processor that prepends ``<bos>`` (to each sequence of a pair) when special
+    tokens are added; a tokenizer that already has a post-processor is returned unchanged."""
+    from tokenizers import processors
+
+    if tok.post_processor is None:
+        bos = SPECIAL_TOKENS[BOS_ID]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                                           special_tokens=[(bos, BOS_ID)])
     return tok
 
 
@@ -73,10 +88,15 @@ def load_tokenizer(path: str | Path):
 
 
 def save_tokenizer(tok, path: str | Path) -> Path:
-    """Write the tokenizer as JSON to ``path`` (a file path, or a directory to hold ``tokenizer.json``)."""
+    """Write the tokenizer as JSON to ``path`` (a file path, or a directory to hold ``tokenizer.json``),
+    with the ``<bos>`` post-processor of :func:`with_bos` (added to a copy when ``tok`` has none)."""
+    from tokenizers import Tokenizer
+
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
+    if tok.post_processor is None:
+        tok = with_bos(Tokenizer.from_str(tok.to_str()))
     tok.save(str(path))
     return path
 

@@ -1,7 +1,9 @@
 """Train a MoGE (or top-K / group-limited baseline) language model on text, with resumable checkpoints.
 
 The output directory is itself a checkpoint in the released layout (``config.json`` + safetensors
-weights, loadable by ``moge.checkpoint.load_pretrained``) plus ``tokenizer.json``, the optimizer state
+weights, loadable by ``moge.checkpoint.load_pretrained`` and transformers' Auto classes) plus
+``tokenizer.json`` with the ``generation_config.json`` / ``tokenizer_config.json`` /
+``special_tokens_map.json`` that transformers' tools read, the optimizer state
 (``optimizer.safetensors``, tensors keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``) and
 ``moge_training_state.json`` (step, schedule, data position, RNG states, per-file checksums). No
 pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`.
@@ -32,7 +34,8 @@ import numpy as np
 import torch
 
 from . import validate as V
-from .checkpoint import CheckpointCorruptError, atomic_write, confined, load_pretrained, save_pretrained
+from .checkpoint import (CheckpointCorruptError, atomic_write, confined, load_pretrained, save_pretrained,
+                         write_tokenizer_config)
 from .checkpoint.io import writable_dir, writing
 from .checkpoint.lock import DirectoryLock
 from .checkpoint.pretrained import refuse_non_finite
@@ -65,7 +68,7 @@ class TrainingConfigError(MoGEError, ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every training option; saved in ``trainer_state.json`` so ``--resume`` continues the same run."""
+    """Every training option; saved in ``moge_training_state.json`` so ``--resume`` continues the same run."""
     out: str = "runs/train"
     preset: str = "debug"
     router: str = "moge"
@@ -658,6 +661,7 @@ class Trainer:
                 sd = full_sd if full_sd is not None else self.model.state_dict()
                 save_pretrained(staging, self.model_config, sd)  # the same files at any EP size
                 save_tokenizer(self.tokenizer, staging / TOKENIZER_FILE)
+                write_tokenizer_config(staging, self.model_config)  # what transformers' AutoTokenizer reads
                 save_file(opt_tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
 
             state = {"step": self.step, "tokens_seen": self.tokens_seen,

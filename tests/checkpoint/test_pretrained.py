@@ -55,7 +55,9 @@ def test_load_save_round_trip_is_bit_exact(ckpt, tensors, tmp_path):
     model = load_pretrained(ckpt)
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 32, 32)
     out = save_model(model, tmp_path / "re")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((out / "generation_config.json").read_text()) == {"pad_token_id": 0, "bos_token_id": 1,
+                                                                        "eos_token_id": 2}
     saved = _read_all(out)
     assert set(saved) == set(tensors)
     for name, t in tensors.items():
@@ -121,7 +123,9 @@ def test_sharded_save_writes_index_and_loads_back(ckpt, tmp_path):
     torch.testing.assert_close(_logits(load_pretrained(out)), _logits(model), rtol=0, atol=0)
     # Saving again unsharded into the same directory removes the stale shards and the index.
     save_model(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((out / "generation_config.json").read_text()) == {"pad_token_id": 0, "bos_token_id": 1,
+                                                                        "eos_token_id": 2}
 
 
 def test_sharded_published_checkpoint_loads(tmp_path, tensors, ckpt):

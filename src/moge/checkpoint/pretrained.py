@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
 from ..errors import ArgumentTypeError
+from .hf_files import write_generation_config, write_tokenizer_config
 from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
                  open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, config_from_dict, group_expert_names,
@@ -268,12 +269,15 @@ def normalise_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mapping[str, Tensor],
                     max_shard_size: int | str = "2GB", tokenizer_file: str | Path | None = None,
-                    progress: bool = False, config_overrides: Mapping[str, Any] | None = None) -> Path:
+                    progress: bool = False, config_overrides: Mapping[str, Any] | None = None,
+                    generation_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``state_dict`` (our names, experts stacked) under ``config`` in the released layout.
 
     Weights first (``model.safetensors``, or shards plus ``model.safetensors.index.json``), then
-    ``config.json`` (:func:`.layout.released_config_dict`), then optionally ``tokenizer.json``; each file
-    atomically, so a directory with a config always has a complete set of weights. Returns the directory.
+    ``config.json`` (:func:`.layout.released_config_dict`) and ``generation_config.json`` (the special
+    ids, updated with ``generation_config``), then optionally ``tokenizer.json`` with the tokenizer
+    files transformers reads (see :mod:`.hf_files`); each file atomically, so a directory with a config
+    always has a complete set of weights. Returns the directory.
     A state dict of int8 modules (:mod:`moge.quant`) is written in the Ascend W8A8 layout instead
     (:func:`.quantized.save_quantized`).
     """
@@ -300,10 +304,12 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
         dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
         dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
         write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
+        write_generation_config(directory, config, generation_config)
         if tokenizer_file is not None:
             src = Path(tokenizer_file)
             if src.resolve() != (directory / TOKENIZER_NAME).resolve():
                 atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
+            write_tokenizer_config(directory, config)
     return directory
 
 

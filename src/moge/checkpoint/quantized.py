@@ -334,6 +334,7 @@ def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mappin
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a quantized state dict in the Ascend W8A8 layout: shards, then the description (and moge's
     calibration notes in ``moge_quantization.json`` when given), then ``config.json``; each file atomic."""
+    from .hf_files import write_generation_config, write_tokenizer_config
     from .pretrained import check_tokenizer_file
 
     directory = Path(directory)
@@ -351,8 +352,10 @@ def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mappin
         dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and desc.get(k) == FLOAT}
         write_json(directory / "config.json",
                    released_config_dict(config, next(iter(dtypes)) if len(dtypes) == 1 else None, config_overrides))
+        write_generation_config(directory, config)
         if tokenizer_file is not None:
             src = Path(tokenizer_file)
             if src.resolve() != (directory / "tokenizer.json").resolve():
                 atomic_write(directory / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
+            write_tokenizer_config(directory, config)
     return directory
