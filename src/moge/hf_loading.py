@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CONFIG_NAME, CheckpointError, load_state_dict, read_config, resolve_dtype
 from .checkpoint.io import header_shapes, listing, open_shards, weight_files
-from .checkpoint.layout import from_published_state_dict, IGNORED_RE, PER_EXPERT_RE
+from .checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_dict, quantization_format
 from .config import read_config_dict
 from .hf_forward import UnsupportedArgumentError
 from .model import MoGEModel, RotaryEmbedding, init_module
@@ -166,6 +166,8 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
     config = _config(cls, path, config, config_kwargs)
     tdtype = resolve_dtype(dtype)
 
+    if quantization_format(path) is not None:  # Ascend W8A8: the causal LM (or base model) with int8 modules
+        return _load_quantized(cls, path, config, tdtype, device_map, verify, key_mapping, output_loading_info)
     # Read with the head untied, so a separate lm_head of the checkpoint is never dropped.
     moge_cfg = config.to_moge_config().replace(tie_word_embeddings=False)
     shapes = _checkpoint_shapes(path, moge_cfg)
@@ -219,6 +221,29 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
         info = {"missing_keys": set(missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(),
                 "error_msgs": []}
         return model, info
+    return model
+
+
+def _load_quantized(cls: type, path: Path, config: Any, dtype: torch.dtype | None, device_map: Any, verify: bool,
+                    key_mapping: Any, output_loading_info: bool) -> Any:
+    """A quantized directory through :func:`moge.checkpoint.load_into` (which installs the int8 modules):
+    only classes whose parameter names are the checkpoint's own (the causal LM) can take it."""
+    from .checkpoint import load_into
+
+    if key_mapping:
+        raise UnsupportedArgumentError("key_mapping is not supported for quantized (W8A8) checkpoints")
+    with torch.device("meta"):
+        model = cls(config)
+    if backbone_path(model) != "model" or not hasattr(model, "lm_head"):
+        raise UnsupportedArgumentError(f"{cls.__name__} cannot load the quantized checkpoint {path}: quantized "
+                                       f"checkpoints load into the causal LM (AutoModelForCausalLM)")
+    device = resolve_device_map(device_map, model)
+    load_into(model, path, config.to_moge_config(), dtype, device, verify=verify)
+    _load_generation_config(model, path)
+    model.config.name_or_path = str(path)
+    model.eval()
+    if output_loading_info:
+        return model, {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
     return model
 
 
