@@ -15,7 +15,13 @@ per-expert loop and the test oracle; faster backends must match it and are chose
 * ``grouped_mm``: sort pairs by expert, two ``F.grouped_mm`` calls, no Python loop and no host sync
   of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
 * ``sorted``: per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
-  sync for the counts; the fastest on CPU (the CPU choice; see benchmarks/RESULTS.md).
+  sync for the counts; the fastest on CPU at prefill and training sizes (see benchmarks/RESULTS.md).
+* ``gemv``: decode sizes on CPU (a few rows per expert): each touched expert's two products computed
+  as ``W @ x^T`` (:func:`moge.linear.linear`), which streams its weights 1.3-2x faster than the
+  ``x @ W^T`` GEMMs of ``sorted``; one host sync for the counts; differentiable through autograd.
+
+``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA; on CPU ``gemv`` at
+up to :data:`GEMV_MAX_ROWS` pairs per expert on average (decode), else ``sorted``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .linear import Linear, linear
 from .routing import expert_counts
 
 ExpertsBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -49,26 +56,40 @@ def available_backends() -> list[str]:
 
 
 def get_experts_backend(name: str, device: torch.device | None = None) -> ExpertsBackend:
-    """The backend called ``name``; ``auto`` picks the fastest one for ``device``."""
+    """The backend called ``name``; ``auto`` picks the fastest one for ``device`` and each call's sizes."""
     if name == "auto":
-        name = default_backend(device)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return _BACKENDS[default_backend(dev)] if dev.type == "cuda" else _auto_cpu
     try:
         return _BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown experts backend {name!r}; available: {['auto', *available_backends()]}") from None
 
 
-def default_backend(device: torch.device | None = None) -> str:
-    """The backend ``auto`` resolves to on ``device``.
+# Average pairs per expert up to which ``gemv`` beats ``sorted`` on CPU (equal at 8, see RESULTS.md).
+GEMV_MAX_ROWS = 8
 
-    CUDA gets ``grouped_mm`` (no host sync, graph-capturable). Everywhere else gets ``sorted``: on a
-    CPU the one host sync it costs is free, and a per-expert loop of plain GEMMs with a hand-written
-    backward beat ``grouped_mm`` there (see benchmarks/RESULTS.md); it also covers every dtype.
+
+def default_backend(device: torch.device | None = None, pairs_per_expert: float | None = None) -> str:
+    """The backend ``auto`` resolves to on ``device`` for a call with ``pairs_per_expert`` rows per
+    expert on average (None: prefill/training sizes).
+
+    CUDA gets ``grouped_mm`` (no host sync, graph-capturable). On a CPU the one host sync of a
+    per-expert loop is free: ``gemv`` at decode sizes, ``sorted`` (plain GEMMs with a hand-written
+    backward, it beat ``grouped_mm`` there, see benchmarks/RESULTS.md) otherwise. The choice depends
+    on the shapes only (not on autograd), so a forward gives the same numbers with or without grad.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and "grouped_mm" in _BACKENDS:
         return "grouped_mm"
+    if pairs_per_expert is not None and pairs_per_expert <= GEMV_MAX_ROWS:
+        return "gemv"
     return "sorted" if "sorted" in _BACKENDS else "eager"
+
+
+def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+    name = default_backend("cpu", ids_TK.numel() / gate_up_N2FH.shape[0])
+    return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 def _swiglu(h_P2F: Tensor) -> Tensor:
@@ -290,6 +311,28 @@ def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Ten
     return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
+@register_experts_backend("gemv")
+def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
+    """Decode sizes on CPU: a loop over the touched experts, each one's rows times its weights as
+    ``W @ x^T`` (:func:`moge.linear.linear`), so every touched expert's weights are read once, at the
+    fastest rate MKL gives few rows. One host sync (the counts); autograd gives the backward."""
+    t, f = x_TH.shape[0], down_NHF.shape[2]
+    order_P, token_P, counts_N = sort_pairs(ids_TK, gate_up_N2FH.shape[0])
+    xs_PH = x_TH.index_select(0, token_P)
+    ws_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
+    outs, start = [], 0
+    for e, c in enumerate(counts_N.tolist()):
+        if c:
+            gu_R2F = linear(xs_PH[start:start + c], gate_up_N2FH[e])
+            h_RF = F.silu(gu_R2F[:, :f]) * gu_R2F[:, f:] * ws_P1[start:start + c]
+            outs.append(linear(h_RF, down_NHF[e]))
+            start += c
+    if not outs:  # no tokens
+        return torch.zeros_like(x_TH)
+    out_PH = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return x_TH.new_zeros(t, x_TH.shape[1]).index_add_(0, token_P, out_PH)
+
+
 class SwiGLUExperts(nn.Module):
     """N SwiGLU experts ``down(silu(gate(x)) * up(x))`` (no biases) as stacked parameters."""
 
@@ -324,9 +367,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

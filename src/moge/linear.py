@@ -1,0 +1,57 @@
+"""Linear layers at decode sizes: the same math as ``F.linear``, a faster CPU kernel for few rows.
+
+Shape legend
+    R  rows (all leading dims of the input flattened)     I  input features     O  output features
+
+At decode a linear layer multiplies a handful of rows by a weight that is read from memory once, so
+its speed is the speed of streaming the weight. On x86 CPUs with MKL (torch's CPU wheels),
+``F.linear(x, W) = x @ W^T`` with 1-64 rows takes a path that runs far below memory bandwidth; the
+same product computed as ``(W @ x^T)^T`` reaches 2-4x its speed with rows padded to an even count
+(one row runs single-threaded otherwise). Measured on the 2-core development VM, float32, 2 threads,
+weights not in cache (GB/s of weight read; benchmarks/RESULTS.md has the method):
+
+=============  ========  ====================  ==========  ====================
+weight [O,I]   rows      ``F.linear``          rows        ``(W @ x^T)^T``
+=============  ========  ====================  ==========  ====================
+512 x 768      1         7.9                   1 (pad 2)   18.2
+768 x 256      2         3.2                   2           14.4
+32000 x 768    4         4.9                   4           15.7
+=============  ========  ====================  ==========  ====================
+
+:class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes that path
+on CPU for float32 inputs of at most :data:`FEW_ROWS` rows and plain ``F.linear`` everywhere else
+(CUDA, bf16, prefill and training sizes). Both paths are differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FEW_ROWS", "Linear", "linear"]
+
+# Above this many rows F.linear is as fast or faster (and prefill/training never come near it).
+FEW_ROWS = 64
+
+
+def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [..., I]``, through ``(W @ x^T)^T`` on CPU for few float32 rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype and 0 < rows <= FEW_ROWS):
+        return F.linear(x, weight_OI, bias_O)
+    x_RI = x.reshape(rows, x.shape[-1])
+    if rows % 2:  # MKL runs a single row on one thread; a duplicated row costs nothing at this size
+        x_RI = torch.cat([x_RI, x_RI[-1:]])
+    y_OR = torch.mm(weight_OI, x_RI.t())
+    y_RO = y_OR.t()[:rows]
+    if bias_O is not None:
+        y_RO = y_RO + bias_O
+    return y_RO.reshape(*x.shape[:-1], weight_OI.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (the fast path for few rows on CPU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
