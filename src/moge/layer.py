@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import ROUTERS, MoGEConfig
 from .experts import SwiGLU, SwiGLUExperts
+from .linear import linear
 from .routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
 
 
@@ -93,7 +94,7 @@ class MoGELayer(nn.Module):
         # Autocast (bf16 training) would silently run this matmul in low precision and can flip the
         # per-group argmax; the spec computes router logits in float32.
         with torch.autocast(x_TH.device.type, enabled=False):
-            logits_TN = nn.functional.linear(x_TH.float(), self.gate.weight.float())
+            logits_TN = linear(x_TH.float(), self.gate.weight.float())
         scores_TN = router_scores(logits_TN, check_finite)
         if self.router == "moge":
             w_TK, ids_TK = moge_select(scores_TN, self.num_groups, self.k_per_group, self.router_scale)
@@ -118,15 +119,17 @@ class MoGELayer(nn.Module):
             router_logits=r.logits,
         )
 
-    def forward(self, x: Tensor, backend: str | None = None) -> tuple[Tensor, RouterStats]:
-        """``x [..., H] -> (y [..., H], RouterStats)``."""
+    def forward(self, x: Tensor, backend: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+        """``x [..., H] -> (y [..., H], RouterStats)``; ``with_stats=False`` (decoding) skips the
+        statistics and losses and returns None for them."""
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         r = self.route(x_TH)
         y_TH = self.experts(x_TH, r.expert_ids, r.weights, backend=backend)
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH)  # ungated (spec section 2)
-        return y_TH.view(shape), self.stats(r)
+        return y_TH.view(shape), self.stats(r) if with_stats else None
 
     def extra_repr(self) -> str:
         return f"router={self.router!r}, num_groups={self.num_groups}, top_k={self.top_k}"
