@@ -41,13 +41,12 @@ def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor
     if not (x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype and 0 < rows <= FEW_ROWS):
         return F.linear(x, weight_OI, bias_O)
     x_RI = x.reshape(rows, x.shape[-1])
-    if rows % 2:  # MKL runs a single row on one thread; a duplicated row costs nothing at this size
-        x_RI = torch.cat([x_RI, x_RI[-1:]])
-    y_OR = torch.mm(weight_OI, x_RI.t())
-    y_RO = y_OR.t()[:rows]
-    if bias_O is not None:
-        y_RO = y_RO + bias_O
-    return y_RO.reshape(*x.shape[:-1], weight_OI.shape[0])
+    # MKL runs a single row on one thread (a duplicated row costs nothing at this size), and it is
+    # 1.5x faster when x^T is a transposed view of row-major rows than when it is contiguous.
+    x_RI = torch.cat([x_RI, x_RI[-1:]]) if rows % 2 else x_RI.contiguous()
+    y_OR = torch.mm(weight_OI, x_RI.t()) if bias_O is None else torch.addmm(bias_O.unsqueeze(1), weight_OI, x_RI.t())
+    # Row-major like F.linear's result: SDPA's fast CPU kernel needs the head dim contiguous.
+    return y_OR.t()[:rows].contiguous().view(*x.shape[:-1], weight_OI.shape[0])
 
 
 class Linear(nn.Linear):

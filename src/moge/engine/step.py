@@ -104,7 +104,9 @@ class DecodeStep:
         self.offsets_1S = torch.arange(num_new, device=dev).view(1, num_new)
         self.slot_1111L = torch.arange(self.kv_len, device=dev).view(1, 1, 1, self.kv_len)
         self.pos_BS = torch.zeros(b, num_new, dtype=torch.long, device=dev)
-        self.mask_B1SL = torch.zeros(b, 1, num_new, self.kv_len, dtype=torch.bool, device=dev)
+        # One contiguous mask buffer per attended length (a strided view of a longer one sends CPU
+        # SDPA down its slow math path); a CUDA graph uses the full length only.
+        self._masks: dict[int, Tensor] = {}
 
     @torch.inference_mode()
     def __call__(self, ids_BS: Tensor, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
@@ -115,7 +117,9 @@ class DecodeStep:
         if not s <= L <= self.kv_len:
             raise CacheError(f"kv_len={L} must be in [{s}, {self.kv_len}]")
         torch.add(self.cache.lengths_B.view(b, 1), self.offsets_1S, out=self.pos_BS)
-        mask_B1SL = self.mask_B1SL[..., :L]
+        if L not in self._masks:
+            self._masks[L] = torch.zeros(b, 1, s, L, dtype=torch.bool, device=self.pos_BS.device)
+        mask_B1SL = self._masks[L]
         torch.le(self.slot_1111L[..., :L], self.pos_BS.view(b, 1, s, 1), out=mask_B1SL)
         with _attention_kernels(ids_BS.device):
             h_BSH, _ = self.base(ids_BS, attention_mask=mask_B1SL, position_ids=self.pos_BS,
