@@ -21,8 +21,9 @@ per-expert loop and the test oracle; faster backends must match it and are chose
   ``x @ W^T`` GEMMs of ``sorted`` at 1-32 tokens; one host sync for the counts; differentiable
   through autograd.
 
-``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA; on CPU ``gemv`` at
-up to :data:`GEMV_MAX_ROWS` pairs per expert on average (decode), else ``sorted``.
+``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA; on CPU ``gemv`` under
+``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per expert on average,
+else ``sorted``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 
     CUDA gets ``grouped_mm`` (no host sync, graph-capturable). On a CPU the one host sync of a
     per-expert loop is free: ``gemv`` at decode sizes, ``sorted`` (plain GEMMs with a hand-written
-    backward, it beat ``grouped_mm`` there, see benchmarks/RESULTS.md) otherwise. The choice depends
-    on the shapes only (not on autograd), so a forward gives the same numbers with or without grad.
+    backward, it beat ``grouped_mm`` there, see benchmarks/RESULTS.md) otherwise. ``auto`` passes
+    ``pairs_per_expert`` only under ``torch.inference_mode()`` (see :mod:`moge.linear` for why).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and "grouped_mm" in _BACKENDS:
@@ -89,7 +90,9 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 
 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
-    name = default_backend("cpu", ids_TK.numel() / gate_up_N2FH.shape[0])
+    # gemv's products round by memory alignment and row count (see moge.linear): decoding only.
+    rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
+    name = default_backend("cpu", rows)
     return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
@@ -312,14 +315,34 @@ def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Ten
     return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
+def _even_rows(x_PI: Tensor, segs: list[tuple[int, int, int]]) -> tuple[Tensor, list[tuple[int, int, int]]]:
+    """``x`` with each odd-length segment's last row repeated, and the segments in the new rows: MKL
+    runs one row single-threaded and an even count of row-major rows at 2-4x the weight-read rate."""
+    if all((b - a) % 2 == 0 for _, a, b in segs):
+        return x_PI, segs
+    parts, out, start = [], [], 0
+    for e, a, b in segs:
+        parts.append(x_PI[a:b])
+        if (b - a) % 2:
+            parts.append(x_PI[b - 1:b])
+        n = b - a + (b - a) % 2
+        out.append((e, start, start + n))
+        start += n
+    return torch.cat(parts), out
+
+
 @register_experts_backend("gemv")
 def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
-    """Decode sizes on CPU: the touched experts' rows times their weights as ``W @ x^T``
-    (:func:`moge.linear.linear`), so every touched expert's weights are read once, at the fastest rate
-    MKL gives few rows. All gate/up products first, the SwiGLU and gate weights as one pass over all
-    pairs, then all down products: 1.1-1.2x faster than interleaving them per expert (MKL keeps one
-    shape hot, and three elementwise ops replace three per expert). One host sync (the counts);
-    autograd gives the backward."""
+    """Decode sizes on CPU: every touched expert's rows times its weights as ``W @ x^T`` (see
+    :mod:`moge.linear`: 2-4x the rate of ``x @ W^T`` for few rows), so each touched expert's weights
+    are read once, at the fastest rate MKL gives few rows.
+
+    Pairs are sorted by expert and each odd group padded with a repeated row, once for the whole
+    call; then all gate/up products, one SwiGLU pass over all pairs, all down products, one combine.
+    Per expert that is two matmuls and no other op (the per-expert loop of ``sorted`` costs several
+    small ops each, which at decode sizes is as much time as the weights). One host sync (the counts);
+    autograd gives the backward.
+    """
     t, f = x_TH.shape[0], down_NHF.shape[2]
     order_P, token_P, counts_N = sort_pairs(ids_TK, gate_up_N2FH.shape[0])
     segs, start = [], 0
@@ -329,10 +352,23 @@ def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Tenso
             start += c
     if not segs:  # no tokens
         return torch.zeros_like(x_TH)
-    xs_PH = x_TH.index_select(0, token_P)
-    gu_P2F = torch.cat([linear(xs_PH[a:b], gate_up_N2FH[e]) for e, a, b in segs])
-    h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
-    out_PH = torch.cat([linear(h_PF[a:b], down_NHF[e]) for e, a, b in segs])
+    w_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
+    # one [P', H] block of row-major rows (P' >= P: odd segments padded), token and weight per row
+    xw_PX, psegs = _even_rows(torch.cat([x_TH.index_select(0, token_P), w_P1], 1), segs)
+    xs_PH, ws_P1 = xw_PX[:, :-1], xw_PX[:, -1:]
+    if xs_PH.dtype != torch.float32 or xs_PH.device.type != "cpu":
+        gu_P2F = torch.cat([F.linear(xs_PH[a:b], gate_up_N2FH[e]) for e, a, b in psegs])
+    else:
+        xs_PH = xs_PH.contiguous()
+        gu_P2F = torch.cat([torch.mm(gate_up_N2FH[e], xs_PH[a:b].t()) for e, a, b in psegs], 1).t()
+    h_PF = (F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * ws_P1).contiguous()
+    if h_PF.dtype != torch.float32 or h_PF.device.type != "cpu":
+        out_PH = torch.cat([F.linear(h_PF[a:b], down_NHF[e]) for e, a, b in psegs])
+    else:
+        out_PH = torch.cat([torch.mm(down_NHF[e], h_PF[a:b].t()) for e, a, b in psegs], 1).t()
+    if psegs[-1][2] != segs[-1][2]:  # drop the padding rows again
+        keep = [i for (_, a, b), (_, pa, _) in zip(segs, psegs) for i in range(pa, pa + b - a)]
+        out_PH = out_PH.index_select(0, torch.tensor(keep, device=out_PH.device))
     return x_TH.new_zeros(t, x_TH.shape[1]).index_add_(0, token_P, out_PH)
 
 

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .config import ROUTERS, MoGEConfig
 from .experts import SwiGLU, SwiGLUExperts
-from .linear import linear
 from .routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
 
 
@@ -94,7 +93,7 @@ class MoGELayer(nn.Module):
         # Autocast (bf16 training) would silently run this matmul in low precision and can flip the
         # per-group argmax; the spec computes router logits in float32.
         with torch.autocast(x_TH.device.type, enabled=False):
-            logits_TN = linear(x_TH.float(), self.gate.weight.float())
+            logits_TN = nn.functional.linear(x_TH.float(), self.gate.weight.float())
         scores_TN = router_scores(logits_TN, check_finite)
         if self.router == "moge":
             w_TK, ids_TK = moge_select(scores_TN, self.num_groups, self.k_per_group, self.router_scale)

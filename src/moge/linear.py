@@ -19,8 +19,13 @@ weight [O,I]   rows      ``F.linear``          rows        ``(W @ x^T)^T``
 =============  ========  ====================  ==========  ====================
 
 :class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes that path
-on CPU for float32 inputs of at most :data:`FEW_ROWS` rows and plain ``F.linear`` everywhere else
-(CUDA, bf16, prefill and training sizes). Both paths are differentiable.
+on CPU for float32 inputs of at most :data:`FEW_ROWS` rows **under** ``torch.inference_mode()``
+(which :func:`moge.generate.generate` and :mod:`moge.engine` run in), and plain ``F.linear``
+everywhere else (CUDA, bf16, prefill and training sizes, ``no_grad`` forwards). Why only there: the
+fast kernel's last bits depend on the weight's memory alignment and on the number of rows (MKL picks
+its inner loop by both), so a checkpoint loaded by memory map, or a token in another batch, could
+differ from the same computation elsewhere by an ulp. ``F.linear`` here does not, and plain forwards
+keep that reproducibility; decoding trades it for speed (results agree to float32 rounding).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ FEW_ROWS = 64
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for ``x [..., I]``, through ``(W @ x^T)^T`` on CPU for few float32 rows."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype and 0 < rows <= FEW_ROWS):
+    if not (0 < rows <= FEW_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype
+            and torch.is_inference_mode_enabled()):
         return F.linear(x, weight_OI, bias_O)
     x_RI = x.reshape(rows, x.shape[-1])
     # MKL runs a single row on one thread (a duplicated row costs nothing at this size), and it is
