@@ -39,6 +39,12 @@ from moge.layer import MoGELayer  # noqa: E402
 H, N, M, K, F_EXP, F_SHARED = 1024, 64, 8, 8, 256, 256
 SHAPES = {"prefill": 2048, "decode": 8}
 SECTION = "## MoE layer (bench_layer.py)"
+MODES = ("fwd", "fwd+bwd")
+# --paper: the paper's layer (Pangu Pro MoE: H=5120, 64 experts in 8 groups, K'=1, F=1344, shared
+# 5376), forward only, at the token counts of issue 10 (a GPU benchmark: bf16 on CUDA).
+PAPER = dict(H=5120, N=64, M=8, K=8, F_EXP=1344, F_SHARED=5376,
+             SHAPES={"decode": 8, "mid": 456, "prefill": 4096}, SECTION="## MoE layer, paper shape (bench_layer.py --paper)",
+             MODES=("fwd",))
 SLOW_S = 5.0  # seconds per call above which a contender is timed on a single warm call, in round 1 only
 
 
@@ -158,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time our eager (oracle) backend at prefill (slow: ~30 s per backward)")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the PNG")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)} (or of --paper's)")
+    ap.add_argument("--paper", action="store_true", help="the paper's layer shape at T=8/456/4096, forward "
+                    "only, own RESULTS.md section and PNG (meant for CUDA bf16)")
     args = ap.parse_args(argv)
+    if args.paper:
+        globals().update(PAPER)
+    args.shapes = args.shapes or list(SHAPES)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(rounds):
         for (shape, name), (fwd, fb) in entries.items():
             for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+                if mode not in MODES:
+                    continue
                 if rnd and SHAPES[shape] / best[(shape, name, mode)] > SLOW_S:
                     done += 1  # a slow baseline (over SLOW_S a call): one round is enough
                     continue
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(best, backends, fast)
     print("\n".join(lines))
     if not args.no_write:
-        png = Path(args.results).with_name("results_layer.png")
+        png = Path(args.results).with_name("results_layer_paper.png" if args.paper else "results_layer.png")
         plot(best, png)
         write_section(Path(args.results), lines, args, dtype, rounds, warmup, repeats, png.name)
         print(f"wrote {args.results} and {png}")
@@ -241,7 +254,7 @@ def table(best, backends, fast) -> list[str]:
     out = ["| shape | mode | contender | tokens/s | vs transformers best | vs dense roofline |",
            "|---|---|---|---:|---:|---:|"]
     for shape in SHAPES:
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in MODES:
             hf = {n: v for (s, n, md), v in best.items() if s == shape and md == mode and n.startswith("hf/")}
             hf_name, hf_best = max(hf.items(), key=lambda kv: kv[1]) if hf else ("-", float("nan"))
             dense = best.get((shape, "dense", mode), float("nan"))
@@ -262,7 +275,7 @@ def plot(best, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     measured = {s for (s, _, _) in best}
-    panels = [(s, md) for s in SHAPES if s in measured for md in ("fwd", "fwd+bwd")]
+    panels = [(s, md) for s in SHAPES if s in measured for md in MODES]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 5), squeeze=False)
     axes = axes[0]
     for ax, (shape, mode) in zip(axes, panels):
@@ -277,7 +290,8 @@ def plot(best, path: Path) -> None:
         ax.set_title(f"{shape} (T={SHAPES[shape]}) {mode}")
         ax.set_xlabel("tokens/s" + (" (log)" if log else ""))
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle("MoE layer H=1024 N=64 M=8 K=8 F=256 shared=256: ours (blue), transformers (orange), dense (grey)")
+    fig.suptitle(f"MoE layer H={H} N={N} M={M} K={K} F={F_EXP} shared={F_SHARED}: ours (blue), transformers "
+                 f"(orange), dense (grey)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -287,14 +301,15 @@ def write_section(path: Path, lines: list[str], args, dtype, rounds, warmup, rep
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     body = [SECTION, "",
             f"Machine: {machine()}. dtype {str(dtype).replace('torch.', '')}, device {args.device}. "
-            f"Shapes H={H}, N={N}, M={M}, K'=1 (K={K}), F={F_EXP}, shared F={F_SHARED}; prefill T={SHAPES['prefill']}, "
-            f"decode T={SHAPES['decode']}.",
+            f"Shapes H={H}, N={N}, M={M}, K'=1 (K={K}), F={F_EXP}, shared F={F_SHARED}; "
+            + ", ".join(f"{k} T={v}" for k, v in SHAPES.items()) + ".",
             f"Method: {warmup} warmup calls then the median of several timed calls; {rounds} interleaved "
             f"round(s), best median kept. Dense roofline = `x @ W` with the layer's matmul FLOPs "
             f"({flops_per_token():,} per token forward). transformers = `Qwen2MoeSparseMoeBlock` "
             f"(norm_topk_prob=False; note it also has a sigmoid gate on the shared expert), fastest "
             f"experts implementation per row marked (best). `(auto)` marks the backend `auto` picks here.",
-            f"Command: `PYTHONPATH=src python benchmarks/bench_layer.py{' --quick' if args.quick else ''} "
+            f"Command: `PYTHONPATH=src python benchmarks/bench_layer.py{' --paper' if args.paper else ''}"
+            f"{' --quick' if args.quick else ''} "
             f"--dtype {args.dtype} --device {args.device}{f' --threads {args.threads}' if args.threads else ''}`. "
             f"Our `eager` backend (the per-expert test oracle) is left out at prefill unless `--eager-prefill`; "
             f"contenders over {SLOW_S:.0f} s a call are timed on one warm call, in round 1 only.",

@@ -22,7 +22,10 @@ def test_registry_and_auto():
     assert {"eager", "grouped_mm", "sorted"} <= set(available_backends())
     assert default_backend(torch.device("cpu")) == "sorted"
     assert default_backend(torch.device("cuda")) == "grouped_mm"  # pure name logic, no device touched
-    assert get_experts_backend("auto", torch.device("cpu")) is get_experts_backend("sorted")
+    # CPU: a per-call choice by pairs per expert (decode -> gemv, prefill/training -> sorted)
+    assert default_backend(torch.device("cpu"), pairs_per_expert=1.0) == "gemv"
+    assert default_backend(torch.device("cpu"), pairs_per_expert=64.0) == "sorted"
+    assert get_experts_backend("auto", torch.device("cuda")) is get_experts_backend("grouped_mm")
     with pytest.raises(ValueError, match=r"unknown experts backend 'fast'; available: \['auto', "):
         get_experts_backend("fast")
     with pytest.raises(ValueError, match="unknown experts backend"):
@@ -132,3 +135,26 @@ def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
         grads.append([y.detach()] + [t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 16])
+def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t):
+    """float32 on CPU takes the ``W @ x^T`` products (float64 above takes F.linear): forward and
+    backward against the eager oracle at decode sizes, and ``auto`` picks it there."""
+    import moge.experts as ex
+    gu, down = (p.detach().float() for p in make())
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, H, generator=gen)
+    ids = torch.stack([torch.randperm(N, generator=gen)[:3] for _ in range(t)])
+    w = torch.rand(t, 3, generator=gen)
+    gy = torch.randn(t, H, generator=gen)
+    outs = []
+    for fn in (ex.gemv_experts, ex.eager_experts):
+        leaves = [p.clone().requires_grad_() for p in (x, w, gu, down)]
+        y = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+        y.backward(gy)
+        outs.append([y.detach()] + [p.grad for p in leaves])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():  # auto takes gemv when decoding
+        torch.testing.assert_close(get_experts_backend("auto")(x, ids, w, gu, down), outs[0][0], rtol=0, atol=0)

@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .engine.cache import DynamicKVCache
+from .engine.decode import DecodeEngine
+from .engine.sampling import sample_next
 from .errors import MoGEError
+
+__all__ = ["GenerationError", "generate", "sample_next"]
 
 
 class GenerationError(MoGEError, ValueError):
@@ -77,33 +82,13 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
                               f"model's max_position_embeddings={limit}")
 
 
-def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Pick one token per row: argmax at temperature 0, else sample from the temperature-scaled,
-    top-k and nucleus (top-p) filtered softmax. Computed in float32; returns ``[B]`` int64."""
-    logits_BV = logits_BV.float()
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    logits_BV = logits_BV / temperature
-    if top_k and top_k < logits_BV.shape[-1]:
-        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-    if top_p < 1.0:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
-        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
-        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
-        logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
-    probs_BV = logits_BV.softmax(-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
 def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-             pad_token_id: int | None = None) -> Tensor:
-    """Decode up to ``max_new_tokens`` tokens after each prompt with the KV cache; returns ``[B, S+n]``.
+             pad_token_id: int | None = None, cache: str = "static", cuda_graphs: bool | None = None,
+             engine: DecodeEngine | None = None) -> Tensor:
+    """Decode up to ``max_new_tokens`` tokens after each prompt with a KV cache; returns ``[B, S+n]``.
 
     One prefill over the (left-padded, ``attention_mask`` 1 = real token) prompts, then one token per
     step against the cache. Temperature 0 is greedy; otherwise temperature / top-k / top-p sampling
@@ -111,11 +96,17 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     EOS and gets ``pad_token_id`` (default: the config's pad, else the EOS) afterwards; decoding stops
     early when every row is finished, so n <= max_new_tokens. Works with :class:`MoGEForCausalLM` and
     the transformers wrapper.
-    """
-    from .model import KVCache
 
+    ``cache="static"`` (default) runs :mod:`moge.engine`: a preallocated cache, a fixed-shape step
+    with no host syncs and, on CUDA (``cuda_graphs`` None or True), that step replayed as a CUDA graph;
+    pass an ``engine`` (:class:`moge.engine.decode.DecodeEngine`) to reuse its caches and graphs across
+    calls. ``cache="dynamic"`` is the plain loop over the model's forward with a growing cache. Both
+    give the same tokens (greedy: token for token, up to floating-point ties).
+    """
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, model, eos_token_id,
                 pad_token_id, generator)
+    if cache not in ("static", "dynamic"):
+        raise GenerationError(f"cache must be 'static' or 'dynamic', got {cache!r}")
     device = next(model.parameters()).device
     ids_BS = input_ids.to(device=device, dtype=torch.long)
     if max_new_tokens == 0:
@@ -125,30 +116,44 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    eos_E = torch.tensor(eos, device=device, dtype=torch.long)
-    cache = KVCache()
-    b = ids_BS.shape[0]
-    finished_B = torch.zeros(b, dtype=torch.bool, device=device)
-    out = [ids_BS]
-    step_ids = ids_BS
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
-            res = model(input_ids=step_ids, attention_mask=mask_BL, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            next_B = sample_next(res.logits[:, -1], temperature, top_k, top_p, generator)
-            next_B = torch.where(finished_B, torch.full_like(next_B, pad_token_id), next_B)
-            out.append(next_B.unsqueeze(1))
-            if eos:
-                finished_B |= torch.isin(next_B, eos_E)
-                if bool(finished_B.all()):
-                    break
-            step_ids = next_B.unsqueeze(1)
-            if mask_BL is not None:
-                mask_BL = torch.cat([mask_BL, mask_BL.new_ones(b, 1)], dim=1)
+        if cache == "dynamic":
+            return _generate_dynamic(model, ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos,
+                                     pad_token_id, generator)
+        if engine is None:
+            engine = DecodeEngine(model, ids_BS.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs)
+        elif engine.model is not model:
+            raise GenerationError("engine= was built for another model")
+        return engine.generate(ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id,
+                               generator)
     finally:
         model.train(was_training)
+
+
+def _generate_dynamic(model, ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id,
+                      generator) -> Tensor:
+    """The plain loop: the model's own forward with a growing cache, one host check per token."""
+    eos_E = torch.tensor(eos, device=ids_BS.device, dtype=torch.long)
+    cache = DynamicKVCache()
+    b = ids_BS.shape[0]
+    finished_B = torch.zeros(b, dtype=torch.bool, device=ids_BS.device)
+    out = [ids_BS]
+    step_ids = ids_BS
+    for _ in range(max_new_tokens):
+        res = model(input_ids=step_ids, attention_mask=mask_BL, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        next_B = sample_next(res.logits[:, -1], temperature, top_k, top_p, generator)
+        next_B = torch.where(finished_B, torch.full_like(next_B, pad_token_id), next_B)
+        out.append(next_B.unsqueeze(1))
+        if eos:
+            finished_B |= torch.isin(next_B, eos_E)
+            if bool(finished_B.all()):
+                break
+        step_ids = next_B.unsqueeze(1)
+        if mask_BL is not None:
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones(b, 1)], dim=1)
     return torch.cat(out, dim=1)
 
 
@@ -166,6 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to text prompts")
+    p.add_argument("--cache", choices=["static", "dynamic"], default="static",
+                   help="static: the fixed-shape engine (CUDA graphs on CUDA); dynamic: the plain loop")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking the checkpoint against its manifest (SHA-256) and refusing NaN/inf weights")
 
@@ -241,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = generate(model, ids, mask, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad)
+                   eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad, cache=args.cache)
     dt = time.perf_counter() - t0
     new = out[:, ids.shape[1]:].tolist()
     eos = set([] if cfg.eos_token_id is None else

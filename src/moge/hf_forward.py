@@ -158,11 +158,11 @@ def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> It
             attn = layer.self_attn
 
             def pre(mod, args):
-                x, cos_sin, mask, cache = args
-                return x, cos_sin, mask, _KeyRecorder(cache)
+                x, cos_sin, mask, cache, *rest = args
+                return (x, cos_sin, mask, _KeyRecorder(cache), *rest)
 
             def post(mod, args, out):
-                x, cos_sin, mask, recorder = args
+                x, cos_sin, mask, recorder, *_ = args
                 with torch.no_grad():
                     rec.attentions.append(attention_probs(mod, x, cos_sin, mask, recorder.keys))
 

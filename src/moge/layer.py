@@ -143,8 +143,10 @@ class MoGELayer(nn.Module):
             raise V.ArgumentTypeError(f"MoGELayer input x has dtype {x.dtype} but the layer's weights are "
                                       f"{w.dtype}; cast one to the other (or run under torch.autocast)")
 
-    def forward(self, x: Tensor, backend: str | None = None) -> tuple[Tensor, RouterStats]:
-        """``x [..., H] -> (y [..., H], RouterStats)``; bad inputs fail in :meth:`check_input`."""
+    def forward(self, x: Tensor, backend: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+        """``x [..., H] -> (y [..., H], RouterStats)``; bad inputs fail in :meth:`check_input`.
+        ``with_stats=False`` (decoding) skips the statistics and losses and returns None for them."""
         self.check_input(x)
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
@@ -152,7 +154,7 @@ class MoGELayer(nn.Module):
         y_TH = self.experts(x_TH, r.expert_ids, r.weights, backend=backend)
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH)  # ungated (spec section 2)
-        return y_TH.view(shape), self.stats(r)
+        return y_TH.view(shape), self.stats(r) if with_stats else None
 
     def extra_repr(self) -> str:
         return f"router={self.router!r}, num_groups={self.num_groups}, top_k={self.top_k}"

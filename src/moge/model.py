@@ -1,9 +1,9 @@
 """The Pangu Pro MoE decoder language model (spec section 5), single-device, at any size.
 
 Shape legend
-    B  batch        S  new positions in this call     P  cached positions     L = P + S
-    H  hidden size  V  vocabulary                     h  query heads           g  key/value heads
-    D  head dim
+    B  batch        S  new positions in this call     P  cached positions     L = P + S (or a static
+    H  hidden size  V  vocabulary                     h  query heads           cache's slots)
+    D  head dim     g  key/value heads
 
 Pre-RMSNorm decoder layers: grouped-query attention with biases on q, k, v and o, rotate-half RoPE,
 PyTorch SDPA; the MoGE layer (or a dense SwiGLU for ``mlp_only_layers``) as the MLP; final RMSNorm;
@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from . import validate as V
 from .config import MoGEConfig
+from .engine.cache import CacheError, DynamicKVCache
 from .experts import SwiGLU
+from .linear import Linear
 from .layer import MoGELayer, RouterStats
 
 
@@ -64,33 +66,8 @@ def apply_rope(x_BhSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
     return x_BhSD * cos_BSD.unsqueeze(1) + rotate_half(x_BhSD) * sin_BSD.unsqueeze(1)
 
 
-class KVCache:
-    """Growing per-layer key/value cache for incremental decoding.
-
-    Same ``update`` / ``get_seq_length`` interface as Hugging Face's ``DynamicCache``, so the model
-    accepts either.
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-
-    def update(self, k_BgSD: Tensor, v_BgSD: Tensor, layer_idx: int, cache_kwargs: dict | None = None):
-        """Append this call's keys/values for ``layer_idx`` and return the full ``[B,g,L,D]`` tensors."""
-        if layer_idx == len(self.keys):
-            self.keys.append(k_BgSD)
-            self.values.append(v_BgSD)
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k_BgSD], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], v_BgSD], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self.keys = [k.index_select(0, beam_idx) for k in self.keys]
-        self.values = [v.index_select(0, beam_idx) for v in self.values]
+# The growing cache lives with the static one in moge.engine.cache; the old name stays importable here.
+KVCache = DynamicKVCache
 
 
 class Attention(nn.Module):
@@ -103,20 +80,23 @@ class Attention(nn.Module):
                                                   config.resolved_head_dim)
         self.dropout = config.attention_dropout
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=True)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=True)
 
     def forward(self, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | None, cache_kwargs: dict | None = None) -> Tensor:
         b, s, _ = x_BSH.shape
-        q = self.q_proj(x_BSH).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSH).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSH).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x_BSH).reshape(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
+            if mask_B1SL is not None and k.shape[2] > mask_B1SL.shape[-1]:
+                # A static cache returns all its slots; the mask says how many lead ones can matter.
+                k, v = k[:, :, :mask_B1SL.shape[-1]], v[:, :, :mask_B1SL.shape[-1]]
         # Without a mask, causal masking is implicit: only valid when queries and keys start together.
         causal = mask_B1SL is None and s > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL, is_causal=causal,
@@ -137,11 +117,12 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoGELayer.from_config(config) if self.is_moe
                     else SwiGLU(config.hidden_size, config.dense_intermediate_size))
 
-    def forward(self, x_BSH: Tensor, cos_sin, mask, cache) -> tuple[Tensor, RouterStats | None]:
-        x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache)
+    def forward(self, x_BSH: Tensor, cos_sin, mask, cache, cache_kwargs: dict | None = None,
+                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+        x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache, cache_kwargs)
         h_BSH = self.post_attention_layernorm(x_BSH)
         if self.is_moe:
-            m_BSH, stats = self.mlp(h_BSH)
+            m_BSH, stats = self.mlp(h_BSH, with_stats=with_stats)
         else:
             m_BSH, stats = self.mlp(h_BSH), None
         return x_BSH + m_BSH, stats
@@ -217,7 +198,20 @@ class MoGEModel(nn.Module):
             if not (hasattr(past_key_values, "get_seq_length") and hasattr(past_key_values, "update")):
                 raise V.ArgumentTypeError(f"past_key_values must be a KV cache (KVCache or transformers' "
                                           f"DynamicCache), got {type(past_key_values).__name__}")
-            past = past_key_values.get_seq_length()
+            if getattr(past_key_values, "is_static", False):
+                # The engine's form; reading the static cache's lengths would be a host sync.
+                ready = attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None
+                if not ready:
+                    raise CacheError("a StaticKVCache needs position_ids and a 4-D [B,1,S,L] attention mask; "
+                                     "decode through moge.engine (prefill / DecodeStep) or moge.generate")
+                if (attention_mask.dtype != torch.bool or attention_mask.shape[0] not in (1, b)
+                        or attention_mask.shape[2] != s or attention_mask.shape[3] > past_key_values.slots):
+                    raise V.InvalidArgumentError(
+                        f"with a StaticKVCache the attention_mask must be boolean [B={b}, 1, S={s}, L <= "
+                        f"{past_key_values.slots}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+                attention_mask = None  # checked; position_ids below
+            else:
+                past = past_key_values.get_seq_length()
         if attention_mask is not None and attention_mask.dim() == 4:  # a ready boolean mask (moge.hf builds them)
             if attention_mask.dtype != torch.bool:
                 raise V.ArgumentTypeError(f"a 4-D attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
@@ -247,21 +241,31 @@ class MoGEModel(nn.Module):
 
     def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
-                inputs_embeds: Tensor | None = None,
-                check_ids: bool | None = None) -> tuple[Tensor, list[RouterStats | None]]:
-        """Final hidden states ``[B,S,H]`` and per-layer router stats; see :meth:`check_inputs`."""
+                inputs_embeds: Tensor | None = None, check_ids: bool | None = None,
+                router_stats: bool = True) -> tuple[Tensor, list[RouterStats | None]]:
+        """Final hidden states ``[B,S,H]`` and each layer's router statistics; see :meth:`check_inputs`.
+
+        ``attention_mask`` is the 2-D ``[B, past+S]`` padding mask (1 = real token), or a ready 4-D
+        boolean ``[B,1,S,L]`` mask (True = attend) used as is, which needs ``position_ids``: the form
+        :mod:`moge.engine` passes with a :class:`~moge.engine.cache.StaticKVCache`, so nothing here
+        reads the cache's length. ``router_stats=False`` (decoding) skips the routers' statistics.
+        """
         self.check_inputs(input_ids_BS, attention_mask, position_ids, past_key_values, inputs_embeds, check_ids)
         x_BSH = self.embed_tokens(input_ids_BS) if inputs_embeds is None else inputs_embeds
         b, s, _ = x_BSH.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                # Left padding: a row's first real token is position 0.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + s, device=x_BSH.device).expand(b, s)
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None:
+            mask = attention_mask
+        else:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if position_ids is None:
+                if attention_mask is not None and attention_mask.dim() == 2:
+                    # Left padding: a row's first real token is position 0.
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + s, device=x_BSH.device).expand(b, s)
+            mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
         cos_sin = self.rotary(position_ids, x_BSH.dtype)
-        mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
+        cache_kwargs = {"position_ids": position_ids}
         stats: list[RouterStats | None] = []
         # A cache would be written twice (forward and recompute), so layers with one run normally.
         recompute = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -271,7 +275,7 @@ class MoGEModel(nn.Module):
             if recompute:
                 x_BSH, st = checkpoint(layer, x_BSH, cos_sin, mask, None)
             else:
-                x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values)
+                x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values, cache_kwargs, router_stats)
             stats.append(st)
         return self.norm(x_BSH), stats
 
@@ -302,7 +306,7 @@ def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor, num_items_in_batch: in
 
 def make_lm_head(config: MoGEConfig, embed_tokens: nn.Embedding) -> nn.Linear:
     """The output head ``[V, H]``: its own matrix, or the embedding's with ``tie_word_embeddings``."""
-    head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    head = Linear(config.hidden_size, config.vocab_size, bias=False)
     if config.tie_word_embeddings:
         head.weight = embed_tokens.weight
     return head

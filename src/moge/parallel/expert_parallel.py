@@ -143,8 +143,9 @@ class ExpertParallelMoGELayer(MoGELayer):
         n_local = self.experts.num_experts
         return range(self.rank * n_local, (self.rank + 1) * n_local)
 
-    def forward(self, x: Tensor, backend: str | None = None) -> tuple[Tensor, RouterStats]:
-        """``x [..., H]`` (this rank's tokens) ``-> (y [..., H], RouterStats of these tokens)``."""
+    def forward(self, x: Tensor, backend: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+        """``x [..., H]`` (this rank's tokens) ``-> (y [..., H], RouterStats of these tokens or None)``."""
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         r = self.route(x_TH)
@@ -153,7 +154,7 @@ class ExpertParallelMoGELayer(MoGELayer):
         y_TH = moe(x_TH, r.weights, r.expert_ids, self.experts, fn, self.rank, self.world_size, self.group)
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH)  # ungated, replicated
-        return y_TH.view(shape), self.stats(r)
+        return y_TH.view(shape), self.stats(r) if with_stats else None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rank={self.rank}/{self.world_size}, "

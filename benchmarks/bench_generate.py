@@ -1,0 +1,434 @@
+"""Benchmark generation: ms per decode step and tokens/s of moge against transformers' Qwen2-MoE.
+
+Model: the ``small`` preset (H=768, 12 layers, 64 experts in 8 groups, K=8, F=256, shared 1024,
+V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
+
+* ``moge static (MoGE)`` / ``moge static (top-K)``: ``moge.generate`` on its default fast path
+  (static cache, fixed-shape step; on CUDA replayed as a CUDA graph), the same model with either router;
+* ``moge dynamic (MoGE)``: ``moge.generate(cache="dynamic")``, the plain loop over the model's forward;
+* ``moge via AutoModel.generate``: the transformers wrapper (same weights) through transformers'
+  ``generate`` (its default dynamic cache);
+* ``transformers dynamic`` / ``transformers static``: ``Qwen2MoeForCausalLM`` at matched shapes
+  (``norm_topk_prob=False``; its o_proj has no bias and its shared expert a sigmoid gate, so it has
+  0.1% fewer parameters; printed) with its default cache or ``cache_implementation="static"``, each
+  under every experts implementation that runs here (``eager``, ``grouped_mm``), the best one kept.
+
+On CPU, ms/step is the median gap between consecutive tokens of one run of ``n`` new tokens (a
+decode step plus its sampling; the prefill is excluded), timestamped by a transformers streamer or,
+for moge, by a wrapper around the sampler; on CUDA (asynchronous) it is (time of n tokens - time of
+1) / (n - 1). Contenders run in ``--repeats`` interleaved rounds and keep their best, which filters
+other jobs on a shared machine; tokens/s = batch / (ms/step). In the same run the
+script measures the machine's copy bandwidth (a 256 MiB ``copy_``, read + written bytes / time, best
+of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
+touches (counted by a hook on one extra MoGE run) plus every other weight read per step (attention,
+norms, router, shared expert, output head), the batch's embedding rows and the KV cache at the mean
+context, over that bandwidth. It writes the ``## Generation (bench_generate.py)`` section of
+``benchmarks/RESULTS.md`` and ``benchmarks/results_generate.png``.
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_generate.py [--device cpu] [--dtypes float32 bfloat16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from moge.config import get_config  # noqa: E402
+from moge.engine.decode import DecodeEngine  # noqa: E402
+from moge.generate import generate  # noqa: E402
+from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
+
+SECTION = "## Generation (bench_generate.py)"
+OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate")
+THEIRS = ("transformers dynamic", "transformers static")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 256 MiB tensor copy (STREAM's copy convention), best of 5."""
+    src = torch.randn(64 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return max(2 * src.nbytes / timed(lambda: dst.copy_(src), device) for _ in range(5))
+
+
+def init_(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Deterministic init of every parameter (transformers leaves stacked experts uninitialised)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+
+
+def build_moge(router: str, dtype, device) -> MoGEForCausalLM:
+    torch.manual_seed(0)
+    return MoGEForCausalLM(get_config("small", router=router)).to(device=device, dtype=dtype).eval()
+
+
+def build_wrapper(native: MoGEForCausalLM):
+    """The transformers wrapper around the same weights (tensors shared, not copied)."""
+    from moge.hf import PanguProMoEForCausalLM
+    from moge.hf_config import PanguProMoEConfig
+    with torch.device("meta"):
+        w = PanguProMoEForCausalLM(PanguProMoEConfig.from_moge_config(native.config))
+    w.load_state_dict(native.state_dict(), assign=True)
+    for name, buf in native.named_buffers():  # non-persistent buffers (RoPE tables) are not in state_dict
+        mod_name, _, attr = name.rpartition(".")
+        setattr(w.get_submodule(mod_name), attr, buf)
+    w.generation_config.eos_token_id = None
+    return w.eval()
+
+
+def build_qwen(dtype, device):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    c = get_config("small")
+    cfg = Qwen2MoeConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                         max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
+                         num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                         moe_intermediate_size=c.moe_intermediate_size,
+                         shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+                         intermediate_size=c.shared_expert_intermediate_size, norm_topk_prob=False,
+                         decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                         rms_norm_eps=c.rms_norm_eps, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    with torch.device("meta"):
+        m = Qwen2MoeForCausalLM(cfg)
+    m = m.to_empty(device="cpu")
+    init_(m)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def touched_expert_bytes(model: MoGEForCausalLM, ids, n_new: int) -> float:
+    """Mean bytes of routed-expert weights one decode step reads: distinct experts per MoE layer per
+    step, counted by a hook on an extra (untimed) static run, times one expert's bytes."""
+    counts = []
+
+    def hook(mod, args):
+        if args[0].shape[0] == ids.shape[0]:  # decode calls only (T = B)
+            counts.append(int(args[1].unique().numel()))
+
+    hs = [m.mlp.experts.register_forward_pre_hook(hook) for m in model.model.layers if m.is_moe]
+    try:
+        generate(model, ids, max_new_tokens=n_new)
+    finally:
+        for h in hs:
+            h.remove()
+    ex = model.model.layers[0].mlp.experts
+    per_expert = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
+    steps = len(counts) / len(hs)
+    return sum(counts) * per_expert / steps
+
+
+def other_bytes(model: MoGEForCausalLM, batch: int, context: float) -> float:
+    """Bytes every step reads besides the routed experts: all other weights except the embedding table
+    (only the batch's rows), and the KV cache at ``context`` positions."""
+    el = next(model.parameters()).element_size()
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if ".experts." not in name and "embed_tokens" not in name)
+    kv = cfg.num_hidden_layers * 2 * batch * cfg.num_key_value_heads * cfg.resolved_head_dim * context
+    return (n + batch * cfg.hidden_size + kv) * el
+
+
+class TokenClock:
+    """Timestamps of generated tokens: a transformers ``streamer`` (``put`` per token), and for moge a
+    wrapper around the samplers of both loops (one call per token)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:  # transformers streamer protocol (the first put is the prompt)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def wrap(self, fn):
+        def timed_fn(*a, **k):
+            out = fn(*a, **k)
+            self.times.append(time.perf_counter())
+            return out
+        return timed_fn
+
+    def step(self) -> float:
+        """Median seconds between consecutive tokens (a decode step plus its sampling)."""
+        gaps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:]))
+        return gaps[len(gaps) // 2]
+
+
+def moge_clocked(run):
+    """Run a moge.generate call with the per-token sampler wrapped; returns its median step."""
+    import moge.engine.decode as dec
+    import moge.generate as gen
+    clock = TokenClock()
+    saved = dec.sample_next, gen.sample_next
+    dec.sample_next, gen.sample_next = clock.wrap(saved[0]), clock.wrap(saved[1])
+    try:
+        run()
+    finally:
+        dec.sample_next, gen.sample_next = saved
+    return clock.step()
+
+
+def step_time(run, device, n_new: int, clocked: bool) -> float:
+    """Seconds per decode step of one run: on CPU the median gap between tokens (``run(n, clock)``
+    reports it), on CUDA (asynchronous, no per-token host time) (time of n tokens - time of 1) / (n - 1)."""
+    if clocked:
+        return run(n_new, True)
+    t1 = timed(lambda: run(1, False), device)
+    return max(timed(lambda: run(n_new, False), device) - t1, 1e-9) / (n_new - 1)
+
+
+def machine(device: torch.device) -> str:
+    import os
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", nargs="*", default=None, help="default: float32 bfloat16 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32])
+    ap.add_argument("--prompt", type=int, default=128, help="prompt length")
+    ap.add_argument("--big-batch", type=int, default=32, help="CPU: batches from this size use --big-prompt")
+    ap.add_argument("--big-prompt", type=int, default=32, help="CPU: prompt length for large batches")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 16 on CPU, 128 on CUDA")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {OURS + THEIRS}")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
+    n_new = args.new_tokens or (128 if device.type == "cuda" else 16)
+    names = args.contenders or list(OURS + THEIRS)
+    bw = copy_bandwidth(device)
+    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + written)", flush=True)
+
+    def prompt_len(b):
+        return args.big_prompt if device.type == "cpu" and b >= args.big_batch else args.prompt
+
+    inputs = {b: torch.randint(3, 32000, (b, prompt_len(b)), generator=torch.Generator().manual_seed(b)).to(device)
+              for b in args.batches}
+    rows: list[dict] = []
+    bounds: dict[tuple[str, int], float] = {}
+    t_start, done = time.perf_counter(), 0
+    clocked = device.type == "cpu"
+    for dt_name in dtypes:
+        dtype = getattr(torch, dt_name)
+        contenders = {}  # name -> (run(ids, n, clocked) -> seconds or None, note)
+        models = {}
+        if set(names) & {OURS[0], OURS[2], OURS[3]}:
+            models["moge"] = build_moge("moge", dtype, device)
+        if OURS[1] in names:
+            models["topk"] = build_moge("topk", dtype, device)
+        engines: dict = {}
+
+        def ours_static(key):
+            def run(ids, n, clock):
+                eng = engines.setdefault((key, ids.shape), DecodeEngine(models[key], ids.shape[1] + n_new))
+                call = lambda: generate(models[key], ids, max_new_tokens=n, engine=eng)  # noqa: E731
+                return moge_clocked(call) if clock else call()
+            return run
+
+        def ours_dynamic(ids, n, clock):
+            call = lambda: generate(models["moge"], ids, max_new_tokens=n, cache="dynamic")  # noqa: E731
+            return moge_clocked(call) if clock else call()
+
+        def hf_run(model, cache=None):
+            def run(ids, n, clock):
+                c = TokenClock() if clock else None
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0, cache_implementation=cache, streamer=c)
+                return c.step() if clock else None
+            return run
+
+        if OURS[0] in names:
+            contenders[OURS[0]] = ours_static("moge")
+        if OURS[1] in names:
+            contenders[OURS[1]] = ours_static("topk")
+        if OURS[2] in names:
+            contenders[OURS[2]] = ours_dynamic
+        if OURS[3] in names:
+            contenders[OURS[3]] = hf_run(build_wrapper(models["moge"]))
+        if set(names) & set(THEIRS):
+            qwen = build_qwen(dtype, device)
+            print(f"parameters: moge small {count_parameters(get_config('small'))['total']:,}, "
+                  f"Qwen2-MoE matched {sum(p.numel() for p in qwen.parameters()):,}", flush=True)
+            for name, cache in (("transformers dynamic", None), ("transformers static", "static")):
+                if name in names:
+                    for impl in ("eager", "grouped_mm"):
+                        def run(ids, n, clock, impl=impl, r=hf_run(qwen, cache)):
+                            qwen.config._experts_implementation = impl
+                            return r(ids, n, clock)
+                        contenders[f"{name} [{impl}]"] = run
+        if "moge" in models:
+            for b in args.batches:
+                ctx = inputs[b].shape[1] + n_new / 2
+                bounds[(dt_name, b)] = (touched_expert_bytes(models["moge"], inputs[b], n_new)
+                                        + other_bytes(models["moge"], b, ctx)) / bw * 1e3
+        best: dict[tuple[int, str], float] = {}
+        for rnd in range(args.repeats):  # interleaved rounds, best kept: filters other jobs' noise
+            for b in args.batches:
+                for name, run in contenders.items():
+                    ids = inputs[b]
+                    if rnd == 0:
+                        run(ids, 2, False)  # warmup (engines, caches)
+                    try:
+                        sec = step_time(lambda n, c, run=run, ids=ids: run(ids, n, c), device, n_new, clocked)
+                    except Exception as e:  # noqa: BLE001 - an implementation that cannot run here
+                        print(f"  {name}: cannot run here ({type(e).__name__}: {str(e)[:100]})")
+                        continue
+                    best[(b, name)] = min(best.get((b, name), float("inf")), sec)
+                    done += 1
+                    el = time.perf_counter() - t_start
+                    total = len(dtypes) * args.repeats * len(args.batches) * len(contenders)
+                    print(f"[{done}/{total} round {rnd + 1}] {dt_name:8s} B={b:<3d} {name:36s} {sec * 1e3:9.1f} ms/step"
+                          f"  (elapsed {el:.0f}s, ETA {el / done * (total - done):.0f}s)", flush=True)
+        for b in args.batches:
+            for name in OURS + THEIRS:
+                if name in OURS and (b, name) in best:
+                    rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note=""))
+                elif name in THEIRS:
+                    impls = {k.split("[")[1][:-1]: v for (bb, k), v in best.items() if bb == b and k.startswith(name)}
+                    if impls:
+                        impl = min(impls, key=impls.get)
+                        others = ", ".join(f"{i} {v * 1e3:.1f}" for i, v in impls.items())
+                        rows.append(dict(dtype=dt_name, batch=b, name=name, ms=impls[impl] * 1e3,
+                                         note=f"(best of {others})"))
+        del contenders, models, engines
+        gc.collect()
+
+    raw = Path(args.results).with_name("results_generate.json")
+    if args.merge and raw.exists():
+        old = json.loads(raw.read_text())
+        mine = {(r["dtype"], r["batch"], r["name"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["dtype"], r["batch"], r["name"]) not in mine] + rows
+        for k, v in old["bounds"].items():
+            dt, b = k.split("/")
+            bounds.setdefault((dt, int(b)), v)
+        rows.sort(key=lambda r: (r["dtype"] != "float32", r["batch"]))
+    lines = table(rows, bounds)
+    print("\n".join(lines))
+    if not args.no_write:
+        raw.write_text(json.dumps({"machine": machine(device), "copy_bandwidth": bw, "rows": rows,
+                                   "bounds": {f"{dt}/{b}": v for (dt, b), v in bounds.items()}}, indent=1))
+        png = Path(args.results).with_name("results_generate.png")
+        plot(rows, bounds, png, device)
+        write_section(Path(args.results), lines, args, device, bw, n_new, prompt_len, png.name)
+        print(f"wrote {args.results} and {png}")
+    return 0
+
+
+def table(rows: list[dict], bounds: dict) -> list[str]:
+    out = ["| dtype | batch | contender | ms/step | tokens/s | vs transformers best | weights-read bound (ms) | "
+           "fraction of bound |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for dt in dict.fromkeys(r["dtype"] for r in rows):
+        for b in dict.fromkeys(r["batch"] for r in rows):
+            sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
+            hf = [r["ms"] for r in sel if r["name"] in THEIRS]
+            hf_best = min(hf) if hf else float("nan")
+            bound = bounds.get((dt, b), float("nan"))
+            for r in sel:
+                out.append(f"| {dt} | {b} | {r['name']} {r['note']} | {r['ms']:.1f} | {1e3 * b / r['ms']:,.0f} | "
+                           f"{hf_best / r['ms']:.2f}x | {bound:.1f} | {bound / r['ms']:.0%} |")
+    return out
+
+
+def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dts = list(dict.fromkeys(r["dtype"] for r in rows))
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    fig, axes = plt.subplots(len(dts), len(batches), figsize=(4.2 * len(batches), 3.6 * len(dts)), squeeze=False)
+    for i, dt in enumerate(dts):
+        for j, b in enumerate(batches):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
+            ax.barh([r["name"] for r in sel], [r["ms"] for r in sel],
+                    color=["tab:blue" if r["name"] in OURS else "tab:orange" for r in sel])
+            if (dt, b) in bounds:
+                ax.axvline(bounds[(dt, b)], color="k", ls="--", lw=1, label="weights-read bound")
+                ax.legend(fontsize=7, loc="lower right")
+            ax.set_title(f"{dt}, batch {b}")
+            ax.set_xlabel("ms per decode step (lower is better)")
+            ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"small preset decode on {device.type}: moge (blue) vs transformers Qwen2-MoE (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_len, png_name) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    sizes = ", ".join(f"batch {b}: prompt {prompt_len(b)}" for b in args.batches)
+    body = [SECTION, "",
+            f"Machine: {machine(device)}. Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s "
+            f"(read + written bytes of a 256 MiB copy). `small` preset, random weights, greedy, {sizes}; "
+            f"{n_new} new tokens.",
+            f"Method: ms/step = " + ("median gap between consecutive tokens of a run" if device.type == "cpu" else
+                                     f"(time of {n_new} new tokens - time of 1) / {n_new - 1}")
+            + f" (prefill excluded), best of {args.repeats} interleaved rounds; tokens/s = batch / step. Bound = bytes one "
+            f"step must read (the experts the batch touches, counted, plus all other weights, the embedding "
+            f"rows and the KV cache) / copy bandwidth. transformers = `Qwen2MoeForCausalLM`, best experts "
+            f"implementation marked.",
+            f"Command: `PYTHONPATH=src python benchmarks/bench_generate.py --device {args.device} --dtypes "
+            f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}`"
+            .replace("--dtypes  ", ""),
+            "", *lines, "", f"![generation benchmark]({png_name})", ""]
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        text = head + "\n".join(body) + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

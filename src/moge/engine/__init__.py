@@ -1,0 +1,17 @@
+"""Inference engine: KV caches, the fixed-shape decode step, CUDA graphs and sampling.
+
+``moge.generate.generate`` is the front; this package is what it runs. See docs/inference.md.
+
+* :mod:`.cache`: :class:`DynamicKVCache` (growing) and :class:`StaticKVCache` (preallocated, per-row
+  lengths on the device, O(1) per-row rollback).
+* :mod:`.sampling`: greedy / temperature / top-k / top-p without host syncs.
+* :mod:`.step`: :func:`prefill` and :class:`DecodeStep` (S new tokens per row against a static cache,
+  fixed shapes, no host sync).
+* :mod:`.graphs`: :class:`GraphedStep`, a decode step captured as one CUDA graph per batch bucket.
+* :mod:`.decode`: the generation loop on those pieces.
+"""
+
+from .cache import CacheError, DynamicKVCache, StaticKVCache
+from .sampling import sample_next
+
+__all__ = ["CacheError", "DynamicKVCache", "StaticKVCache", "sample_next"]

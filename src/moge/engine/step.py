@@ -1,0 +1,130 @@
+"""Prefill and the fixed-shape decode step against a :class:`~moge.engine.cache.StaticKVCache`.
+
+Shape legend
+    B  batch     S  new positions per row (1 when decoding, 1 + drafts when verifying)
+    L  key/value slots attended (a prefix of the cache's slots)     H  hidden     V  vocabulary
+
+Positions come from the cache's per-row lengths on the device (``pos = lengths + [0..S-1]``), and the
+attention mask is one comparison, ``slot <= pos`` (a row's tokens sit at slots equal to their
+positions, see :mod:`moge.engine.cache`), written into a buffer the step owns. Nothing reads a tensor
+on the host, shapes do not depend on the data, and the router skips its statistics, so with a
+sync-free experts backend (``grouped_mm``, CUDA's ``auto``) the whole step can be captured as one
+CUDA graph (:mod:`moge.engine.graphs`). On CUDA the step pins SDPA to the memory-efficient kernel
+(math as the fallback): it takes a boolean mask and grouped heads, and unlike cuDNN's it does not
+build a plan per key length.
+
+The step takes any S, so speculative decoding can score ``1 + drafts`` tokens per row in one call
+(logits for every position come back) and then :meth:`~moge.engine.cache.StaticKVCache.rollback`
+each row by its rejected count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .cache import CacheError, StaticKVCache
+
+__all__ = ["DecodeStep", "causal_slot_mask", "prefill"]
+
+
+def causal_slot_mask(pos_BS: Tensor, kv_len: int, out: Tensor | None = None) -> Tensor:
+    """Boolean ``[B,1,S,L]`` mask, True where slot ``l <= pos[b,s]``: a query sees its row's tokens up to
+    its own position. Padding queries (negative positions) see slot 0 only, so no row is all-False."""
+    b, s = pos_BS.shape
+    slot_1111L = torch.arange(kv_len, device=pos_BS.device).view(1, 1, 1, kv_len)
+    return torch.le(slot_1111L, pos_BS.clamp(min=0).view(b, 1, s, 1), out=out)
+
+
+def _attention_kernels(device: torch.device):
+    """On CUDA, SDPA restricted to the memory-efficient kernel (math as fallback); elsewhere unchanged."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)`` of a :class:`~moge.model.MoGEForCausalLM` or the transformers wrapper."""
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if base is None or head is None or not hasattr(base, "layers"):
+        raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs .model.layers and .lm_head)")
+    return base, head
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, cache: StaticKVCache, input_ids_BS: Tensor, attention_mask_BS: Tensor | None = None,
+            logits_to_keep: int = 1, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+    """Run left-padded prompts (``attention_mask`` 1 = real token) into ``cache`` after each row's
+    stored tokens; returns ``(logits [B, logits_to_keep or S, V], hidden [B,S,H])``.
+
+    Padding tokens are not stored. ``kv_len``: how many leading slots to attend, at least the longest
+    row's length afterwards (default: the whole cache; for an empty cache the prompt width suffices).
+    Rows may already hold tokens (``cache.lengths_B``); the caller keeps every row within
+    ``cache.capacity``, which the host cannot check without reading the lengths.
+    """
+    base, head = _parts(model)
+    b, s = input_ids_BS.shape
+    kv_len = cache.capacity if kv_len is None else kv_len
+    if not s <= kv_len <= cache.capacity:
+        raise CacheError(f"a prompt of {s} positions attending {kv_len} slots does not fit a cache of "
+                         f"capacity {cache.capacity}")
+    if attention_mask_BS is None:
+        real_BS = torch.ones(b, s, dtype=torch.bool, device=input_ids_BS.device)
+    else:
+        real_BS = attention_mask_BS.to(input_ids_BS.device).bool()
+    pos_BS = (cache.lengths_B.view(b, 1) + real_BS.long().cumsum(-1) - 1).masked_fill(~real_BS, -1)
+    mask_B1SL = causal_slot_mask(pos_BS, kv_len)
+    h_BSH, _ = base(input_ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS, past_key_values=cache,
+                    router_stats=False)
+    cache.advance(real_BS.sum(-1))
+    return head(h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH), h_BSH
+
+
+class DecodeStep:
+    """``num_new`` new tokens per row against ``cache``: fixed shapes, device-side positions, no host sync.
+
+    ``step(ids_BS) -> (logits [B,S,V], hidden [B,S,H])`` writes the tokens at each row's next
+    positions and advances the lengths by S. ``kv_len`` (default: the whole cache) is how many leading
+    slots are attended; a call may pass a smaller one (CPU: less attention work early on) as long as
+    it covers every row's last new position. Positions and the mask live in buffers the step owns, so
+    repeated calls allocate nothing for them and a CUDA graph can capture a call.
+    """
+
+    def __init__(self, model: nn.Module, cache: StaticKVCache, num_new: int = 1, kv_len: int | None = None):
+        self.base, self.head = _parts(model)
+        self.cache, self.num_new = cache, num_new
+        self.kv_len = cache.capacity if kv_len is None else kv_len
+        if not 1 <= num_new <= self.kv_len <= cache.capacity:
+            raise CacheError(f"num_new={num_new} and kv_len={self.kv_len} must satisfy 1 <= num_new <= kv_len "
+                             f"<= capacity={cache.capacity}")
+        dev, b = cache.lengths_B.device, cache.batch_size
+        self.offsets_1S = torch.arange(num_new, device=dev).view(1, num_new)
+        self.slot_1111L = torch.arange(self.kv_len, device=dev).view(1, 1, 1, self.kv_len)
+        self.pos_BS = torch.zeros(b, num_new, dtype=torch.long, device=dev)
+        # One contiguous mask buffer per attended length (a strided view of a longer one sends CPU
+        # SDPA down its slow math path); a CUDA graph uses the full length only.
+        self._masks: dict[int, Tensor] = {}
+
+    @torch.inference_mode()
+    def __call__(self, ids_BS: Tensor, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+        b, s = self.cache.batch_size, self.num_new
+        if tuple(ids_BS.shape) != (b, s):
+            raise CacheError(f"this step takes ids of shape [{b}, {s}], got {tuple(ids_BS.shape)}")
+        L = self.kv_len if kv_len is None else kv_len
+        if not s <= L <= self.kv_len:
+            raise CacheError(f"kv_len={L} must be in [{s}, {self.kv_len}]")
+        torch.add(self.cache.lengths_B.view(b, 1), self.offsets_1S, out=self.pos_BS)
+        if L not in self._masks:
+            self._masks[L] = torch.zeros(b, 1, s, L, dtype=torch.bool, device=self.pos_BS.device)
+        mask_B1SL = self._masks[L]
+        torch.le(self.slot_1111L[..., :L], self.pos_BS.view(b, 1, s, 1), out=mask_B1SL)
+        with _attention_kernels(ids_BS.device):
+            # check_ids=False: the step feeds back ids the model sampled (generate checks the prompt once);
+            # reading them to check would be the host sync the step exists to avoid.
+            h_BSH, _ = self.base(ids_BS, attention_mask=mask_B1SL, position_ids=self.pos_BS,
+                                 past_key_values=self.cache, router_stats=False, check_ids=False)
+        self.cache.advance(s)
+        return self.head(h_BSH), h_BSH
