@@ -445,16 +445,33 @@ def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, 
     return x_TH.new_zeros(t, x_TH.shape[1]).index_add_(0, token_P, out_PH)
 
 
-class SwiGLUExperts(nn.Module):
-    """N SwiGLU experts ``down(silu(gate(x)) * up(x))`` (no biases) as stacked parameters."""
+class StackedExperts(nn.Module):
+    """N SwiGLU experts whose ``gate_up_proj [N,2F,H]`` / ``down_proj [N,H,F]`` weights are of one kind
+    (float here, int8 in :class:`moge.quant.QuantizedExperts`), computed by a registered backend: the
+    weight-kind seam. Subclasses only create the two weights."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         get_experts_backend(backend)  # fail early on a bad name
         self.backend = backend
+
+    def forward(self, x_TH: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
+        fn = get_experts_backend(backend or self.backend, x_TH.device)
+        return fn(x_TH, expert_ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, backend={self.backend!r}")
+
+
+class SwiGLUExperts(StackedExperts):
+    """N SwiGLU experts ``down(silu(gate(x)) * up(x))`` (no biases) as stacked float parameters."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+        super().__init__(num_experts, hidden_size, intermediate_size, backend)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None) -> None:
@@ -464,14 +481,6 @@ class SwiGLUExperts(nn.Module):
         with torch.no_grad():
             self.gate_up_proj.normal_(0.0, std if std is not None else 1 / math.sqrt(self.hidden_size))
             self.down_proj.normal_(0.0, std if std is not None else 1 / math.sqrt(self.intermediate_size))
-
-    def forward(self, x_TH: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
-        fn = get_experts_backend(backend or self.backend, x_TH.device)
-        return fn(x_TH, expert_ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, backend={self.backend!r}")
 
 
 class SwiGLU(nn.Module):

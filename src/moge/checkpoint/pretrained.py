@@ -182,14 +182,7 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
             check_names_and_shapes(str(directory), published_shapes(expected, config.tie_word_embeddings), shapes,
                                    tolerated=["lm_head.weight"] if config.tie_word_embeddings else [])
 
-        def read(name: str) -> Tensor:
-            try:
-                t = handles[wanted[name]].get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"cannot read tensor {name} from {wanted[name]}: {e}") from None
-            if verify:
-                refuse_non_finite(name, t, str(wanted[name]))
-            return t
+        read = tensor_reader(handles, wanted, verify)
 
         for name in plain:
             if not (config.tie_word_embeddings and name == "lm_head.weight"):
@@ -198,6 +191,20 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
             out.update(stack_experts(prefix, parts, config.num_experts, read, dtype, dev,
                                      f"missing tensors in {directory}"))
     return out
+
+
+def tensor_reader(handles: Mapping[Path, Any], files: Mapping[str, Path], verify: bool):
+    """``read(name) -> Tensor`` over open shard ``handles``: unreadable tensors named, and with
+    ``verify`` NaN/inf refused by name (:func:`refuse_non_finite`)."""
+    def read(name: str) -> Tensor:
+        try:
+            t = handles[files[name]].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {files[name]}: {e}") from None
+        if verify:
+            refuse_non_finite(name, t, str(files[name]))
+        return t
+    return read
 
 
 def build_on_meta(config: MoGEConfig):

@@ -280,7 +280,7 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
     manifest, if any, is checked, and float tensors holding NaN/inf are refused by name."""
     from ..model import RotaryEmbedding
     from ..quant import QuantError, install_quantized
-    from .pretrained import refuse_non_finite, resolve_device, verify_against_manifest
+    from .pretrained import resolve_device, tensor_reader, verify_against_manifest
 
     directory = Path(directory)
     dev = resolve_device(device)
@@ -309,16 +309,7 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
             raise CheckpointError(listing(f"{directory}: integer tensors described as FLOAT (not in "
                                           f"{QUANT_DESCRIPTION_NAME} as W8A8)", int8))
 
-        def read(name: str) -> Tensor:
-            try:
-                t = handles[files[name]].get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"cannot read tensor {name} from {files[name]}: {e}") from None
-            if verify:
-                refuse_non_finite(name, t, str(files[name]))
-            return t
-
-        sd = from_ascend(read, [n for n in names if n not in extra_bias], plan, config, dtype, dev)
+        sd = from_ascend(tensor_reader(handles, files, verify), [n for n in names if n not in extra_bias], plan, config, dtype, dev)
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     module.load_state_dict(sd, strict=True, assign=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MoGEError
-from ..experts import get_experts_backend
+from ..experts import StackedExperts
 from .int8 import (COMPUTES, compute_dtype, int8_available, int8_matmul, quantize_input, quantize_weight,
                    static_input_scale)
 
@@ -160,7 +160,7 @@ class Int8Linear(nn.Module):
                 f"compute={self.compute!r}{smooth}")
 
 
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(StackedExperts):
     """N int8 SwiGLU experts: ``gate_up_proj`` ``[N, 2F, H]`` and ``down_proj`` ``[N, H, F]`` as stacked
     :class:`Int8Linear`, computed by the same registered backends as the float experts (the backends take
     either weight kind; see :mod:`moge.experts`). Same call signature as :class:`~moge.experts.SwiGLUExperts`.
@@ -168,13 +168,10 @@ class QuantizedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "static",
                  backend: str = "auto", smooth: bool = False, compute: str = "auto"):
-        super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        super().__init__(num_experts, hidden_size, intermediate_size, backend)
         self.gate_up_proj = Int8Linear(hidden_size, 2 * intermediate_size, num_experts, act, smooth=smooth,
                                        compute=compute)
         self.down_proj = Int8Linear(intermediate_size, hidden_size, num_experts, act, compute=compute)
-        get_experts_backend(backend)  # fail early on a bad name
-        self.backend = backend
 
     @classmethod
     def quantize(cls, experts: Any, act: str, gate_up_absmax: Tensor | None, down_absmax: Tensor | None,
@@ -188,14 +185,6 @@ class QuantizedExperts(nn.Module):
                                                compute)
         mod.down_proj = Int8Linear.quantize(experts.down_proj.detach(), None, act, down_absmax, None, compute)
         return mod
-
-    def forward(self, x_TH: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
-        fn = get_experts_backend(backend or self.backend, x_TH.device)
-        return fn(x_TH, expert_ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, backend={self.backend!r}")
 
 
 def set_compute(model: nn.Module, compute: str) -> nn.Module:
