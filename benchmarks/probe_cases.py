@@ -5,7 +5,8 @@ manifest, its tokenizer, a corpus, a binary file) are made once by :func:`prepar
 Families: ``routing``, ``metrics``, ``layer``, ``config``, ``model``, ``generate``, ``loaders``
 (library calls); ``security`` (paths leaving a checkpoint), ``integrity`` (corrupt checkpoints),
 ``cli-train``, ``cli-convert``, ``cli-generate``, ``cli-other``, ``resume`` (behaviour of a run on a
-faulty directory), ``simulate``. The probes only use interfaces that existed before the validation
+faulty directory), ``simulate``, ``new-commands`` (``moge quantize``, ``moge analyze``, the decode
+engine: added after the first measurement, so absent from the "before" column). The probes only use interfaces that existed before the validation
 layer, so the same file measures before and after.
 """
 
@@ -73,7 +74,8 @@ def prepare_fixtures(fx: Path) -> None:
     (fx / "released").mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy(fx / "run" / name, fx / "released" / name)
-    (fx / "binary.bin").write_bytes(bytes(random.Random(1).randrange(256) for _ in range(4096)))
+    noise = random.Random(1)  # one generator: 4096 random bytes (not one byte repeated), invalid UTF-8
+    (fx / "binary.bin").write_bytes(bytes(noise.randrange(256) for _ in range(4096)))
     (fx / "notok.json").write_text(json.dumps({"hello": "world"}))
     (fx / "victim.txt").write_text("keep me")
     (fx / "empty.txt").write_text("")
@@ -857,5 +859,64 @@ def _resume_probes() -> list[Probe]:
     return P
 
 
+def _new_command_probes() -> list[Probe]:
+    """Entry points added after the first probe run (quantize, analyze, the decode engine): same rules."""
+    import torch
+    Q = "new-commands"
+    P = [cli(Q, "quantize valid (--eval, no output)", lambda wd: ["quantize", FX / "run", "--eval", "--calib-tokens",
+                                                                 "256", "--calib-data", FX / "small.txt",
+                                                                 "--eval-rows", "2", "--no-progress"], control=True)]
+    quant = lambda *extra: lambda wd: ["quantize", FX / "run", "--out", wd / "q", "--calib-data", FX / "small.txt",
+                                       "--calib-tokens", "256", "--no-progress", *map(str, extra)]
+    for extra in [("--alpha", "1.5"), ("--alpha", "nan"), ("--calib-tokens", "0"), ("--calib-tokens", "-3"),
+                  ("--calib-seq-len", "1"), ("--batch-size", "0"), ("--smoothing", "magic"), ("--act", "int4"),
+                  ("--min-expert-tokens", "-1"), ("--max-shard-size", "huge"), ("--device", "nope"),
+                  ("--seed", "-1")]:
+        P.append(cli(Q, f"quantize {' '.join(extra)}", quant(*extra)))
+    for name in ("missing.txt", "empty.txt", "binary.bin"):
+        P.append(cli(Q, f"quantize --calib-data {name}", lambda wd, name=name: quant("--calib-data", FX / name)(wd)))
+    P += [cli(Q, "quantize a missing checkpoint", lambda wd: ["quantize", wd / "nope", "--out", wd / "q"]),
+          cli(Q, "quantize a binary file as checkpoint", lambda wd: ["quantize", FX / "binary.bin", "--out", wd / "q"]),
+          cli(Q, "quantize --out is a file", lambda wd: (wd / "f").write_text("x") and
+              ["quantize", FX / "run", "--out", wd / "f", "--calib-data", FX / "small.txt", "--calib-tokens", "256"])]
+    ana = lambda *extra: lambda wd: ["analyze", FX / "run", "--out", wd / "a", "--data", FX / "small.txt",
+                                     "--tokens", "256", "--no-progress", *map(str, extra)]
+    P.append(cli(Q, "analyze valid", ana(), control=True))
+    for extra in [("--tokens", "0"), ("--seq-len", "1"), ("--batch-size", "0"), ("--devices", "0"),
+                  ("--devices", "3"), ("--threads", "0"), ("--device", "nope")]:
+        P.append(cli(Q, f"analyze {' '.join(extra)}", ana(*extra)))
+    for flag, name in (("--compare", "binary.bin"), ("--tokenizer", "notok.json"), ("--data", "missing.txt"),
+                       ("--compare", "released")):
+        P.append(cli(Q, f"analyze {flag} {name}", lambda wd, f=flag, n=name: ana(f, FX / n)(wd),
+                     control=name == "released"))
+    P += [cli(Q, "generate --cache bogus", lambda wd: ["generate", FX / "run", "--prompt-ids", "1 2", "--cache", "bogus"]),
+          cli(Q, "analyze --out is a file", lambda wd: (wd / "g").write_text("x") and
+              ["analyze", FX / "run", "--out", wd / "g", "--data", FX / "small.txt", "--tokens", "256"])]
+
+    def model():
+        from moge.checkpoint import load_pretrained
+        return load_pretrained(FX / "run")
+
+    def gen(**kw):
+        from moge.generate import generate
+        return lambda: generate(model(), torch.tensor([[1, 5, 9]]), **{"max_new_tokens": 4, **kw})
+    P += [api(Q, "generate cache='paged'", gen(cache="paged")),
+          api(Q, "generate temperature=inf", gen(temperature=float("inf"))),
+          api(Q, "generate top_p=0", gen(top_p=0.0)),
+          api(Q, "generate engine of another model", lambda: __import__("moge.generate", fromlist=["generate"])
+              .generate(model(), torch.tensor([[1, 5]]), max_new_tokens=2,
+                        engine=__import__("moge.engine.decode", fromlist=["DecodeEngine"]).DecodeEngine(model(), 16))),
+          api(Q, "StaticKVCache capacity 0", lambda: __import__("moge.engine", fromlist=["StaticKVCache"])
+              .StaticKVCache(1, 1, 1, 8, 0)),
+          api(Q, "sample_next 1-D logits", lambda: __import__("moge.engine", fromlist=["sample_next"])
+              .sample_next(torch.randn(5))),
+          api(Q, "sample_next temperature=nan", lambda: __import__("moge.engine", fromlist=["sample_next"])
+              .sample_next(torch.randn(2, 5), temperature=float("nan"))),
+          api(Q, "generate max_new_tokens past the cache", gen(max_new_tokens=10 ** 7)),
+          api(Q, "generate valid", gen(), control=True)]
+    return P
+
+
 def all_probes() -> list[Probe]:
-    return _library_probes() + _security_probes() + _integrity_probes() + _cli_probes() + _resume_probes()
+    return (_library_probes() + _security_probes() + _integrity_probes() + _cli_probes() + _resume_probes()
+            + _new_command_probes())

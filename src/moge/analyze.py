@@ -257,12 +257,20 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import write_json
     from .analysis_plots import write_figures
 
+    for flag, v in (("--threads", args.threads), ("--devices", args.devices)):
+        if v is not None and v < 1:
+            raise AnalysisError(f"{flag} must be >= 1, got {v}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise AnalysisError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalysisError(f"cannot create --out {out}: {e.strerror or e}") from None
     results = {}
     for label, ckpt in [("main", args.checkpoint)] + ([("compare", args.compare)] if args.compare else []):
         model = _load(ckpt, args.device)

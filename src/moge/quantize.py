@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizeCommandError(f"--min-expert-tokens must be >= 0, got {args.min_expert_tokens}")
     if not 0.0 <= args.alpha <= 1.0:
         raise QuantizeCommandError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise QuantizeCommandError(f"--seed must be in [0, 2**63), got {args.seed}")
     tok_path = ckpt / "tokenizer.json"
     if not tok_path.is_file():
         raise QuantizeCommandError(f"no tokenizer.json in {ckpt}: calibration needs it to turn text into tokens")

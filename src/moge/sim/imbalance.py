@@ -95,7 +95,10 @@ def load_frequencies(path: str | Path, layer: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ImbalanceInputError(f"{path} is not a readable metrics file (JSON or JSON lines): {e}") from None
     records = []
     try:
         records = [json.loads(text)]
