@@ -59,6 +59,8 @@ class MoGEConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     intermediate_size: int | None = None  # dense MLP width for mlp_only_layers; None -> same active FLOPs
     experts_backend: str = "auto"
+    # multi-token prediction: predictors stored after the decoder layers (0 = none, as released)
+    num_mtp_layers: int = 0
     # init and special tokens
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
@@ -159,6 +161,7 @@ class MoGEConfig:
                      "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             integer(name, 1)
         integer("shared_expert_intermediate_size", 0)
+        integer("num_mtp_layers", 0)
         for name in ("head_dim", "topk_groups", "intermediate_size"):
             integer(name, 1, optional=True)
         integer("num_groups", -(1 << 62), optional=True)  # its range is checked below, with the others
@@ -188,6 +191,7 @@ class MoGEConfig:
             raise ConfigError(f"mlp_only_layers must hold integer layer indices, got {self.mlp_only_layers!r}")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` has the MoGE MLP; MTP predictors (index >= L) always do."""
         return layer_idx not in self.mlp_only_layers
 
     # ---- (de)serialisation ----------------------------------------------------------------------

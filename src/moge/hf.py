@@ -40,6 +40,7 @@ from .hf_forward import (BackboneOutput, UnsupportedArgumentError, check_router_
                          run_backbone)
 from .hf_loading import backbone_path, load, to_checkpoint_names, to_model_names
 from .model import MoGEModel, head_forward, init_module, make_lm_head
+from .mtp import MTPPredictor
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
            "PanguProMoEModel", "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
@@ -163,7 +164,9 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
     """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`MoGEModel`) plus ``lm_head``.
 
     ``forward`` returns :class:`~transformers.modeling_outputs.MoeCausalLMOutputWithPast` and accepts
-    any cache with ``DynamicCache``'s interface, or a transformers static cache.
+    any cache with ``DynamicCache``'s interface, or a transformers static cache. A checkpoint's MTP
+    predictors load into ``mtp`` and are written back by ``save_pretrained``; ``forward`` and
+    ``generate`` ignore them (speculative decoding with them: :func:`moge.generate.generate`).
     """
 
     def __init__(self, config: PanguProMoEConfig):
@@ -171,6 +174,9 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         self.moge_config = config.to_moge_config()
         self.model = MoGEModel(self.moge_config)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
+        # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
+        L = self.moge_config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPPredictor(self.moge_config, L + k) for k in range(self.moge_config.num_mtp_layers))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -51,6 +51,7 @@ class PanguProMoEConfig(PreTrainedConfig):
     mlp_only_layers: list[int] | None = None
     intermediate_size: int | None = None
     experts_backend: str = "auto"
+    num_mtp_layers: int = 0
     initializer_range: float = 0.02
     use_cache: bool = True
     output_router_logits: bool = False

@@ -130,13 +130,16 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """What :class:`MoGEForCausalLM` returns; ``loss`` is the LM loss only, ``aux_loss`` the routers' sum."""
+    """What :class:`MoGEForCausalLM` returns; ``loss`` is the LM loss only, ``aux_loss`` the routers' sum
+    (MTP predictors' routers included); ``mtp`` holds each predictor's loss and accuracy when training
+    a model with MTP predictors on labels (:mod:`moge.mtp`)."""
     logits: Tensor | None
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
     router_stats: list[RouterStats | None] = field(default_factory=list)
     past_key_values: KVCache | None = None
     hidden_states: Tensor | None = None
+    mtp: list = field(default_factory=list)
 
 
 def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past: int,
@@ -361,13 +364,18 @@ def init_module(mod: nn.Module, std: float) -> None:
 
 
 class MoGEForCausalLM(nn.Module):
-    """Pangu Pro MoE causal LM: :class:`MoGEModel` plus an untied ``lm_head``."""
+    """Pangu Pro MoE causal LM: :class:`MoGEModel` plus an untied ``lm_head``, and ``config.num_mtp_layers``
+    multi-token-prediction predictors in ``mtp`` (:mod:`moge.mtp`; empty by default, as released)."""
 
     def __init__(self, config: MoGEConfig):
         super().__init__()
+        from .mtp import MTPPredictor  # mtp builds on this module's layers
+
         self.config = config
         self.model = MoGEModel(config)
         self.lm_head = make_lm_head(config, self.model.embed_tokens)
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPPredictor(config, L + k) for k in range(config.num_mtp_layers))
         self.init_weights()
 
     @torch.no_grad()
@@ -384,28 +392,40 @@ class MoGEForCausalLM(nn.Module):
 
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
         Bad inputs raise a named error first; ``check_ids`` is explained in :meth:`MoGEModel.check_inputs`.
+        With MTP predictors, ``labels``, token ids and no cache, each predictor's loss and accuracy come
+        back in ``mtp`` (the caller weights them: ``moge train --mtp-coef``), their routers' losses in
+        ``aux_loss``.
         """
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         h_BSH, stats = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                                   check_ids)
         logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep)
+        mtp = []
+        if len(self.mtp) and labels is not None and input_ids is not None and past_key_values is None:
+            from .mtp import mtp_losses
+            mtp = mtp_losses(self, h_BSH, input_ids, labels, attention_mask, position_ids)
+            extra = [o.router_stats.aux_loss + o.router_stats.z_loss for o in mtp if o.router_stats is not None]
+            if extra:
+                aux = torch.stack(extra).sum() + (aux if aux is not None else 0.0)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router_stats=stats,
-                           past_key_values=past_key_values if use_cache else None)
+                           past_key_values=past_key_values if use_cache else None, mtp=mtp)
 
 
 def count_parameters(config: MoGEConfig) -> dict[str, int]:
     """Total and per-token activated parameters, counted on the meta device (nothing is allocated).
 
     Activated counts every parameter a token touches, embedding and output head included (spec
-    section 5): all but the (N - K) unchosen routed experts of each MoE layer.
+    section 5): all but the (N - K) unchosen routed experts of each MoE layer. Both count the main
+    model; ``mtp`` counts the MTP predictors' own parameters (they share the embedding and head).
     """
     with torch.device("meta"):
         model = MoGEForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
     idle = 0
     for layer in model.model.layers:
         if layer.is_moe:
             per_expert = sum(p[0].numel() for p in layer.mlp.experts.parameters())
             idle += (config.num_experts - config.num_experts_per_tok) * per_expert
-    return {"total": total, "activated": total - idle}
+    return {"total": total, "activated": total - idle, "mtp": mtp}

@@ -8,6 +8,10 @@ metadata files:
   (``experts.gate_up_proj [N,2F,H]``, rows ``:F`` the gate and ``F:`` the up projection;
   ``experts.down_proj [N,H,F]``). :func:`to_published_state_dict` / :func:`stack_experts` go
   between the two.
+* MTP predictors (``mtp.{k}.*`` in the model) are stored as the decoder layers after the last one,
+  ``model.layers.{L+k}.*``, each with a ``shared_head.head.weight`` copy of the output head (the
+  public layout, spec section 7); :func:`mtp_native_name` and :func:`to_published_state_dict` map
+  between the two, and the copy is checked against the head on load (the model shares one head).
 * Config. :func:`released_config_dict` writes what the released loaders read (``model_type:
   "PanguProMoE"``, ``architectures: ["PanguProMoEForCausalLM"]``, every released key, ``torch_dtype``)
   and our own keys only where they differ from what the released model implies.
@@ -49,16 +53,54 @@ _PANGU_VOCAB, _PANGU_SPECIALS = 153376, {"pad_token_id": 0, "bos_token_id": 1, "
 _MOGE_SPECIALS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
+MTP_NATIVE_RE = re.compile(r"^mtp\.(?P<k>\d+)\.(?P<rest>.+)$")
+LAYER_RE = re.compile(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>.+)$")
+SHARED_HEAD = "shared_head.head.weight"
+
+
 # ---- tensors ---------------------------------------------------------------------------------------
+
+def mtp_native_name(name: str, num_hidden_layers: int) -> str:
+    """A published name -> ours: ``model.layers.{L+k}.X`` -> ``mtp.{k}.X`` (an MTP predictor), others unchanged."""
+    m = LAYER_RE.match(name)
+    if m is None or int(m.group("i")) < num_hidden_layers:
+        return name
+    return f"mtp.{int(m.group('i')) - num_hidden_layers}.{m.group('rest')}"
+
+
+def shared_head_names(config: MoGEConfig) -> list[str]:
+    """The published names of the predictors' head copies (``model.layers.{L+k}.shared_head.head.weight``)."""
+    L = config.num_hidden_layers
+    return [f"model.layers.{L + k}.{SHARED_HEAD}" for k in range(config.num_mtp_layers)]
+
+
+def _mtp_published(state_dict: Mapping[str, Tensor], config: MoGEConfig | None) -> dict[str, Tensor]:
+    """``mtp.{k}.X`` -> ``model.layers.{L+k}.X``, plus each predictor's copy of the output head."""
+    if not any(MTP_NATIVE_RE.match(n) for n in state_dict):
+        return dict(state_dict)
+    if config is None:
+        raise CheckpointError("a state dict with MTP predictors (mtp.*) needs its config to be written in the "
+                              "released layout (the predictors are stored after the num_hidden_layers layers)")
+    L, out = config.num_hidden_layers, {}
+    for name, t in state_dict.items():
+        m = MTP_NATIVE_RE.match(name)
+        out[f"model.layers.{L + int(m.group('k'))}.{m.group('rest')}" if m else name] = t
+    head = state_dict.get("lm_head.weight", state_dict.get("model.embed_tokens.weight"))
+    if head is not None:
+        for name in shared_head_names(config):
+            out[name] = head
+    return out
+
 
 def to_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConfig | None = None) -> dict[str, Tensor]:
     """Our state dict (stacked experts) -> the published tensor names (one entry per expert matrix).
 
     Entries are views (no copy); RoPE buffers are dropped, and with ``config.tie_word_embeddings`` so
-    is ``lm_head.weight`` (it is the embedding).
+    is ``lm_head.weight`` (it is the embedding). MTP predictors become the layers after the last
+    decoder layer, each with a ``shared_head.head.weight`` (the output head, shared in memory).
     """
     out: dict[str, Tensor] = {}
-    for name, t in state_dict.items():
+    for name, t in _mtp_published(state_dict, config).items():
         if IGNORED_RE.search(name):
             continue
         if config is not None and config.tie_word_embeddings and name == "lm_head.weight":
@@ -79,13 +121,26 @@ def to_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConfig
     return out
 
 
-def published_shapes(native_shapes: Mapping[str, tuple[int, ...]], tie: bool) -> dict[str, tuple[int, ...]]:
-    """Expected published names and shapes from the native parameter shapes."""
+def published_shapes(native_shapes: Mapping[str, tuple[int, ...]], config: MoGEConfig) -> dict[str, tuple[int, ...]]:
+    """Expected published names and shapes from the native parameter shapes (the predictors' head
+    copies left out: optional on disk, see :func:`check_shared_heads`)."""
     fake = {k: torch.empty(s, device="meta") for k, s in native_shapes.items()}
-    pub = to_published_state_dict(fake)
-    if tie:
+    pub = to_published_state_dict(fake, config)
+    if config.tie_word_embeddings:
         pub.pop("lm_head.weight", None)
+    for name in shared_head_names(config):
+        pub.pop(name, None)
     return {k: tuple(v.shape) for k, v in pub.items()}
+
+
+def check_shared_heads(copies: Mapping[str, Tensor], head_VH: Tensor, where: str) -> None:
+    """Warn when a stored predictor head copy differs from the output head: the model has one head,
+    shared by the main model and every predictor (spec section 7), and uses the main one."""
+    differ = [n for n, t in copies.items()
+              if tuple(t.shape) != tuple(head_VH.shape) or not torch.equal(t.to(head_VH.device, head_VH.dtype), head_VH)]
+    if differ:
+        warnings.warn(f"{where}: {', '.join(sorted(differ))} differ from the output head; the MTP predictors share "
+                      f"the main model's head (lm_head), which is used", stacklevel=3)
 
 
 def group_expert_names(names: Iterable[str]) -> tuple[list[str], dict[str, dict[tuple[int, str], str]]]:
@@ -139,14 +194,22 @@ def from_published_state_dict(state_dict: Mapping[str, Tensor], config: MoGEConf
     """Published tensor names -> our state dict (experts stacked into ``gate_up_proj`` / ``down_proj``).
 
     Every layer's experts must be complete (``0..N-1``, with gate, up and down each); a gap raises
-    :class:`CheckpointError` naming the missing tensor. ``dtype`` converts while stacking.
+    :class:`CheckpointError` naming the missing tensor. ``dtype`` converts while stacking. With
+    ``config``, the layers after the last decoder layer become MTP predictors (``mtp.{k}.*``) and their
+    head copies are dropped (checked against the head).
     """
-    plain, experts = group_expert_names(state_dict)
+    copies = {n: state_dict[n] for n in (shared_head_names(config) if config is not None else []) if n in state_dict}
+    plain, experts = group_expert_names(n for n in state_dict if n not in copies)
     out = {name: state_dict[name] if dtype is None else state_dict[name].to(dtype) for name in plain}
     for prefix, parts in experts.items():
         n = config.num_experts if config is not None else 1 + max(e for e, _ in parts)
         out.update(stack_experts(prefix, parts, n, state_dict.__getitem__, dtype, None, "missing expert tensors"))
-    return out
+    if config is None:
+        return out
+    head = out.get("lm_head.weight", out.get("model.embed_tokens.weight"))
+    if copies and head is not None and head.device.type != "meta":
+        check_shared_heads(copies, head, "state dict")
+    return {mtp_native_name(k, config.num_hidden_layers): v for k, v in out.items()}
 
 
 def check_names_and_shapes(where: str, want: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
@@ -202,6 +265,7 @@ def released_config_dict(config: MoGEConfig, dtype: torch.dtype | None = None,
         "mlp_only_layers": (list(c.mlp_only_layers), bool(c.mlp_only_layers)),
         "intermediate_size": (c.intermediate_size, c.intermediate_size is not None),
         "experts_backend": (c.experts_backend, c.experts_backend != "auto"),
+        "num_mtp_layers": (c.num_mtp_layers, c.num_mtp_layers > 0),  # the public MTP configs' key
     }
     d.update({k: v for k, (v, differs) in ours.items() if differs})
     return d

@@ -22,7 +22,8 @@ from .hf_files import write_generation_config, write_tokenizer_config
 from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
                  open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, config_from_dict, group_expert_names,
-                     published_shapes, quantization_format, released_config_dict, stack_experts,
+                     check_shared_heads, mtp_native_name, published_shapes, quantization_format,
+                     released_config_dict, shared_head_names, stack_experts,
                      to_published_state_dict)
 
 CONFIG_NAME = "config.json"
@@ -163,8 +164,10 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     files = weight_files(directory)
     if verify:
         verify_against_manifest(directory, set(files.values()))
-    plain, experts = group_expert_names(files)
-    wanted = {n: files[n] for n in plain} | {n: files[n] for parts in experts.values() for n in parts.values()}
+    copies = [n for n in shared_head_names(config) if n in files]  # MTP head copies: checked, not loaded
+    plain, experts = group_expert_names(n for n in files if n not in copies)
+    wanted = {n: files[n] for n in [*plain, *copies]} | {n: files[n] for parts in experts.values()
+                                                           for n in parts.values()}
     out: dict[str, Tensor] = {}
     with open_shards(sorted(set(wanted.values()))) as handles:
         shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
@@ -179,8 +182,8 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
                                           f"F32/F16/BF16/F64 weights)", others, limit=4))
         if expected is not None:
             # a tied head may be stored redundantly
-            check_names_and_shapes(str(directory), published_shapes(expected, config.tie_word_embeddings), shapes,
-                                   tolerated=["lm_head.weight"] if config.tie_word_embeddings else [])
+            check_names_and_shapes(str(directory), published_shapes(expected, config), shapes,
+                                   tolerated=(["lm_head.weight"] if config.tie_word_embeddings else []) + copies)
 
         read = tensor_reader(handles, wanted, verify)
 
@@ -190,7 +193,10 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
         for prefix, parts in experts.items():
             out.update(stack_experts(prefix, parts, config.num_experts, read, dtype, dev,
                                      f"missing tensors in {directory}"))
-    return out
+        head = out.get("lm_head.weight", out.get("model.embed_tokens.weight"))
+        if copies and head is not None:
+            check_shared_heads({n: read(n) for n in copies}, head, str(directory))
+    return {mtp_native_name(k, config.num_hidden_layers): v for k, v in out.items()}
 
 
 def tensor_reader(handles: Mapping[Path, Any], files: Mapping[str, Path], verify: bool):

@@ -93,6 +93,9 @@ def quantize(model: nn.Module, calib_rows: Tensor, alpha: float = 0.5, smoothing
         raise QuantError(f"alpha (migration strength) must be in [0, 1], got {alpha}")
     if is_quantized(model):
         raise QuantError("the model is already quantized; quantize the float model it was made from")
+    if len(getattr(model, "mtp", ())):
+        raise QuantError(f"the model has {len(model.mtp)} MTP predictor(s); W8A8 covers the main model only: "
+                         f"quantize a model without them (save it with num_mtp_layers=0 and mtp.* dropped)")
     if not any(isinstance(m, SwiGLUExperts) for m in model.modules()) and not quantizable_linears(model):
         raise QuantError("nothing to quantize: the model has no decoder layers")
     calib = calibrate(model, calib_rows, batch_size, min_expert_tokens, progress)
