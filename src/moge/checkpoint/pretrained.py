@@ -227,14 +227,21 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
     with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties.
     ``verify``: see :func:`load_state_dict`. An Ascend W8A8 directory installs its int8 modules first
     (:func:`.quantized.load_quantized_into`)."""
-    from ..model import RotaryEmbedding
-
     if quantization_format(directory) is not None:
         from .quantized import load_quantized_into
         return load_quantized_into(module, directory, config, resolve_dtype(dtype), device, verify)
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sd = load_state_dict(directory, config, dtype, device, expected=expected, verify=verify)
+    return assign_loaded(module, sd, config, device)
+
+
+def assign_loaded(module: torch.nn.Module, sd: dict[str, Tensor], config: MoGEConfig,
+                  device: str | torch.device) -> torch.nn.Module:
+    """Assign a complete loaded state dict (our names) to a meta-device model: ties the head to the
+    embedding when the config says so and rebuilds the RoPE buffer on ``device``."""
+    from ..model import RotaryEmbedding
+
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     module.load_state_dict(sd, strict=True, assign=True)

@@ -278,9 +278,8 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
     modules its description names are installed first, every tensor name, shape and dtype is checked
     before data is read, then the tensors are assigned. ``verify`` as for float checkpoints: a training
     manifest, if any, is checked, and float tensors holding NaN/inf are refused by name."""
-    from ..model import RotaryEmbedding
     from ..quant import QuantError, install_quantized
-    from .pretrained import resolve_device, tensor_reader, verify_against_manifest
+    from .pretrained import assign_loaded, resolve_device, tensor_reader, verify_against_manifest
 
     directory = Path(directory)
     dev = resolve_device(device)
@@ -310,13 +309,7 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
                                           f"{QUANT_DESCRIPTION_NAME} as W8A8)", int8))
 
         sd = from_ascend(tensor_reader(handles, files, verify), [n for n in names if n not in extra_bias], plan, config, dtype, dev)
-    if config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    module.load_state_dict(sd, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        module.lm_head.weight = module.model.embed_tokens.weight
-    module.model.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta).to(device)
-    return module
+    return assign_loaded(module, sd, config, device)
 
 
 def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mapping[str, Tensor],
