@@ -13,6 +13,7 @@ from .. import validate as V
 from ..config import ROUTERS
 from ..data import DEFAULT_VAL_FRACTION
 from ..errors import MoGEError
+from .mtp import DEFAULT_MTP_COEF, MAX_MTP
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -62,6 +63,10 @@ class TrainConfig:
     # rank trains on its own batch_size/ep rows of it, so the LM loss and its gradients are the same at
     # any --ep (the balance loss counts experts per rank's rows: see docs/parallel.md).
     ep: int = 1
+    # Multi-token prediction: predictors trained beside the main head (moge.train.mtp); a resumed run
+    # keeps the checkpoint's. The loss adds mtp_coef * the mean of their losses.
+    mtp: int = 0
+    mtp_coef: float = DEFAULT_MTP_COEF
 
     def validate(self) -> None:
         """Raise :class:`TrainingConfigError` naming the option that is out of range (or of the wrong
@@ -86,6 +91,11 @@ class TrainConfig:
         V.number("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True, error=TrainingConfigError)
         V.integer("--vocab-size", self.vocab_size, MIN_VOCAB, MAX_VOCAB, optional=True, error=TrainingConfigError)
         V.integer("--seed", self.seed, 0, 2 ** 32 - 1, error=TrainingConfigError)  # numpy's seed range
+        V.integer("--mtp", self.mtp, 0, MAX_MTP, error=TrainingConfigError)
+        V.number("--mtp-coef", self.mtp_coef, 0.0, error=TrainingConfigError)
+        if self.mtp and self.seq_len < self.mtp + 2:
+            raise TrainingConfigError(f"--mtp {self.mtp} needs --seq-len >= {self.mtp + 2} (predictor k predicts "
+                                      f"the token k+1 ahead of each position), got {self.seq_len}")
         if self.ep < 1 or self.batch_size % self.ep:
             raise TrainingConfigError(f"--batch-size {self.batch_size} must be divisible by --ep {self.ep} (it is "
                                       f"the global batch, split evenly over the expert-parallel ranks)")
@@ -107,9 +117,9 @@ class TrainConfig:
 _FIELD_TYPES = {"out": (str,), "preset": (str,), "router": (str,), "device": (str,), "tokenizer": (str,),
                 "data": (list,), "compile": (bool,), "progress": (bool,), "deterministic": (bool,),
                 **{k: (int,) for k in ("steps", "batch_size", "seq_len", "grad_accum", "warmup", "vocab_size", "seed",
-                                       "eval_every", "eval_batches", "log_every", "save_every", "ep")},
+                                       "eval_every", "eval_batches", "log_every", "save_every", "ep", "mtp")},
                 **{k: (int, float) for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_coef",
-                                             "val_fraction")}}
+                                             "val_fraction", "mtp_coef")}}
 _OPTIONAL = {"aux_coef", "vocab_size", "tokenizer"}
 # A tokenizer needs its 256 bytes and 3 special tokens; above 2^20 tokens the BPE trainer's tables no
 # longer fit a machine's memory (the tokenizers library aborts the process instead of raising).
@@ -141,6 +151,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off (default {d.grad_clip})")
     p.add_argument("--aux-coef", type=float, default=None, help="auxiliary balance loss coefficient "
                    "(default: the preset's router_aux_loss_coef)")
+    p.add_argument("--mtp", type=int, default=None, metavar="N",
+                   help="train N multi-token-prediction predictors (predictor k predicts the token k+1 ahead; "
+                        "stored as model.layers.{L+k-1}, used by moge generate --speculative); a resumed run "
+                        "keeps the checkpoint's (default 0)")
+    p.add_argument("--mtp-coef", type=float, default=None, metavar="C",
+                   help=f"weight of the mean MTP loss added to the LM loss (default {DEFAULT_MTP_COEF}, "
+                        f"DeepSeek-V3's value for most of its training; it lowers it to 0.1 at the end)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files, directories, .jsonl ('text' field) or .parquet ('text' column); "
                         "default: the built-in code/prose/math corpus")

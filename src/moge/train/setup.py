@@ -110,13 +110,15 @@ def _ignored_flags(explicit: dict[str, Any], saved: "TrainConfig", allowed) -> l
 def estimate_training_bytes(model_config: MoGEConfig, cfg: "TrainConfig", world: int = 1) -> int:
     """A lower estimate of one process's training memory: float32 weights, gradients and AdamW's two
     moments (16 bytes a parameter) plus the activations of one micro-batch (logits and their
-    gradient, and about 24 values per hidden unit per layer)."""
+    gradient, and about 24 values per hidden unit per layer), MTP predictors included."""
     from ..model import count_parameters
 
-    params = count_parameters(model_config)["total"]
+    counts = count_parameters(model_config)
+    params = counts["total"] + counts["mtp"]
     rows = cfg.batch_size // max(world, 1)
-    acts = rows * cfg.seq_len * (3 * model_config.vocab_size + 24 * model_config.hidden_size *
-                                 model_config.num_hidden_layers)
+    d = model_config.num_mtp_layers  # each MTP predictor: one more decoder layer and one more logits tensor
+    acts = rows * cfg.seq_len * (3 * model_config.vocab_size * (1 + d) + 24 * model_config.hidden_size *
+                                 (model_config.num_hidden_layers + d))
     return 16 * params + 4 * acts
 
 

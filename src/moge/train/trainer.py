@@ -31,6 +31,7 @@ from ..parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
 from ..tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
+from .mtp import MTPEval, MTPInterval, MTPStep, layer_records, mtp_loss_term
 from .options import (RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError, TrainingDivergedError, lr_at,
                       resolve_device)
 from .setup import (_check_same_data, _ignored_flags, _param_counts, build_model, build_optimizer,
@@ -143,7 +144,8 @@ class Trainer(CheckpointMixin):
             _check_same_data(state.get("data"), self.data.summary, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_config = base.replace(vocab_size=self.tokenizer.get_vocab_size(),
-                                         max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
+                                         max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len),
+                                         num_mtp_layers=cfg.mtp)
         check_memory(estimate_training_bytes(self.model_config, cfg, self.dist.world_size),
                      f"training {cfg.preset} with --batch-size {cfg.batch_size} --seq-len {cfg.seq_len} "
                      f"(vocabulary {self.model_config.vocab_size})", self.device)
@@ -153,16 +155,22 @@ class Trainer(CheckpointMixin):
             for name, p in self.model.named_parameters():
                 refuse_non_finite(name, p.detach(), str(self.out))
             self.model_config = self.model.config
+            if self.model_config.num_mtp_layers != cfg.mtp:  # the run's options and its weights disagree
+                raise CheckpointCorruptError(
+                    f"{self.out}: config.json has num_mtp_layers={self.model_config.num_mtp_layers} but "
+                    f"{state_path(self.out).name} says the run trains --mtp {cfg.mtp}")
         else:
             self.model = build_model(self.model_config, cfg.seed, self.device)
         if self.dist.world_size > 1:
-            from ..parallel import apply_expert_parallel, check_config_consistent
+            from ..parallel import ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent
 
             check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
                                      "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
                                      "data": self.data.summary}, self.dist.group)
             # Same seed / same checkpoint on every rank; each keeps its block of expert groups.
             self.model = apply_expert_parallel(self.model, self.dist.group)
+            # Logged in the start line: every MoGE layer, the MTP predictors' included, must be here.
+            self.sharded_layers = [n for n, m in self.model.named_modules() if isinstance(m, ExpertParallelMoGELayer)]
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
         self.step = 0
@@ -213,6 +221,7 @@ class Trainer(CheckpointMixin):
         aux_sum = torch.zeros((), device=self.device)
         counts: list[torch.Tensor | None] | None = None
         balance: list[torch.Tensor] = []  # per micro-batch [L_moe, 2]
+        mtp = MTPStep(self.model_config.groups)
         for _ in range(c.grad_accum):
             idx = self.sampler.next_indices(c.batch_size)
             per_rank = c.batch_size // self.dist.world_size
@@ -221,7 +230,9 @@ class Trainer(CheckpointMixin):
             with self._autocast():
                 out = self._forward(x_BS, labels=x_BS)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
-            ((out.loss + aux) / c.grad_accum).backward()
+            mtp_term = mtp_loss_term(out.mtp, c.mtp_coef, out.loss)
+            ((out.loss + mtp_term + aux) / c.grad_accum).backward()
+            mtp.add(out.mtp)
             loss_sum += out.loss.detach().float()
             aux_sum += aux.detach().float()
             step_counts = [None if st is None else st.expert_counts.detach() for st in out.router_stats]
@@ -234,8 +245,10 @@ class Trainer(CheckpointMixin):
         loss_sum = all_reduce_mean(loss_sum, self.dist.group)  # the global batch's loss, same on every rank
         aux_sum = all_reduce_mean(aux_sum, self.dist.group)
         loss, aux_loss = float(loss_sum) / c.grad_accum, float(aux_sum) / c.grad_accum
-        if not (math.isfinite(loss) and math.isfinite(aux_loss)):
-            self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss})")
+        mtp_r = mtp.result(self.dist.group)
+        if not (math.isfinite(loss) and math.isfinite(aux_loss) and all(map(math.isfinite, mtp_r["mtp_loss"]))):
+            self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss}"
+                           + (f", MTP losses {mtp_r['mtp_loss']})" if mtp_r["mtp_loss"] else ")"))
         grad_norm = clip_grad_norm_(self.model, c.grad_clip if c.grad_clip > 0 else float("inf"), self.dist.group)
         if not math.isfinite(float(grad_norm)):
             self._diverged(f"gradient norm is {float(grad_norm)} (loss {loss})")
@@ -245,7 +258,7 @@ class Trainer(CheckpointMixin):
         self.tokens_seen += c.grad_accum * c.batch_size * c.seq_len
         bal = torch.stack(balance).cpu() if balance else None  # [micro, L_moe, 2]
         return {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": float(grad_norm),
-                "counts": [None if t is None else t.cpu() for t in counts], "balance": bal}
+                "counts": [None if t is None else t.cpu() for t in counts], "balance": bal, **mtp_r}
 
     def _diverged(self, what: str) -> None:
         """Drop this step's gradients and raise :class:`TrainingDivergedError` naming the step."""
@@ -261,6 +274,7 @@ class Trainer(CheckpointMixin):
         c = self.cfg
         self.model.eval()
         losses, counts = {}, {}
+        mtp = MTPEval()
         for domain, rows in self.data.val_rows.items():
             total, n_tok = 0.0, 0
             layer_counts: list[torch.Tensor | None] | None = None
@@ -270,6 +284,7 @@ class Trainer(CheckpointMixin):
                     out = self._forward(x_BS, labels=x_BS)
                 n = x_BS.shape[0] * (x_BS.shape[1] - 1)
                 total += float(out.loss) * n
+                mtp.add(domain, out.mtp, x_BS.shape[0], x_BS.shape[1])
                 n_tok += n
                 sc = [None if st is None else st.expert_counts for st in out.router_stats]
                 layer_counts = sc if layer_counts is None else [None if a is None else a + b2
@@ -278,7 +293,7 @@ class Trainer(CheckpointMixin):
             counts[domain] = [None if t is None else t.cpu().tolist() for t in (layer_counts or [])]
         self.model.train()
         mean = sum(losses.values()) / len(losses) if losses else float("nan")
-        return {"val_loss": losses, "val_loss_mean": mean, "expert_counts": counts}
+        return {"val_loss": losses, "val_loss_mean": mean, "expert_counts": counts, **mtp.record()}
 
     # -- the loop ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -295,20 +310,7 @@ class Trainer(CheckpointMixin):
 
     def _layer_records(self, counts, balances: list[torch.Tensor]) -> list[dict[str, Any]]:
         """Per-layer metrics over the logging interval (IS mean and max, max/mean load) and last step counts."""
-        bal = torch.cat(balances)  # [micro-batches, L_moe, 2]
-        out, j = [], 0
-        for i, cnt in enumerate(counts):
-            if cnt is None:
-                out.append({"layer": i, "dense": True})
-                continue
-            m = self.model_config.groups
-            out.append({"layer": i, "imbalance_score": float(bal[:, j, 0].mean()),
-                        "imbalance_score_max": float(bal[:, j, 0].max()),
-                        "max_mean_load": float(bal[:, j, 1].mean()),
-                        "max_mean_load_max": float(bal[:, j, 1].max()),
-                        "group_loads": cnt.view(m, -1).sum(-1).tolist(), "expert_counts": cnt.tolist()})
-            j += 1
-        return out
+        return layer_records(counts, torch.cat(balances), self.model_config.groups)  # [micro, L_moe, 2]
 
     def train(self) -> dict[str, Any]:
         """Run until ``cfg.steps``; log, evaluate and checkpoint on schedule. Returns the final evaluation."""
@@ -321,11 +323,14 @@ class Trainer(CheckpointMixin):
         if self.step == 0:
             self._log({"type": "start", "step": 0, "model_config": self.model_config.to_dict(),
                        "train_config": asdict(c), "data": self.data.summary,
-                       "parameters": _param_counts(self.model_config)})
+                       "parameters": _param_counts(self.model_config),
+                       **({"expert_parallel": {"ranks": self.dist.world_size, "sharded_layers": self.sharded_layers}}
+                          if self.dist.world_size > 1 else {})})
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not self.dist.is_main,
                    desc=f"train {c.router}", unit="step", dynamic_ncols=True, position=self.bar_position,
                    mininterval=1.0)
         interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
+        mtp = MTPInterval(self.model_config.num_hidden_layers, self.model_config.groups)
         last_eval: dict[str, Any] | None = None
         start = time.perf_counter()
         try:
@@ -339,22 +344,31 @@ class Trainer(CheckpointMixin):
                 interval_aux.append(r["aux_loss"])
                 if r["balance"] is not None:
                     balances.append(r["balance"])
+                mtp.add(r)
                 bar.update(1)
-                bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{interval_tokens / max(interval_time, 1e-9):.0f}")
+                # MTP: each predictor's loss / top-1 accuracy of this step, e.g. mtp=2.851/0.41
+                shown = {"mtp": " ".join(f"{a:.3f}/{b:.2f}" for a, b in zip(r["mtp_loss"], r["mtp_accuracy"]))
+                         } if r["mtp_loss"] else {}
+                bar.set_postfix(loss=f"{r['loss']:.3f}", **shown,
+                                tok_s=f"{interval_tokens / max(interval_time, 1e-9):.0f}")
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     self._log({"type": "train", "step": self.step, "loss": sum(interval_loss) / len(interval_loss),
                                "last_loss": r["loss"], "aux_loss": sum(interval_aux) / len(interval_aux),
                                "lr": r["lr"], "grad_norm": r["grad_norm"],
                                "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
                                "tokens": self.tokens_seen, "elapsed_s": time.perf_counter() - start,
-                               "layers": self._layer_records(r["counts"], balances) if balances else []})
+                               "layers": self._layer_records(r["counts"], balances) if balances else [],
+                               **mtp.record(r)})
                     interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
+                    mtp.reset()
                 if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
                     last_eval = self.evaluate()
                     self._log({"type": "eval", "step": self.step, **last_eval})
                     if self.dist.is_main:
                         bar.write(f"{c.router} step {self.step}: val loss " + ", ".join(
-                            f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()))
+                            f"{k} {v:.3f}" for k, v in last_eval["val_loss"].items()) + "".join(
+                            f"; MTP {p['predictor']} val loss {p['val_loss_mean']:.3f} top-1 {p['val_accuracy_mean']:.3f}"
+                            for p in last_eval.get("mtp", [])))
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                     self.save_checkpoint()
         finally:
