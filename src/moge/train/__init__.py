@@ -11,7 +11,12 @@ pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_s
 Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line): ``type: "train"`` lines with the loss,
 auxiliary loss, learning rate, tokens/s and, for every layer, the Imbalance Score with devices = groups,
 max/mean device load, per-group loads and per-expert counts; ``type: "eval"`` lines with the
-validation loss and expert counts per data domain.
+validation loss and expert counts per data domain. With ``--mtp N`` the loss adds ``--mtp-coef`` times
+the mean loss of N multi-token-prediction predictors, whose loss, top-1 accuracy and layer balance are
+logged beside the main head's (:mod:`moge.train.mtp`).
+
+The package: :mod:`~moge.train.options` (``TrainConfig``, flags), :mod:`~moge.train.setup` (model,
+optimizer, data), :mod:`~moge.train.trainer` (the loop), :mod:`~moge.train.checkpointing`.
 """
 
 from __future__ import annotations
