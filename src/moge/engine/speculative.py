@@ -123,6 +123,8 @@ class SpeculativeDecoder:
                                        f"expected {L + k} (L = {L} main layers)")
         self.capacity = V.integer("capacity", capacity, 1, error=SpeculativeError)
         self._slots: dict[int, tuple[StaticKVCache, DecodeStep]] = {}
+        self._cos_CD: Tensor | None = None
+        self._sin_CD: Tensor | None = None
 
     def _slot(self, batch: int) -> tuple[StaticKVCache, DecodeStep]:
         if batch not in self._slots:
@@ -131,6 +133,10 @@ class SpeculativeDecoder:
             cache = StaticKVCache(len(self.base.layers) + self.num_drafts, batch, attn.n_kv, attn.head_dim,
                                   self.capacity + 2 * (1 + self.num_drafts), p.dtype, p.device)
             self._slots[batch] = (cache, DecodeStep(self.model, cache, num_new=1 + self.num_drafts))
+            if self._cos_CD is None or self._cos_CD.shape[0] < cache.slots:
+                # RoPE tables per slot (slot = position): two lookups per step instead of recomputing.
+                # A padding token's position -1 reads the last row: its query goes nowhere.
+                self._cos_CD, self._sin_CD = self.base.rotary(torch.arange(cache.slots, device=p.device), p.dtype)
         return self._slots[batch]
 
     @torch.inference_mode()
@@ -183,6 +189,8 @@ class SpeculativeDecoder:
         row_steps = torch.zeros((), dtype=torch.long, device=dev)
         trace: list[tuple[Tensor, Tensor]] = []
         max_len, steps = width, 0
+        # Without EOS a row is done after N tokens, at the earliest after ceil((N - 1) / S) steps.
+        first_check = -(-(N - 1) // S)
         while True:
             kv_len = min(cache.capacity, -(-(max_len + S) // _KV_BUCKET) * _KV_BUCKET)
             pos_BS = cache.lengths_B.view(b, 1) + offsets_1S
@@ -217,9 +225,12 @@ class SpeculativeDecoder:
             cache.rollback(S - keep_B)
             if stats is not None:
                 trace.append((n_B.clone(), keep_B.clone()))
-            all_done, max_len = torch.stack((done_B.all().long(), cache.lengths_B.max())).tolist()
-            if all_done:
-                break
+            if len(eos) or steps >= first_check:
+                all_done, max_len = torch.stack((done_B.all().long(), cache.lengths_B.max())).tolist()
+                if all_done:
+                    break
+            else:  # no row can be done yet: skip the read, bound the longest row instead
+                max_len += S
             self._draft(h_BSH, z_BS, pos_BS, mask_B1SL, cache, n_B, ver_BS, q_BDV, temperature, top_k, top_p,
                         generator)
             ver_BS[:, 0] = z_BS.gather(1, n_B.view(b, 1)).squeeze(1)
@@ -239,7 +250,7 @@ class SpeculativeDecoder:
         """Run the predictors over a window (``z``: the tokens one position ahead, real up to index n),
         writing their cache layers, and put the drafts in ``ver[:, 1:]`` (and their probabilities in q)."""
         b, s, hdim = h_BSH.shape
-        cos_sin = self.base.rotary(pos_BS, h_BSH.dtype)
+        cos_sin = (self._cos_CD[pos_BS], self._sin_CD[pos_BS])
         cache_kwargs = {"position_ids": pos_BS}
         n_B1 = n_B.view(b, 1)
         n_B11 = n_B.view(b, 1, 1).expand(b, 1, hdim)
