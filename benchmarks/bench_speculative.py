@@ -5,10 +5,12 @@ Model: a trained checkpoint with MTP predictors (default ``/work/runs/mtp/mtp1``
 (``<bos>`` first) of documents of the built-in corpus's validation split, domains interleaved.
 Greedy decoding of ``--new-tokens`` tokens, no EOS stop, so both paths generate the same count.
 
-Per batch size and contender, one round times ``generate`` for N new tokens and for 1 (prefill and
-the first token); decode time = t(N) - t(1), best of ``--repeats`` interleaved rounds per term;
-decode tokens/s = batch * (N - 1) / decode time; ms/step = decode time / steps (N - 1 for plain, the
-verify steps counted by the decoder for speculative). Acceptance: of the row-steps of rows still
+Batch b decodes ``max(batches) // b`` disjoint prompt batches (batch 1: 8 prompts one at a time,
+batch 8: one batch of the same 8). Per batch size and contender, one round times ``generate`` for N
+new tokens and for 1 (prefill and the first token) over those batches; decode time = t(N) - t(1),
+best of ``--repeats`` interleaved rounds per term; decode tokens/s = rows * (N - 1) / decode time;
+ms/step = decode time / steps (N - 1 per batch for plain, the verify steps counted by the decoder
+for speculative). Acceptance: of the row-steps of rows still
 generating, the share that kept draft i (per draft position) and the mean kept drafts per step.
 "Identical" compares the speculative output with plain greedy token for token. The engines (caches,
 steps) are built once and reused, as a server would.
@@ -71,37 +73,44 @@ def speculative_rows(model: torch.nn.Module, prompts_BP: torch.Tensor, batches=(
                      repeats: int = 3, draft_tokens: int | None = None) -> list[dict]:
     """One row per batch size: plain and speculative greedy decode tokens/s, ms/step, speedup,
     acceptance per draft position, and whether the outputs are identical (method: module docstring).
-    ``prompts_BP`` holds at least ``max(batches)`` equal-length prompts."""
+    Batch b runs ``len(prompts_BP) // b`` disjoint prompt batches (so batch 1 sees as many prompts as
+    the largest batch), their times summed; ``prompts_BP`` holds equal-length prompts."""
     device = next(model.parameters()).device
     rows = []
     for b in batches:
-        ids = prompts_BP[:b].to(device)
-        cap = ids.shape[1] + new_tokens
+        sets = [prompts_BP[i * b:(i + 1) * b].to(device) for i in range(max(1, len(prompts_BP) // b))]
+        cap = sets[0].shape[1] + new_tokens
         plain_eng, spec_dec = DecodeEngine(model, cap), SpeculativeDecoder(model, cap, draft_tokens)
-        runs = {
-            "plain": lambda n: generate(model, ids, None, n, engine=plain_eng),
-            "spec": lambda n: generate(model, ids, None, n, engine=spec_dec),
-        }
-        for name in runs:  # warm-up (allocations, first-call costs)
-            runs[name](new_tokens)
-        best = {(name, n): float("inf") for name in runs for n in (1, new_tokens)}
+
+        def run(name, n, ids):
+            return generate(model, ids, None, n, engine=plain_eng if name == "plain" else spec_dec)
+
+        for name in ("plain", "spec"):  # warm-up (allocations, first-call costs)
+            run(name, new_tokens, sets[0])
+        best = {(name, n): float("inf") for name in ("plain", "spec") for n in (1, new_tokens)}
         for _ in range(repeats):
-            for name, fn in runs.items():
+            for name in ("plain", "spec"):
                 for n in (new_tokens, 1):
-                    best[name, n] = min(best[name, n], _timed(lambda: fn(n)))
-        stats: dict = {}
-        spec_out = spec_dec.generate(ids, None, new_tokens, stats=stats)
-        identical = bool(torch.equal(spec_out, runs["plain"](new_tokens)))
-        dec = {name: best[name, new_tokens] - best[name, 1] for name in runs}
-        D = spec_dec.num_drafts
-        per_pos = [a / max(stats["row_steps"], 1) for a in stats["accepted"]]
+                    best[name, n] = min(best[name, n], sum(_timed(lambda: run(name, n, ids)) for ids in sets))
+        steps, row_steps, accepted, identical = 0, 0, None, True
+        for ids in sets:
+            stats: dict = {}
+            spec_out = spec_dec.generate(ids, None, new_tokens, stats=stats)
+            identical &= bool(torch.equal(spec_out, run("plain", new_tokens, ids)))
+            steps += stats["steps"]
+            row_steps += stats["row_steps"]
+            accepted = stats["accepted"] if accepted is None else [a + x for a, x in zip(accepted, stats["accepted"])]
+        dec = {name: best[name, new_tokens] - best[name, 1] for name in ("plain", "spec")}
+        per_pos = [a / max(row_steps, 1) for a in accepted]
+        tokens = len(sets) * b * (new_tokens - 1)
         rows.append({
-            "batch": b, "draft_tokens": D, "new_tokens": new_tokens, "prompt_len": ids.shape[1],
-            "plain_ms_per_step": 1e3 * dec["plain"] / (new_tokens - 1),
-            "spec_ms_per_step": 1e3 * dec["spec"] / stats["steps"],
-            "spec_steps": stats["steps"],
-            "plain_tokens_per_s": b * (new_tokens - 1) / dec["plain"],
-            "spec_tokens_per_s": b * (new_tokens - 1) / dec["spec"],
+            "batch": b, "prompt_sets": len(sets), "draft_tokens": spec_dec.num_drafts, "new_tokens": new_tokens,
+            "prompt_len": sets[0].shape[1],
+            "plain_ms_per_step": 1e3 * dec["plain"] / (len(sets) * (new_tokens - 1)),
+            "spec_ms_per_step": 1e3 * dec["spec"] / steps,
+            "spec_steps": steps,
+            "plain_tokens_per_s": tokens / dec["plain"],
+            "spec_tokens_per_s": tokens / dec["spec"],
             "speedup": dec["plain"] / dec["spec"],
             "accepted_per_position": per_pos,
             "mean_accepted_per_step": sum(per_pos),
@@ -160,9 +169,10 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
             f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
             f"{torch.__version__}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
             f"the built-in corpus's validation split; greedy, {rows[0]['new_tokens']} new tokens, no EOS stop.",
-            "Method: decode time = t(N new tokens) - t(1), each the best of "
-            f"{args.repeats} interleaved rounds; tokens/s = batch x (N-1) / decode time; ms/step = decode time / "
-            "steps (speculative: verify steps). accept@i = share of row-steps that kept draft i; identical = "
+            "Method: batch 1 decodes the 8 prompts one at a time, batch 8 as one batch; decode time = "
+            "t(N new tokens) - t(1) summed over them, each the best of "
+            f"{args.repeats} interleaved rounds; tokens/s = rows x (N-1) / decode time; ms/step = decode time / "
+            "steps (speculative: verify steps; a batch steps until its slowest row is done). accept@i = share of row-steps that kept draft i; identical = "
             "speculative output equals plain greedy token for token.",
             f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
             f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens}`",
