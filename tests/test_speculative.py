@@ -226,6 +226,24 @@ def test_speculative_sampling_has_the_main_models_distribution(draft, temperatur
     assert tv > 0.2, tv
 
 
+def test_speculative_sampling_is_reproducible_and_stops_at_eos():
+    m = trained(2)
+    ids, mask = prompts(3)
+
+    def run(seed, eos=None):
+        return generate(m, ids, mask, 20, temperature=0.9, top_k=20, top_p=0.95, eos_token_id=eos, pad_token_id=0,
+                        generator=torch.Generator().manual_seed(seed), speculative=True)
+
+    a = run(0)
+    assert a.shape == (ids.shape[0], ids.shape[1] + 20)
+    assert torch.equal(a, run(0)) and not torch.equal(a, run(1))
+    eos = int(a[0, ids.shape[1] + 3])  # a token row 0 samples early
+    out = run(0, eos)[:, ids.shape[1]:]
+    for row in out.tolist():
+        if eos in row:  # nothing but padding after a row's first EOS
+            assert all(t == 0 for t in row[row.index(eos) + 1:])
+
+
 # ---- the front: options, wrapper, errors ----------------------------------------------------------
 
 def test_transformers_wrapper_decodes_speculatively(tmp_path):
