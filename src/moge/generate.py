@@ -22,6 +22,7 @@ from torch import Tensor
 from .engine.cache import DynamicKVCache
 from .engine.decode import DecodeEngine
 from .engine.sampling import sample_next
+from .engine.speculative import SpeculativeDecoder
 from .errors import MoGEError
 
 __all__ = ["GenerationError", "generate", "sample_next"]
@@ -87,7 +88,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
              pad_token_id: int | None = None, cache: str = "static", cuda_graphs: bool | None = None,
-             engine: DecodeEngine | None = None) -> Tensor:
+             engine: DecodeEngine | SpeculativeDecoder | None = None, speculative: bool = False,
+             draft_tokens: int | None = None) -> Tensor:
     """Decode up to ``max_new_tokens`` tokens after each prompt with a KV cache; returns ``[B, S+n]``.
 
     One prefill over the (left-padded, ``attention_mask`` 1 = real token) prompts, then one token per
@@ -102,11 +104,30 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     pass an ``engine`` (:class:`moge.engine.decode.DecodeEngine`) to reuse its caches and graphs across
     calls. ``cache="dynamic"`` is the plain loop over the model's forward with a growing cache. Both
     give the same tokens (greedy: token for token, up to floating-point ties).
+
+    ``speculative=True`` (or ``draft_tokens=D``, at most the model's ``num_mtp_layers``, default all)
+    drafts D tokens per step with the model's MTP predictors and verifies them in one forward
+    (:mod:`moge.engine.speculative`, static cache, eager also on CUDA): the same greedy tokens, and
+    with sampling the same output distribution; ``engine`` may then be a reused
+    :class:`~moge.engine.speculative.SpeculativeDecoder`.
     """
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, model, eos_token_id,
                 pad_token_id, generator)
     if cache not in ("static", "dynamic"):
         raise GenerationError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+    if not isinstance(speculative, bool):
+        raise GenerationError(f"speculative must be True or False, got {speculative!r}")
+    speculative = speculative or draft_tokens is not None or isinstance(engine, SpeculativeDecoder)
+    if speculative:
+        from . import validate as V
+        from .engine.speculative import _predictors
+        _predictors(model)
+        V.integer("draft_tokens", draft_tokens, 1, len(model.mtp), optional=True, error=GenerationError)
+        if cache != "static":
+            raise GenerationError("speculative decoding runs on the static cache: use cache='static'")
+        if engine is not None and not isinstance(engine, SpeculativeDecoder):
+            raise GenerationError("speculative decoding takes a SpeculativeDecoder as engine=, got a "
+                                  f"{type(engine).__name__}")
     device = next(model.parameters()).device
     ids_BS = input_ids.to(device=device, dtype=torch.long)
     if max_new_tokens == 0:
@@ -123,9 +144,12 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
             return _generate_dynamic(model, ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos,
                                      pad_token_id, generator)
         if engine is None:
-            engine = DecodeEngine(model, ids_BS.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs)
+            engine = (SpeculativeDecoder(model, ids_BS.shape[1] + max_new_tokens, draft_tokens) if speculative
+                      else DecodeEngine(model, ids_BS.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs))
         elif engine.model is not model:
             raise GenerationError("engine= was built for another model")
+        elif speculative and draft_tokens is not None and engine.num_drafts != draft_tokens:
+            raise GenerationError(f"engine= drafts {engine.num_drafts} tokens, draft_tokens={draft_tokens} asked")
         return engine.generate(ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id,
                                generator)
     finally:
@@ -173,6 +197,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to text prompts")
     p.add_argument("--cache", choices=["static", "dynamic"], default="static",
                    help="static: the fixed-shape engine (CUDA graphs on CUDA); dynamic: the plain loop")
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding with the checkpoint's MTP predictors (same greedy output)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="drafts per step with --speculative (default: every MTP predictor)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking the checkpoint against its manifest (SHA-256) and refusing NaN/inf weights")
 
@@ -210,6 +238,11 @@ def run(args: argparse.Namespace) -> int:
     V.integer("--top-k", args.top_k, 0, error=GenerationError)
     V.number("--top-p", args.top_p, 0.0, 1.0, lo_open=True, error=GenerationError)
     V.integer("--seed", args.seed, 0, 2 ** 63 - 1, error=GenerationError)
+    V.integer("--draft-tokens", args.draft_tokens, 1, optional=True, error=GenerationError)
+    if args.draft_tokens is not None and not args.speculative:
+        raise GenerationError("--draft-tokens needs --speculative")
+    if args.speculative and args.cache != "static":
+        raise GenerationError("--speculative runs on the static cache: drop --cache dynamic")
     tokenizer = None
     if args.prompt:
         from .checkpoint import confined
@@ -248,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = generate(model, ids, mask, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad, cache=args.cache)
+                   eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad, cache=args.cache,
+                   speculative=args.speculative, draft_tokens=args.draft_tokens)
     dt = time.perf_counter() - t0
     new = out[:, ids.shape[1]:].tolist()
     eos = set([] if cfg.eos_token_id is None else

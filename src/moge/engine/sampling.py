@@ -15,7 +15,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sample_next"]
+__all__ = ["race_sample", "sample_next", "sampling_probs"]
+
+
+def sampling_probs(logits_V: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The distribution :func:`sample_next` samples from at ``temperature > 0``: the temperature-scaled,
+    top-k and nucleus (top-p) filtered softmax over the last dimension, in float32, any leading shape.
+    Speculative decoding scores the main model's and the drafter's tokens under exactly this rule."""
+    from .. import validate as V
+
+    V.tensor("logits", logits_V, "float", nonempty=True)
+    V.number("temperature", temperature, 0.0, lo_open=True)
+    V.integer("top_k", top_k, 0)
+    V.number("top_p", top_p, 0.0, 1.0, lo_open=True)
+    return _filtered_probs(logits_V.float(), temperature, top_k, top_p)
+
+
+def _filtered_probs(logits_V: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    logits_V = logits_V / temperature
+    if top_k and top_k < logits_V.shape[-1]:
+        kth_1 = logits_V.topk(top_k, dim=-1).values[..., -1:]
+        logits_V = logits_V.masked_fill(logits_V < kth_1, float("-inf"))
+    if top_p < 1.0:
+        sorted_V, order_V = logits_V.sort(dim=-1, descending=True)
+        p_sorted_V = sorted_V.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
+        drop_V = (p_sorted_V.cumsum(-1) - p_sorted_V) >= top_p
+        logits_V = logits_V.masked_fill(drop_V.scatter(-1, order_V, drop_V), float("-inf"))
+    return logits_V.softmax(-1)
+
+
+def race_sample(weights_V: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row drawn with probability ``weights / weights.sum()`` (unnormalised weights are
+    fine) by the exponential race ``argmax(w / E)``; int64, the leading shape of ``weights``."""
+    # A zero draw would make 0/0 = NaN (argmax's favourite) for a filtered-out token.
+    race_V = torch.empty_like(weights_V).exponential_(generator=generator).clamp_(min=torch.finfo(weights_V.dtype).tiny)
+    return (weights_V / race_V).argmax(-1)
 
 
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -32,17 +67,4 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
-    logits_BV = logits_BV / temperature
-    if top_k and top_k < logits_BV.shape[-1]:
-        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-    if top_p < 1.0:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
-        p_sorted_BV = sorted_BV.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
-        drop_BV = (p_sorted_BV.cumsum(-1) - p_sorted_BV) >= top_p
-        logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
-    probs_BV = logits_BV.softmax(-1)
-    # A zero draw would make 0/0 = NaN (argmax's favourite) for a filtered-out token.
-    race_BV = torch.empty_like(probs_BV).exponential_(generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
-    return (probs_BV / race_BV).argmax(-1)
+    return race_sample(_filtered_probs(logits_BV, temperature, top_k, top_p), generator)

@@ -1,0 +1,225 @@
+"""Benchmark speculative decoding with the MTP predictor(s) against plain decoding on the static engine.
+
+Model: a trained checkpoint with MTP predictors (default ``/work/runs/mtp/mtp1``, the demo-sized
+``tiny`` preset trained with ``moge train --mtp 1``). Prompts: the first ``--prompt-len`` tokens
+(``<bos>`` first) of documents of the built-in corpus's validation split, domains interleaved.
+Greedy decoding of ``--new-tokens`` tokens, no EOS stop, so both paths generate the same count.
+
+Batch b decodes ``max(batches) // b`` disjoint prompt batches (batch 1: 8 prompts one at a time,
+batch 8: one batch of the same 8). Per batch size and contender, one round times ``generate`` for N
+new tokens and for 1 (prefill and the first token) over those batches; decode time = t(N) - t(1),
+best of ``--repeats`` interleaved rounds per term; decode tokens/s = rows * (N - 1) / decode time;
+ms/step = decode time / steps (N - 1 per batch for plain, the verify steps counted by the decoder
+for speculative). Acceptance: of the row-steps of rows still
+generating, the share that kept draft i (per draft position) and the mean kept drafts per step.
+"Identical" compares the speculative output with plain greedy token for token. The engines (caches,
+steps) are built once and reused, as a server would.
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_speculative.py [--checkpoint DIR] [--threads 2]``;
+``speculative_rows`` returns the rows for ``bench_generate.py``. Writes the ``## Speculative decoding
+(MTP)`` section of ``benchmarks/RESULTS.md``, ``results_speculative.json`` and ``results_speculative.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from moge.engine.decode import DecodeEngine  # noqa: E402
+from moge.engine.speculative import SpeculativeDecoder  # noqa: E402
+from moge.generate import generate  # noqa: E402
+
+SECTION = "## Speculative decoding (MTP)"
+DEFAULT_CKPT = "/work/runs/mtp/mtp1"
+
+
+def corpus_prompts(tokenizer, batch: int, prompt_len: int) -> torch.Tensor:
+    """``[batch, prompt_len]``: ``<bos>`` + the first tokens of validation documents long enough,
+    taking the domains in turn (code, prose, math, code, ...)."""
+    from moge.data import builtin_corpus, split_documents
+    from moge.tokenizer import BOS_ID, encode_batch
+
+    _, val = split_documents(builtin_corpus())
+    by_domain: dict[str, list[list[int]]] = {}
+    for d in val:
+        ids = encode_batch(tokenizer, [d.text[:4000]])[0]
+        if len(ids) >= prompt_len - 1:
+            by_domain.setdefault(d.domain, []).append(ids[:prompt_len - 1])
+    domains = sorted(by_domain)
+    rows = [by_domain[domains[i % len(domains)]][i // len(domains)] for i in range(batch)]
+    return torch.tensor([[BOS_ID, *r] for r in rows])
+
+
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def speculative_rows(model: torch.nn.Module, prompts_BP: torch.Tensor, batches=(1, 8), new_tokens: int = 128,
+                     repeats: int = 3, draft_tokens: int | None = None) -> list[dict]:
+    """One row per batch size: plain and speculative greedy decode tokens/s, ms/step, speedup,
+    acceptance per draft position, and whether the outputs are identical (method: module docstring).
+    Batch b runs ``len(prompts_BP) // b`` disjoint prompt batches (so batch 1 sees as many prompts as
+    the largest batch), their times summed; ``prompts_BP`` holds equal-length prompts."""
+    device = next(model.parameters()).device
+    rows = []
+    for b in batches:
+        sets = [prompts_BP[i * b:(i + 1) * b].to(device) for i in range(max(1, len(prompts_BP) // b))]
+        cap = sets[0].shape[1] + new_tokens
+        plain_eng, spec_dec = DecodeEngine(model, cap), SpeculativeDecoder(model, cap, draft_tokens)
+
+        def run(name, n, ids):
+            return generate(model, ids, None, n, engine=plain_eng if name == "plain" else spec_dec)
+
+        for name in ("plain", "spec"):  # warm-up (allocations, first-call costs)
+            run(name, new_tokens, sets[0])
+        best = {(name, n): float("inf") for name in ("plain", "spec") for n in (1, new_tokens)}
+        for _ in range(repeats):
+            for name in ("plain", "spec"):
+                for n in (new_tokens, 1):
+                    best[name, n] = min(best[name, n], sum(_timed(lambda: run(name, n, ids)) for ids in sets))
+        steps, row_steps, accepted, identical = 0, 0, None, True
+        for ids in sets:
+            stats: dict = {}
+            spec_out = spec_dec.generate(ids, None, new_tokens, stats=stats)
+            identical &= bool(torch.equal(spec_out, run("plain", new_tokens, ids)))
+            steps += stats["steps"]
+            row_steps += stats["row_steps"]
+            accepted = stats["accepted"] if accepted is None else [a + x for a, x in zip(accepted, stats["accepted"])]
+        dec = {name: best[name, new_tokens] - best[name, 1] for name in ("plain", "spec")}
+        per_pos = [a / max(row_steps, 1) for a in accepted]
+        tokens = len(sets) * b * (new_tokens - 1)
+        rows.append({
+            "batch": b, "prompt_sets": len(sets), "draft_tokens": spec_dec.num_drafts, "new_tokens": new_tokens,
+            "prompt_len": sets[0].shape[1],
+            "plain_ms_per_step": 1e3 * dec["plain"] / (len(sets) * (new_tokens - 1)),
+            "spec_ms_per_step": 1e3 * dec["spec"] / steps,
+            "spec_steps": steps,
+            "plain_tokens_per_s": tokens / dec["plain"],
+            "spec_tokens_per_s": tokens / dec["spec"],
+            "speedup": dec["plain"] / dec["spec"],
+            "accepted_per_position": per_pos,
+            "mean_accepted_per_step": sum(per_pos),
+            "tokens_per_row_step": 1 + sum(per_pos),
+            "identical": identical,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    D = max(r["draft_tokens"] for r in rows)
+    lines = ["| batch | D | plain ms/step | spec ms/step | plain tok/s | spec tok/s | speedup | kept drafts/step | "
+             + " | ".join(f"accept@{i + 1}" for i in range(D)) + " | identical |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * D + "---|"]
+    for r in rows:
+        acc = " | ".join(f"{a:.2f}" for a in r["accepted_per_position"])
+        lines.append(f"| {r['batch']} | {r['draft_tokens']} | {r['plain_ms_per_step']:.2f} | {r['spec_ms_per_step']:.2f} | "
+                     f"{r['plain_tokens_per_s']:.0f} | {r['spec_tokens_per_s']:.0f} | **{r['speedup']:.2f}x** | "
+                     f"{r['mean_accepted_per_step']:.2f} | {acc} | {'yes' if r['identical'] else 'NO'} |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = [f"B={r['batch']}, D={r['draft_tokens']}" for r in rows]
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["plain_tokens_per_s"] for r in rows], 0.4, label="plain (static engine)")
+    ax1.bar([i + 0.2 for i in x], [r["spec_tokens_per_s"] for r in rows], 0.4, label="speculative (MTP)")
+    for i, r in enumerate(rows):
+        ax1.text(i + 0.2, r["spec_tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax1.set_xticks(list(x), labels)
+    ax1.set_ylabel("decode tokens/s")
+    ax1.set_title("greedy decode throughput (CPU)")
+    ax1.legend(fontsize=8)
+    for i, r in enumerate(rows):
+        ax2.bar([i * (r["draft_tokens"] + 1) + j for j in range(r["draft_tokens"])], r["accepted_per_position"],
+                label=labels[i])
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("share of steps keeping draft i")
+    ax2.set_xticks([])
+    ax2.set_title("acceptance per draft position")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, rows: list[dict], args, png_name: str, model_note: str) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    body = [SECTION, "",
+            f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+            f"{torch.__version__}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
+            f"the built-in corpus's validation split; greedy, {rows[0]['new_tokens']} new tokens, no EOS stop.",
+            "Method: batch 1 decodes the 8 prompts one at a time, batch 8 as one batch; decode time = "
+            "t(N new tokens) - t(1) summed over them, each the best of "
+            f"{args.repeats} interleaved rounds; tokens/s = rows x (N-1) / decode time; ms/step = decode time / "
+            "steps (speculative: verify steps; a batch steps until its slowest row is done). accept@i = share of row-steps that kept draft i; identical = "
+            "speculative output equals plain greedy token for token.",
+            f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
+            f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens}`",
+            "", *table(rows), "", f"![speculative decoding]({png_name})", ""]
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        text = head + "\n".join(body) + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--draft-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the JSON / the PNG")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from moge.checkpoint import load_pretrained
+    from moge.tokenizer import load_tokenizer
+
+    ckpt = Path(args.checkpoint)
+    model = load_pretrained(ckpt, dtype=args.dtype).eval()
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    prompts = corpus_prompts(tok, max(args.batches), args.prompt_len)
+    rows = speculative_rows(model, prompts, args.batches, args.new_tokens, args.repeats, args.draft_tokens)
+    state = json.loads((ckpt / "moge_training_state.json").read_text()) if (ckpt / "moge_training_state.json").exists() else {}
+    step = state.get("step", "?")
+    note = (f"`{ckpt.name}` ({model.config.num_hidden_layers} layers, H={model.config.hidden_size}, "
+            f"{model.config.num_mtp_layers} MTP predictor(s), trained {step} steps)")
+    if not args.no_write:
+        (HERE / "results_speculative.json").write_text(json.dumps({"model": note, "rows": rows}, indent=1))
+        plot(rows, HERE / "results_speculative.png")
+        write_section(Path(args.results), rows, args, "results_speculative.png", note)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
