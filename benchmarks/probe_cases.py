@@ -314,6 +314,19 @@ def _library_probes() -> list[Probe]:
     from moge.generate import generate, sample_next
     G = "generate"
     g = lambda ids=None, **kw: generate(model(), tok(2, 3) if ids is None else ids, max_new_tokens=kw.pop("n", 3), **kw)  # noqa: E731
+    def mtp_model():
+        from moge.model import MoGEForCausalLM
+        torch.manual_seed(0)
+        return MoGEForCausalLM(cfg().replace(num_mtp_layers=1)).eval()
+    P += [api(G, "speculative valid", lambda: generate(mtp_model(), tok(2, 3), max_new_tokens=4, speculative=True),
+              control=True),
+          api(G, "speculative without predictors", lambda: g(speculative=True)),
+          api(G, "speculative='yes'", lambda: g(speculative="yes")),
+          api(G, "draft_tokens=2 with 1 predictor",
+              lambda: generate(mtp_model(), tok(2, 3), max_new_tokens=4, draft_tokens=2)),
+          api(G, "draft_tokens=0", lambda: generate(mtp_model(), tok(2, 3), max_new_tokens=4, draft_tokens=0)),
+          api(G, "speculative with cache=dynamic",
+              lambda: generate(mtp_model(), tok(2, 3), max_new_tokens=4, speculative=True, cache="dynamic"))]
     P += [api(G, "generate valid", lambda: g(), control=True),
           api(G, "generate sampled valid", lambda: g(temperature=0.7, top_k=5, top_p=0.9), control=True),
           api(G, "temperature=nan", lambda: g(temperature=float("nan"))),
@@ -621,7 +634,9 @@ def _cli_probes() -> list[Probe]:
                  ("--device", "cuda"), ("--threads", "0"), ("--eval-every", "-1"), ("--log-every", "0"),
                  ("--ep", "0"), ("--ep", "2"), ("--steps", "abc"), ("--batch-size", "1000000000"),
                  ("--eval-batches", "0"), ("--save-every", "-1"), ("--tokenizer", str(FX / "missing.json")),
-                 ("--tokenizer", str(FX / "binary.bin")), ("--tokenizer", str(FX / "notok.json"))]
+                 ("--tokenizer", str(FX / "binary.bin")), ("--tokenizer", str(FX / "notok.json")),
+                 ("--mtp", "-1"), ("--mtp", "abc"), ("--mtp", "1000"), ("--mtp-coef", "nan"), ("--mtp-coef", "-1"),
+                 ("--mtp-coef", "inf")]
     for flag, val in bad_train:
         P.append(cli(T, f"train {flag} {val}", train(flag, val)))
 
@@ -711,6 +726,9 @@ def _cli_probes() -> list[Probe]:
           cli(N, "generate --dtype int8", gen("--dtype", "int8")),
           cli(N, "generate --seed -1", gen("--seed", "-1")),
           cli(N, "generate --seed 2**70", gen("--seed", str(2 ** 70))),
+          cli(N, "generate --speculative without MTP predictors", gen("--speculative")),
+          cli(N, "generate --draft-tokens 0", gen("--draft-tokens", "0")),
+          cli(N, "generate --speculative --cache dynamic", gen("--speculative", "--cache", "dynamic")),
           cli(N, "generate --prompt without tokenizer", lambda wd: ["generate", (lambda c: ((c / "tokenizer.json").unlink(), c)[1])(
               copy_run(wd, src="released")), "--prompt", "x"])]
 
