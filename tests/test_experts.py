@@ -137,11 +137,15 @@ def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "linear", "wxt"])
 @pytest.mark.parametrize("t", [1, 2, 5, 16])
-def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t):
-    """float32 on CPU takes the ``W @ x^T`` products (float64 above takes F.linear): forward and
-    backward against the eager oracle at decode sizes, and ``auto`` picks it there."""
+def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, monkeypatch):
+    """float32 on CPU takes the few-rows kernels of moge.linear (float64 above takes F.linear): forward
+    and backward against the eager oracle at decode sizes (T=1 is its own path), and ``auto`` picks
+    it there."""
     import moge.experts as ex
+    import moge.linear as ml
+    monkeypatch.setattr(ml, "_forced", None if kernel == "auto" else kernel)  # undone after the test
     gu, down = (p.detach().float() for p in make())
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(t, H, generator=gen)
