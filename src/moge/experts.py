@@ -28,8 +28,9 @@ row scale so that its down projection sees the unweighted activation it was cali
   nothing else per expert; one host sync for the counts; differentiable through autograd.
 
 ``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA and under ``torch.export``;
-on CPU ``gemv`` under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per
-expert on average, else ``sorted``.
+on CPU under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per expert on
+average, ``gemv`` or ``grouped_mm``, whichever measured faster on the first call of that shape
+(:func:`moge.experts_gemv.decode_backend`: the order flips between CPUs), else ``sorted``.
 
 Quantized weights are inference-only (no backward). ``grouped_mm`` and ``gemv`` have no int8 kernel to
 call, so with quantized weights they run the ``sorted`` loop (one host sync).
@@ -118,7 +119,10 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     # gemv's products round by memory alignment and row count (see moge.linear): decoding only.
     rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
-    return _BACKENDS[default_backend("cpu", rows)](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    name = default_backend("cpu", rows)
+    if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured once)
+        name = decode_backend(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 def expert_linear(x_RI: Tensor, w: Any, e: int, row_scale_R1: Tensor | None = None,
@@ -437,4 +441,4 @@ class SwiGLU(nn.Module):
 
 
 # The decode backend lives in its own module; importing it registers "gemv" (it imports from here).
-from .experts_gemv import gemv_experts  # noqa: E402,F401
+from .experts_gemv import decode_backend, gemv_experts  # noqa: E402,F401
