@@ -6,6 +6,9 @@ V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
 * ``moge static (MoGE)`` / ``moge static (top-K)``: ``moge.generate`` on its default fast path
   (static cache, fixed-shape step; on CUDA replayed as a CUDA graph), the same model with either router;
 * ``moge dynamic (MoGE)``: ``moge.generate(cache="dynamic")``, the plain loop over the model's forward;
+* ``moge static W8A8 (MoGE)``: the same fast path on the model quantized in-process by ``moge.quant.quantize``
+  (static activation scales, calibrated on two random rows; float32 only, ``--w8a8-batches``), with its
+  own bound (its int8 weights' bytes);
 * ``moge via AutoModel.generate``: the transformers wrapper (same weights) through transformers'
   ``generate`` (its default dynamic cache);
 * ``transformers dynamic`` / ``transformers static``: ``Qwen2MoeForCausalLM`` at matched shapes
@@ -20,7 +23,7 @@ for moge, by a wrapper around the sampler; on CUDA (asynchronous) it is (time of
 other jobs on a shared machine; tokens/s = batch / (ms/step). In the same run the
 script measures the machine's copy bandwidth (a 256 MiB ``copy_``, read + written bytes / time, best
 of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
-touches (counted by a hook on one extra MoGE run) plus every other weight read per step (attention,
+touches (counted by a hook on one extra run of that model) plus every other weight read per step (attention,
 norms, router, shared expert, output head), the batch's embedding rows and the KV cache at the mean
 context, over that bandwidth. It writes the ``## Generation (bench_generate.py)`` section of
 ``benchmarks/RESULTS.md`` and ``benchmarks/results_generate.png``.
@@ -50,8 +53,14 @@ from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
 
 SECTION = "## Generation (bench_generate.py)"
-OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate")
+OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate",
+        "moge static W8A8 (MoGE)")
+W8A8 = OURS[4]
 THEIRS = ("transformers dynamic", "transformers static")
+
+
+class Skip(Exception):
+    """A contender that is not measured at this size (W8A8 outside --w8a8-batches)."""
 
 
 def sync(device: torch.device) -> None:
@@ -126,9 +135,26 @@ def build_qwen(dtype, device):
     return m.to(device=device, dtype=dtype).eval()
 
 
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def build_w8a8(native: MoGEForCausalLM) -> MoGEForCausalLM:
+    """A W8A8 copy of ``native`` (static activation scales; calibration on two random rows: speed does
+    not depend on calibration quality)."""
+    import copy
+
+    from moge.quant import quantize
+    q = copy.deepcopy(native)
+    calib = torch.randint(3, native.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    quantize(q, calib.to(next(native.parameters()).device), act="static", progress=False)
+    return q.eval()
+
+
 def touched_expert_bytes(model: MoGEForCausalLM, ids, n_new: int) -> float:
     """Mean bytes of routed-expert weights one decode step reads: distinct experts per MoE layer per
-    step, counted by a hook on an extra (untimed) static run, times one expert's bytes."""
+    step, counted by a hook on an extra (untimed) static run, times one expert's bytes (float or int8
+    weights with their scales)."""
     counts = []
 
     def hook(mod, args):
@@ -142,20 +168,20 @@ def touched_expert_bytes(model: MoGEForCausalLM, ids, n_new: int) -> float:
         for h in hs:
             h.remove()
     ex = model.model.layers[0].mlp.experts
-    per_expert = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
+    per_expert = nbytes([*ex.parameters(), *ex.buffers()]) / ex.num_experts
     steps = len(counts) / len(hs)
     return sum(counts) * per_expert / steps
 
 
 def other_bytes(model: MoGEForCausalLM, batch: int, context: float) -> float:
-    """Bytes every step reads besides the routed experts: all other weights except the embedding table
-    (only the batch's rows), and the KV cache at ``context`` positions."""
-    el = next(model.parameters()).element_size()
+    """Bytes every step reads besides the routed experts: all other weights (float or int8, with their
+    scales) except the embedding table (only the batch's rows), and the KV cache at ``context`` positions."""
+    emb = model.model.embed_tokens.weight
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if ".experts." not in name and "embed_tokens" not in name)
+    n = nbytes(t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if ".experts." not in name and "embed_tokens" not in name and "rotary" not in name)
     kv = cfg.num_hidden_layers * 2 * batch * cfg.num_key_value_heads * cfg.resolved_head_dim * context
-    return (n + batch * cfg.hidden_size + kv) * el
+    return n + (batch * cfg.hidden_size + kv) * emb.element_size()
 
 
 class TokenClock:
@@ -231,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {OURS + THEIRS}")
+    ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8], help="batches of the W8A8 row (float32)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
     ap.add_argument("--no-write", action="store_true")
@@ -259,14 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, dt_name)
         contenders = {}  # name -> (run(ids, n, clocked) -> seconds or None, note)
         models = {}
-        if set(names) & {OURS[0], OURS[2], OURS[3]}:
+        if set(names) & {OURS[0], OURS[2], OURS[3], W8A8}:
             models["moge"] = build_moge("moge", dtype, device)
+        if W8A8 in names and dtype == torch.float32:
+            models["w8a8"] = build_w8a8(models["moge"])
         if OURS[1] in names:
             models["topk"] = build_moge("topk", dtype, device)
         engines: dict = {}
 
         def ours_static(key):
             def run(ids, n, clock):
+                if key == "w8a8" and ids.shape[0] not in args.w8a8_batches:
+                    raise Skip
                 eng = engines.setdefault((key, ids.shape), DecodeEngine(models[key], ids.shape[1] + n_new))
                 call = lambda: generate(models[key], ids, max_new_tokens=n, engine=eng)  # noqa: E731
                 return moge_clocked(call) if clock else call()
@@ -290,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             contenders[OURS[1]] = ours_static("topk")
         if OURS[2] in names:
             contenders[OURS[2]] = ours_dynamic
+        if "w8a8" in models:
+            contenders[W8A8] = ours_static("w8a8")
         if OURS[3] in names:
             contenders[OURS[3]] = hf_run(build_wrapper(models["moge"]))
         if set(names) & set(THEIRS):
@@ -308,15 +341,20 @@ def main(argv: list[str] | None = None) -> int:
                 ctx = inputs[b].shape[1] + n_new / 2
                 bounds[(dt_name, b)] = (touched_expert_bytes(models["moge"], inputs[b], n_new)
                                         + other_bytes(models["moge"], b, ctx)) / bw * 1e3
+                if "w8a8" in models and b in args.w8a8_batches:
+                    bounds[(dt_name + " W8A8", b)] = (touched_expert_bytes(models["w8a8"], inputs[b], n_new)
+                                                      + other_bytes(models["w8a8"], b, ctx)) / bw * 1e3
         best: dict[tuple[int, str], float] = {}
         for rnd in range(args.repeats):  # interleaved rounds, best kept: filters other jobs' noise
             for b in args.batches:
                 for name, run in contenders.items():
                     ids = inputs[b]
-                    if rnd == 0:
-                        run(ids, 2, False)  # warmup (engines, caches)
                     try:
+                        if rnd == 0:
+                            run(ids, 2, False)  # warmup (engines, caches, the few-rows kernel choice)
                         sec = step_time(lambda n, c, run=run, ids=ids: run(ids, n, c), device, n_new, clocked)
+                    except Skip:
+                        continue
                     except Exception as e:  # noqa: BLE001 - an implementation that cannot run here
                         print(f"  {name}: cannot run here ({type(e).__name__}: {str(e)[:100]})")
                         continue
@@ -329,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batches:
             for name in OURS + THEIRS:
                 if name in OURS and (b, name) in best:
-                    rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note=""))
+                    bound = bounds.get((dt_name + " W8A8", b)) if name == W8A8 else None
+                    rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note="",
+                                     **({"bound": bound} if bound else {})))
                 elif name in THEIRS:
                     impls = {k.split("[")[1][:-1]: v for (bb, k), v in best.items() if bb == b and k.startswith(name)}
                     if impls:
@@ -369,8 +409,8 @@ def table(rows: list[dict], bounds: dict) -> list[str]:
             sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
             hf = [r["ms"] for r in sel if r["name"] in THEIRS]
             hf_best = min(hf) if hf else float("nan")
-            bound = bounds.get((dt, b), float("nan"))
             for r in sel:
+                bound = r.get("bound") or bounds.get((dt, b), float("nan"))  # W8A8: its own (int8 bytes)
                 out.append(f"| {dt} | {b} | {r['name']} {r['note']} | {r['ms']:.1f} | {1e3 * b / r['ms']:,.0f} | "
                            f"{hf_best / r['ms']:.2f}x | {bound:.1f} | {bound / r['ms']:.0%} |")
     return out
@@ -392,6 +432,8 @@ def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
                     color=["tab:blue" if r["name"] in OURS else "tab:orange" for r in sel])
             if (dt, b) in bounds:
                 ax.axvline(bounds[(dt, b)], color="k", ls="--", lw=1, label="weights-read bound")
+            if (dt + " W8A8", b) in bounds:
+                ax.axvline(bounds[(dt + " W8A8", b)], color="k", ls=":", lw=1, label="bound, W8A8")
                 ax.legend(fontsize=7, loc="lower right")
             ax.set_title(f"{dt}, batch {b}")
             ax.set_xlabel("ms per decode step (lower is better)")

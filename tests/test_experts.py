@@ -137,11 +137,15 @@ def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "linear", "wxt"])
 @pytest.mark.parametrize("t", [1, 2, 5, 16])
-def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t):
-    """float32 on CPU takes the ``W @ x^T`` products (float64 above takes F.linear): forward and
-    backward against the eager oracle at decode sizes, and ``auto`` picks it there."""
+def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, monkeypatch):
+    """float32 on CPU takes the few-rows kernels of moge.linear (float64 above takes F.linear): forward
+    and backward against the eager oracle at decode sizes (T=1 is its own path), and ``auto`` picks
+    it there."""
     import moge.experts as ex
+    import moge.linear as ml
+    monkeypatch.setattr(ml, "_forced", None if kernel == "auto" else kernel)  # undone after the test
     gu, down = (p.detach().float() for p in make())
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(t, H, generator=gen)
@@ -156,5 +160,35 @@ def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t):
         outs.append([y.detach()] + [p.grad for p in leaves])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.inference_mode():  # auto takes gemv when decoding
-        torch.testing.assert_close(get_experts_backend("auto")(x, ids, w, gu, down), outs[0][0], rtol=0, atol=0)
+    import moge.experts_gemv as eg
+    with torch.inference_mode():  # auto takes gemv or grouped_mm when decoding, whichever measured faster
+        got = get_experts_backend("auto")(x, ids, w, gu, down)
+        chosen = eg.decode_backend(x, ids, w, gu, down)
+        assert chosen in eg.DECODE_CANDIDATES
+        torch.testing.assert_close(got, get_experts_backend(chosen)(x, ids, w, gu, down), rtol=0, atol=0)
+        torch.testing.assert_close(got, outs[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_backend_is_measured_once_per_key(monkeypatch):
+    import moge.experts_gemv as eg
+    monkeypatch.setattr(eg, "_decode_choice", {})
+    calls = []
+    for name in eg.DECODE_CANDIDATES:
+        real = ex_backend(name)
+        monkeypatch.setitem(_backends(), name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    gu, down = (p.detach().float() for p in make())
+    x, ids, w = torch.randn(2, H), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2)
+    with torch.inference_mode():
+        first = eg.decode_backend(x, ids, w, gu, down)
+        n = len(calls)
+        assert n == 3 * len(eg.DECODE_CANDIDATES)  # 3 interleaved timings each, once
+        assert eg.decode_backend(x, ids, w, gu, down) == first and len(calls) == n  # kept, not re-measured
+
+
+def ex_backend(name):
+    return _backends()[name]
+
+
+def _backends():
+    import moge.experts as ex
+    return ex._BACKENDS

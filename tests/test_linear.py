@@ -1,5 +1,5 @@
-"""moge.linear: the few-rows CPU path (inference mode) equals F.linear at every row count; outside
-inference mode it is F.linear exactly."""
+"""moge.linear: the few-rows CPU path (inference mode) equals F.linear at every row count and with
+either kernel; outside inference mode it is F.linear exactly; the measured choice is made once per key."""
 
 import pytest
 import torch
@@ -8,9 +8,19 @@ import torch.nn.functional as F
 from moge.linear import FEW_ROWS, Linear, linear
 
 
+@pytest.fixture
+def kernel():
+    """Force one few-rows kernel for a test, then go back to choosing by measurement."""
+    import moge.linear as ml
+    yield ml.set_few_rows_kernel
+    ml.set_few_rows_kernel(None)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, FEW_ROWS, FEW_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_equals_f_linear(rows, bias):
+@pytest.mark.parametrize("name", ["auto", "linear", "wxt"])
+def test_linear_equals_f_linear(rows, bias, name, kernel):
+    kernel(name)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(24, 40, generator=g, requires_grad=True)
     b = torch.randn(24, generator=g, requires_grad=True) if bias else None
@@ -36,8 +46,9 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
     assert linear(torch.zeros(0, 8), m.weight).shape == (0, 4)
 
 
-def test_fast_path_is_taken_only_when_decoding(monkeypatch):
+def test_fast_path_is_taken_only_when_decoding(monkeypatch, kernel):
     import moge.linear as ml
+    kernel("wxt")
 
     def no_f_linear(*a, **k):
         raise AssertionError("F.linear called")
@@ -52,3 +63,24 @@ def test_fast_path_is_taken_only_when_decoding(monkeypatch):
             ml.linear(x.double(), w.double())  # not float32
     with pytest.raises(AssertionError, match="F.linear"):
         ml.linear(x, w)  # not decoding
+
+
+def test_measured_choice_is_made_once_per_key_and_kept(monkeypatch, kernel):
+    import moge.linear as ml
+    kernel(None)
+    calls = []
+    monkeypatch.setattr(ml, "_tune", lambda rows, w, b: calls.append((rows, tuple(w.shape))) or "wxt")
+    w, x = torch.randn(6, 8), torch.randn(3, 8)
+    with torch.inference_mode():
+        first = ml.linear(x, w)
+        assert ml.few_rows_kernel(3, w) == "wxt"
+        assert torch.equal(ml.linear(x, w), first)  # same key, same kernel, same bits
+        ml.linear(torch.randn(2, 8), w)
+    assert calls == [(3, (6, 8)), (2, (6, 8))]  # one measurement per (shape, rows)
+    with pytest.raises(ValueError, match="few-rows kernel must be one of"):
+        ml.set_few_rows_kernel("fast")
+
+
+def test_tune_returns_a_kernel_name():
+    import moge.linear as ml
+    assert ml._tune(3, torch.randn(16, 8), torch.randn(16)) in ml.KERNELS

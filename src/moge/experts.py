@@ -23,14 +23,14 @@ row scale so that its down projection sees the unweighted activation it was cali
   of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
 * ``sorted``: per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
   sync for the counts; the fastest on CPU at prefill and training sizes (see benchmarks/RESULTS.md).
-* ``gemv``: decode sizes on CPU (a few rows per expert): each touched expert's two products computed
-  as ``W @ x^T`` (:func:`moge.linear.linear`), which streams its weights 1.7-2.3x faster than the
-  ``x @ W^T`` GEMMs of ``sorted`` at 1-32 tokens; one host sync for the counts; differentiable
-  through autograd.
+* ``gemv`` (in :mod:`moge.experts_gemv`): decode sizes on CPU (a few rows per expert): each touched
+  expert's two products through the measured-fastest few-rows kernel of :mod:`moge.linear`, and
+  nothing else per expert; one host sync for the counts; differentiable through autograd.
 
 ``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA and under ``torch.export``;
-on CPU ``gemv`` under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per
-expert on average, else ``sorted``.
+on CPU under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per expert on
+average, ``gemv`` or ``grouped_mm``, whichever measured faster on the first call of that shape
+(:func:`moge.experts_gemv.decode_backend`: the order flips between CPUs), else ``sorted``.
 
 Quantized weights are inference-only (no backward). ``grouped_mm`` and ``gemv`` have no int8 kernel to
 call, so with quantized weights they run the ``sorted`` loop (one host sync).
@@ -119,7 +119,10 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     # gemv's products round by memory alignment and row count (see moge.linear): decoding only.
     rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
-    return _BACKENDS[default_backend("cpu", rows)](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    name = default_backend("cpu", rows)
+    if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured once)
+        name = decode_backend(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 def expert_linear(x_RI: Tensor, w: Any, e: int, row_scale_R1: Tensor | None = None,
@@ -386,65 +389,6 @@ def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any
     return _SortedExperts.apply(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
-def _even_rows(x_PI: Tensor, segs: list[tuple[int, int, int]]) -> tuple[Tensor, list[tuple[int, int, int]]]:
-    """``x`` with each odd-length segment's last row repeated, and the segments in the new rows: MKL
-    runs one row single-threaded and an even count of row-major rows at 2-4x the weight-read rate."""
-    if all((b - a) % 2 == 0 for _, a, b in segs):
-        return x_PI, segs
-    parts, out, start = [], [], 0
-    for e, a, b in segs:
-        parts.append(x_PI[a:b])
-        if (b - a) % 2:
-            parts.append(x_PI[b - 1:b])
-        n = b - a + (b - a) % 2
-        out.append((e, start, start + n))
-        start += n
-    return torch.cat(parts), out
-
-
-@register_experts_backend("gemv", host_sync=True)
-def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
-    """Decode sizes on CPU: every touched expert's rows times its weights as ``W @ x^T`` (see
-    :mod:`moge.linear`: 2-4x the rate of ``x @ W^T`` for few rows), so each touched expert's weights
-    are read once, at the fastest rate MKL gives few rows.
-
-    Pairs are sorted by expert and each odd group padded with a repeated row, once for the whole
-    call; then all gate/up products, one SwiGLU pass over all pairs, all down products, one combine.
-    Per expert that is two matmuls and no other op (the per-expert loop of ``sorted`` costs several
-    small ops each, which at decode sizes is as much time as the weights). One host sync (the counts);
-    autograd gives the backward.
-    """
-    if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
-        return sorted_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)  # int8: the sorted loop
-    t, f = x_TH.shape[0], down_NHF.shape[2]
-    order_P, token_P, counts_N = sort_pairs(ids_TK, gate_up_N2FH.shape[0])
-    segs, start = [], 0
-    for e, c in enumerate(counts_N.tolist()):
-        if c:
-            segs.append((e, start, start + c))
-            start += c
-    if not segs:  # no tokens
-        return torch.zeros_like(x_TH)
-    w_P1 = w_TK.reshape(-1)[order_P].unsqueeze(-1).to(x_TH.dtype)
-    # one [P', H] block of row-major rows (P' >= P: odd segments padded), token and weight per row
-    xw_PX, psegs = _even_rows(torch.cat([x_TH.index_select(0, token_P), w_P1], 1), segs)
-    xs_PH, ws_P1 = xw_PX[:, :-1], xw_PX[:, -1:]
-    if xs_PH.dtype != torch.float32 or xs_PH.device.type != "cpu":
-        gu_P2F = torch.cat([F.linear(xs_PH[a:b], gate_up_N2FH[e]) for e, a, b in psegs])
-    else:
-        xs_PH = xs_PH.contiguous()
-        gu_P2F = torch.cat([torch.mm(gate_up_N2FH[e], xs_PH[a:b].t()) for e, a, b in psegs], 1).t()
-    h_PF = (F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * ws_P1).contiguous()
-    if h_PF.dtype != torch.float32 or h_PF.device.type != "cpu":
-        out_PH = torch.cat([F.linear(h_PF[a:b], down_NHF[e]) for e, a, b in psegs])
-    else:
-        out_PH = torch.cat([torch.mm(down_NHF[e], h_PF[a:b].t()) for e, a, b in psegs], 1).t()
-    if psegs[-1][2] != segs[-1][2]:  # drop the padding rows again
-        keep = [i for (_, a, b), (_, pa, _) in zip(segs, psegs) for i in range(pa, pa + b - a)]
-        out_PH = out_PH.index_select(0, torch.tensor(keep, device=out_PH.device))
-    return x_TH.new_zeros(t, x_TH.shape[1]).index_add_(0, token_P, out_PH)
-
-
 class StackedExperts(nn.Module):
     """N SwiGLU experts whose ``gate_up_proj [N,2F,H]`` / ``down_proj [N,H,F]`` weights are of one kind
     (float here, int8 in :class:`moge.quant.QuantizedExperts`), computed by a registered backend: the
@@ -494,3 +438,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# The decode backend lives in its own module; importing it registers "gemv" (it imports from here).
+from .experts_gemv import decode_backend, gemv_experts  # noqa: E402,F401

@@ -1,58 +1,134 @@
-"""Linear layers at decode sizes: the same math as ``F.linear``, a faster CPU kernel for few rows.
+"""Linear layers at decode sizes: the same math as ``F.linear``, the faster of two CPU kernels for few rows.
 
 Shape legend
     R  rows (all leading dims of the input flattened)     I  input features     O  output features
 
 At decode a linear layer multiplies a handful of rows by a weight that is read from memory once, so
-its speed is the speed of streaming the weight. On x86 CPUs with MKL (torch's CPU wheels),
-``F.linear(x, W) = x @ W^T`` with 1-64 rows takes a path that runs far below memory bandwidth; the
-same product computed as ``(W @ x^T)^T`` reaches 2-4x its speed with rows padded to an even count
-(one row runs single-threaded otherwise). Measured on the 2-core development VM, float32, 2 threads,
-weights not in cache (GB/s of weight read; benchmarks/RESULTS.md has the method):
+its speed is the speed of streaming the weight. For 1-64 float32 rows on a CPU, MKL's two ways of
+computing the product stream the weight at rates that differ by 2-4x, and **which one is faster
+depends on the CPU**: ``F.linear(x, W) = x @ W^T`` or the same product as ``(W @ x^T)^T`` with rows
+padded to an even count (MKL runs a one-column product single-threaded). Measured, float32, 2
+threads, weights not in cache (GB/s of weight read):
 
-=============  ========  ====================  ==========  ====================
-weight [O,I]   rows      ``F.linear``          rows        ``(W @ x^T)^T``
-=============  ========  ====================  ==========  ====================
-512 x 768      1         7.9                   1 (pad 2)   18.2
-768 x 256      2         3.2                   2           14.4
-32000 x 768    4         4.9                   4           15.7
-=============  ========  ====================  ==========  ====================
+==============  =====  ======================  ======================  ==========================
+weight [O,I]    rows   AMD EPYC (2-core VM):   ``(W @ x^T)^T``         Intel Xeon (2-core VM):
+                       ``F.linear``                                    ``F.linear`` / ``W @ x^T``
+==============  =====  ======================  ======================  ==========================
+512 x 768       1      7.9                     18.2                    16.5 / 7.7
+768 x 256       2      3.2                     14.4                    14.3 / 7.5
+32000 x 768     4      4.9                     15.7                    10.1 / 9.1
+32000 x 768     8      -                       -                       6.1 / 7.7
+==============  =====  ======================  ======================  ==========================
 
-:class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes that path
-on CPU for float32 inputs of at most :data:`FEW_ROWS` rows **under** ``torch.inference_mode()``
+So the kernel is **chosen by measurement**: the first product of each (weight shape, rows, bias,
+threads) runs both kernels a few times on that very weight (:data:`TUNE_REPEATS`, no gradients) and
+keeps the faster one for the rest of the process (:func:`few_rows_kernel`); every later call with
+that key takes the same kernel, so results are repeatable within a process. ``MOGE_FEW_ROWS_KERNEL``
+(``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes the choice instead.
+
+:class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes the chosen
+kernel on CPU for float32 inputs of at most :data:`FEW_ROWS` rows **under** ``torch.inference_mode()``
 (which :func:`moge.generate.generate` and :mod:`moge.engine` run in), and plain ``F.linear``
 everywhere else (CUDA, bf16, prefill and training sizes, ``no_grad`` forwards). Why only there: the
-fast kernel's last bits depend on the weight's memory alignment and on the number of rows (MKL picks
-its inner loop by both), so a checkpoint loaded by memory map, or a token in another batch, could
-differ from the same computation elsewhere by an ulp. ``F.linear`` here does not, and plain forwards
-keep that reproducibility; decoding trades it for speed (results agree to float32 rounding).
+``W @ x^T`` kernel's last bits depend on the weight's memory alignment and on the number of rows (MKL
+picks its inner loop by both), so a checkpoint loaded by memory map, or a token in another batch,
+could differ from the same computation elsewhere by an ulp. ``F.linear`` here does not, and plain
+forwards keep that reproducibility; decoding trades it for speed (results agree to float32 rounding).
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FEW_ROWS", "Linear", "linear"]
+__all__ = ["FEW_ROWS", "Linear", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel"]
 
 # Above this many rows F.linear is as fast or faster (and prefill/training never come near it).
 FEW_ROWS = 64
+# Timed calls per kernel when a key is first seen (the best of them counts; one untimed call first).
+TUNE_REPEATS = 3
+KERNELS = ("linear", "wxt")
+
+_chosen: dict[tuple, str] = {}
+_forced: str | None = None
 
 
-def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for ``x [..., I]``, through ``(W @ x^T)^T`` on CPU for few float32 rows."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not (0 < rows <= FEW_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype
-            and torch.is_inference_mode_enabled()):
-        return F.linear(x, weight_OI, bias_O)
-    x_RI = x.reshape(rows, x.shape[-1])
-    # MKL runs a single row on one thread (a duplicated row costs nothing at this size), and it is
+def _f_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+    return F.linear(x_RI, weight_OI, bias_O)
+
+
+def _wxt(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+    rows = x_RI.shape[0]
+    # MKL runs a single column on one thread (a duplicated row costs nothing at this size), and it is
     # 1.5x faster when x^T is a transposed view of row-major rows than when it is contiguous.
     x_RI = torch.cat([x_RI, x_RI[-1:]]) if rows % 2 else x_RI.contiguous()
     y_OR = torch.mm(weight_OI, x_RI.t()) if bias_O is None else torch.addmm(bias_O.unsqueeze(1), weight_OI, x_RI.t())
     # Row-major like F.linear's result: SDPA's fast CPU kernel needs the head dim contiguous.
-    return y_OR.t()[:rows].contiguous().view(*x.shape[:-1], weight_OI.shape[0])
+    return y_OR.t()[:rows].contiguous()
+
+
+_KERNEL_FNS = {"linear": _f_linear, "wxt": _wxt}
+
+
+def set_few_rows_kernel(name: str | None) -> None:
+    """Fix the few-rows kernel (``"linear"``: ``F.linear``; ``"wxt"``: ``(W @ x^T)^T``), or with
+    ``None`` / ``"auto"`` go back to choosing by measurement. Clears the choices made so far."""
+    global _forced
+    if name not in (None, "auto", *KERNELS):
+        raise ValueError(f"few-rows kernel must be one of {['auto', *KERNELS]}, got {name!r}")
+    _forced = None if name in (None, "auto") else name
+    _chosen.clear()
+
+
+def few_rows_kernel(rows: int, weight_OI: Tensor, bias_O: Tensor | None = None) -> str:
+    """The kernel (``"linear"`` or ``"wxt"``) used for ``rows`` rows times ``weight``: fixed by
+    :func:`set_few_rows_kernel` or the environment, else measured on ``weight`` at the first call
+    with this key and remembered."""
+    if _forced is not None:
+        return _forced
+    key = (tuple(weight_OI.shape), rows, bias_O is not None, torch.get_num_threads())
+    name = _chosen.get(key)
+    if name is None:
+        name = _chosen[key] = _tune(rows, weight_OI, bias_O)
+    return name
+
+
+def _tune(rows: int, weight_OI: Tensor, bias_O: Tensor | None) -> str:
+    x_RI = torch.randn(rows, weight_OI.shape[1], generator=torch.Generator().manual_seed(0))
+    best = {}
+    with torch.no_grad():
+        for name in KERNELS:  # untimed first call each (allocator, MKL's first-use setup)
+            _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
+        for _ in range(TUNE_REPEATS):  # interleaved, best kept: filters other jobs on the machine
+            for name in KERNELS:
+                t0 = time.perf_counter()
+                _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    return min(KERNELS, key=best.__getitem__)
+
+
+def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
+    """``F.linear`` of 2-D ``x [R, I]`` through the chosen few-rows kernel for float32 on a CPU with
+    ``0 < R <= FEW_ROWS`` (whether or not in inference mode: callers decide when), else ``F.linear``."""
+    rows = x_RI.shape[0]
+    if not (0 < rows <= FEW_ROWS and x_RI.device.type == "cpu" and x_RI.dtype == torch.float32 == weight_OI.dtype):
+        return F.linear(x_RI, weight_OI, bias_O)
+    return _KERNEL_FNS[few_rows_kernel(rows, weight_OI, bias_O)](x_RI, weight_OI, bias_O)
+
+
+def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [..., I]``, through the chosen few-rows kernel on CPU for
+    at most ``FEW_ROWS`` float32 rows under ``torch.inference_mode()``."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (0 < rows <= FEW_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 == weight_OI.dtype
+            and torch.is_inference_mode_enabled()):
+        return F.linear(x, weight_OI, bias_O)
+    y_RO = few_rows_linear(x.reshape(rows, x.shape[-1]), weight_OI, bias_O)
+    return y_RO.view(*x.shape[:-1], weight_OI.shape[0])
 
 
 class Linear(nn.Linear):
@@ -60,3 +136,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+set_few_rows_kernel(os.environ.get("MOGE_FEW_ROWS_KERNEL") or None)

@@ -154,11 +154,12 @@ def _count_ops(fn) -> int | None:
 
 def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode_batch: int,
             decode_context: int, repeats: int) -> list[dict]:
-    """Time prefill and cached decode of the real ``moge.model`` and the simulator's predictions."""
+    """Time prefill (plain forward) and the engine's decode step (what ``moge.generate`` runs) of the
+    real ``moge.model``, and the simulator's predictions."""
     import torch
 
     from ..config import get_config
-    from ..model import KVCache, MoGEForCausalLM
+    from ..model import MoGEForCausalLM
     from .perf import simulate
 
     rows = []
@@ -176,18 +177,9 @@ def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode
             pre_s = _best_time(prefill, repeats, min_time=0.05)
             pre_ops = _count_ops(prefill)
             ctx_ids = torch.randint(0, cfg.vocab_size, (decode_batch, decode_context), generator=g)
-            cache = model(ctx_ids, use_cache=True, logits_to_keep=1).past_key_values
             nxt = torch.randint(0, cfg.vocab_size, (decode_batch, 1), generator=g)
-            steps = []
-            dec_ops = _count_ops(lambda: model(nxt, past_key_values=_copy_cache(cache, KVCache), use_cache=True))
-            # fastest single step (the cache grows by one token per step; the prediction uses the mean
-            # context of the timed steps)
-            for _ in range(max(16, 4 * repeats)):
-                t0 = time.perf_counter()
-                cache = model(nxt, past_key_values=cache, use_cache=True).past_key_values
-                steps.append(time.perf_counter() - t0)
-            dec_s = min(steps)
-        mean_ctx = decode_context + len(steps) // 2
+        dec_s, dec_ops, n_steps = _engine_decode(model, ctx_ids, nxt, repeats)
+        mean_ctx = decode_context + n_steps // 2
         for phase, batch, ctx, meas, ops in (("prefill", 1, prefill_tokens, pre_s, pre_ops),
                                              ("decode", decode_batch, mean_ctx, dec_s, dec_ops)):
             res = simulate(cfg, hw, 1, phase, batch, ctx, "fp32", check_memory=False)
@@ -199,10 +191,40 @@ def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode
     return rows
 
 
-def _copy_cache(cache, cls):
-    new = cls()
-    new.keys, new.values = list(cache.keys), list(cache.values)
-    return new
+def _engine_decode(model, ctx_ids, nxt, repeats: int) -> tuple[float, int | None, int]:
+    """The decode step ``moge.generate`` runs (:mod:`moge.engine`: static cache, fixed-shape step, under
+    ``torch.inference_mode()``, attended slots rounded up to 64 as its CPU loop does) after a prompt
+    of ``ctx_ids``: (fastest step in seconds, aten ops of one step, timed steps). The cache grows by
+    one token per step; the prediction uses the mean context of the timed steps."""
+    import torch
+
+    from ..engine.cache import StaticKVCache
+    from ..engine.decode import _KV_BUCKET
+    from ..engine.step import DecodeStep, prefill
+
+    b, ctx = ctx_ids.shape
+    n_steps = max(16, 4 * repeats)
+    capacity = ctx + n_steps + 2
+    with torch.inference_mode():
+        cache = StaticKVCache.for_model(model, b, capacity)
+        prefill(model, cache, ctx_ids, kv_len=ctx)
+        step = DecodeStep(model, cache)
+        stored = [ctx]  # rows' length, kept on the host as the engine's loop does
+
+        def one():
+            stored[0] += 1
+            return step(nxt, kv_len=min(capacity, -(-stored[0] // _KV_BUCKET) * _KV_BUCKET))
+
+        one()  # warm-up (and the few-rows kernel choice of moge.linear)
+        dec_ops = _count_ops(one)
+        cache.rollback(2)
+        stored[0] = ctx
+        steps = []
+        for _ in range(n_steps):
+            t0 = time.perf_counter()
+            one()
+            steps.append(time.perf_counter() - t0)
+    return min(steps), dec_ops, n_steps
 
 
 def fit_decode_overhead(hw: HardwareProfile, rows: list[dict], preset: str) -> float:
