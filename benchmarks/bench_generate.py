@@ -461,15 +461,8 @@ def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_
             f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}`"
             .replace("--dtypes  ", ""),
             "", *lines, "", f"![generation benchmark]({png_name})", ""]
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        text = head + "\n".join(body) + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    path.write_text(text)
+    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+    replace_section(path, SECTION, body)
 
 
 if __name__ == "__main__":

@@ -314,15 +314,8 @@ def write_section(path: Path, lines: list[str], args, dtype, rounds, warmup, rep
             f"Our `eager` backend (the per-expert test oracle) is left out at prefill unless `--eager-prefill`; "
             f"contenders over {SLOW_S:.0f} s a call are timed on one warm call, in round 1 only.",
             "", *lines, "", f"![layer benchmark]({png_name})", ""]
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        text = head + "\n".join(body) + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    path.write_text(text)
+    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+    replace_section(path, SECTION, body)
 
 
 if __name__ == "__main__":

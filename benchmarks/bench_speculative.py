@@ -177,15 +177,8 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
             f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
             f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens}`",
             "", *table(rows), "", f"![speculative decoding]({png_name})", ""]
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        text = head + "\n".join(body) + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    path.write_text(text)
+    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+    replace_section(path, SECTION, body)
 
 
 def main(argv=None) -> int:
