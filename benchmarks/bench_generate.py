@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8], help="batches of the W8A8 row (float32)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
+    ap.add_argument("--speculative", default=None, metavar="CKPT",
+                    help="also time MTP speculative decoding (bench_speculative.py's rows) on this checkpoint "
+                         "trained with moge train --mtp, at --speculative-batches, --new-tokens, --repeats")
+    ap.add_argument("--speculative-batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
@@ -390,15 +394,34 @@ def main(argv: list[str] | None = None) -> int:
             bounds.setdefault((dt, int(b)), v)
         rows.sort(key=lambda r: (r["dtype"] != "float32", r["batch"]))
     lines = table(rows, bounds)
+    spec_rows = speculative(args, n_new, device) if args.speculative else []
+    if spec_rows:
+        import bench_speculative as bs
+        lines += ["", f"Speculative decoding with MTP (`bench_speculative.speculative_rows`, checkpoint "
+                      f"`{Path(args.speculative).name}`, greedy, {n_new} new tokens, corpus prompts; plain = this engine "
+                      f"without drafts):", "", *bs.table(spec_rows)]
     print("\n".join(lines))
     if not args.no_write:
         raw.write_text(json.dumps({"machine": machine(device), "copy_bandwidth": bw, "rows": rows,
-                                   "bounds": {f"{dt}/{b}": v for (dt, b), v in bounds.items()}}, indent=1))
+                                   "bounds": {f"{dt}/{b}": v for (dt, b), v in bounds.items()},
+                                   **({"speculative": spec_rows} if spec_rows else {})}, indent=1))
         png = Path(args.results).with_name("results_generate.png")
         plot(rows, bounds, png, device)
         write_section(Path(args.results), lines, args, device, bw, n_new, prompt_len, png.name)
         print(f"wrote {args.results} and {png}")
     return 0
+
+
+def speculative(args, n_new: int, device) -> list[dict]:
+    """Plain vs MTP-speculative decode rows on a checkpoint with predictors (see bench_speculative.py)."""
+    import bench_speculative as bs
+    from moge.checkpoint import load_pretrained
+    from moge.tokenizer import load_tokenizer
+
+    ckpt = Path(args.speculative)
+    model = load_pretrained(ckpt, dtype="float32", device=device).eval()
+    prompts = bs.corpus_prompts(load_tokenizer(ckpt / "tokenizer.json"), max(args.speculative_batches), 32)
+    return bs.speculative_rows(model, prompts, args.speculative_batches, n_new, args.repeats)
 
 
 def table(rows: list[dict], bounds: dict) -> list[str]:
