@@ -26,7 +26,6 @@ whichever :func:`decode_backend` measured faster: routed experts of 12 ``small``
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from . import experts as _experts
 from .experts import is_float_weight, register_experts_backend, sort_pairs, sorted_experts
-from .linear import few_rows_linear
+from .linear import fastest, few_rows_linear
 
 __all__ = ["DECODE_CANDIDATES", "decode_backend", "gemv_experts"]
 
@@ -81,24 +80,17 @@ def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, 
 
 def decode_backend(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> str:
     """The decode-size CPU backend for this call's shapes: on the first call of a (weights' shape, [T,K],
-    dtype, threads) each of :data:`DECODE_CANDIDATES` runs 3 times on these very inputs (interleaved,
-    best kept, results discarded) and the faster is kept for the process, so later calls with the key
-    are repeatable. Quantized weights: ``gemv`` (which runs their ``sorted`` loop)."""
+    dtype, threads) each of :data:`DECODE_CANDIDATES` is timed on these very inputs
+    (:func:`moge.linear.fastest`, results discarded) and the faster is kept for the process, so later
+    calls with the key are repeatable. Quantized weights: ``gemv`` (which runs their ``sorted`` loop)."""
     if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
         return "gemv"
     key = (tuple(gate_up_N2FH.shape), tuple(down_NHF.shape), tuple(ids_TK.shape), x_TH.dtype,
            torch.get_num_threads())
     name = _decode_choice.get(key)
     if name is None:
-        best: dict[str, float] = {}
-        with torch.no_grad():
-            for _ in range(3):  # the first round also pays each backend's own first-call setup
-                for cand in DECODE_CANDIDATES:
-                    fn = _experts._BACKENDS.get(cand)
-                    if fn is None:
-                        continue
-                    t0 = time.perf_counter()
-                    fn(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
-                    best[cand] = min(best.get(cand, float("inf")), time.perf_counter() - t0)
-        name = _decode_choice[key] = min(best, key=best.__getitem__)
+        fns = {c: _experts._BACKENDS[c] for c in DECODE_CANDIDATES if c in _experts._BACKENDS}
+        name = _decode_choice[key] = fastest(
+            {c: (lambda fn=fn: fn(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)) for c, fn in fns.items()},
+            warmup=False)  # a whole layer's experts: the first of the 3 rounds absorbs first-call setup
     return name

@@ -22,7 +22,7 @@ from torch import Tensor
 from .engine.cache import DynamicKVCache
 from .engine.decode import DecodeEngine
 from .engine.sampling import sample_next
-from .engine.speculative import SpeculativeDecoder
+from .engine.speculative import SpeculativeDecoder, mtp_predictors
 from .errors import MoGEError
 
 __all__ = ["GenerationError", "generate", "sample_next"]
@@ -120,8 +120,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     speculative = speculative or draft_tokens is not None or isinstance(engine, SpeculativeDecoder)
     if speculative:
         from . import validate as V
-        from .engine.speculative import _predictors
-        _predictors(model)
+        mtp_predictors(model)
         V.integer("draft_tokens", draft_tokens, 1, len(model.mtp), optional=True, error=GenerationError)
         if cache != "static":
             raise GenerationError("speculative decoding runs on the static cache: use cache='static'")

@@ -40,7 +40,7 @@ from .hf_forward import (BackboneOutput, UnsupportedArgumentError, check_router_
                          run_backbone)
 from .hf_loading import backbone_path, load, to_checkpoint_names, to_model_names
 from .model import MoGEModel, head_forward, init_module, make_lm_head
-from .mtp import MTPPredictor
+from .mtp import make_predictors
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
            "PanguProMoEModel", "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
@@ -175,8 +175,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         self.model = MoGEModel(self.moge_config)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
-        L = self.moge_config.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPPredictor(self.moge_config, L + k) for k in range(self.moge_config.num_mtp_layers))
+        self.mtp = make_predictors(self.moge_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

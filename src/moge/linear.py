@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FEW_ROWS", "Linear", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel"]
+__all__ = ["FEW_ROWS", "Linear", "fastest", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel"]
 
 # Above this many rows F.linear is as fast or faster (and prefill/training never come near it).
 FEW_ROWS = 64
@@ -97,18 +98,26 @@ def few_rows_kernel(rows: int, weight_OI: Tensor, bias_O: Tensor | None = None) 
     return name
 
 
+def fastest(candidates: Mapping[str, Callable[[], object]], repeats: int = TUNE_REPEATS, warmup: bool = True) -> str:
+    """The name of the fastest of ``candidates`` (name -> a call to time): with ``warmup`` one untimed call
+    each first (the allocator's and the library's first-use setup; without it the first round pays
+    that), then ``repeats`` interleaved timed rounds, the best time of each kept, which filters out
+    other jobs on the machine. Runs without gradients."""
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for fn in candidates.values() if warmup else ():
+            fn()
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    return min(best, key=best.__getitem__)
+
+
 def _tune(rows: int, weight_OI: Tensor, bias_O: Tensor | None) -> str:
     x_RI = torch.randn(rows, weight_OI.shape[1], generator=torch.Generator().manual_seed(0))
-    best = {}
-    with torch.no_grad():
-        for name in KERNELS:  # untimed first call each (allocator, MKL's first-use setup)
-            _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
-        for _ in range(TUNE_REPEATS):  # interleaved, best kept: filters other jobs on the machine
-            for name in KERNELS:
-                t0 = time.perf_counter()
-                _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    return min(KERNELS, key=best.__getitem__)
+    return fastest({name: (lambda f=_KERNEL_FNS[name]: f(x_RI, weight_OI, bias_O)) for name in KERNELS})
 
 
 def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:

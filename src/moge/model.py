@@ -142,6 +142,11 @@ class ModelOutput:
     mtp: list = field(default_factory=list)
 
 
+def positions_from_padding(attention_mask_BL: Tensor) -> Tensor:
+    """RoPE positions ``[B, L]`` of a left-padded 2-D mask (1 = real token): a row's first real token is 0."""
+    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past: int,
                          device: torch.device) -> Tensor | None:
     """Boolean SDPA mask ``[B,1,S,L]`` (True = attend), or None when plain causal masking suffices.
@@ -262,8 +267,7 @@ class MoGEModel(nn.Module):
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             if position_ids is None:
                 if attention_mask is not None and attention_mask.dim() == 2:
-                    # Left padding: a row's first real token is position 0.
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                    position_ids = positions_from_padding(attention_mask)[:, past:]
                 else:
                     position_ids = torch.arange(past, past + s, device=x_BSH.device).expand(b, s)
             mask = build_attention_mask(attention_mask, b, s, past, x_BSH.device)
@@ -369,13 +373,12 @@ class MoGEForCausalLM(nn.Module):
 
     def __init__(self, config: MoGEConfig):
         super().__init__()
-        from .mtp import MTPPredictor  # mtp builds on this module's layers
+        from .mtp import make_predictors  # mtp builds on this module's layers
 
         self.config = config
         self.model = MoGEModel(config)
         self.lm_head = make_lm_head(config, self.model.embed_tokens)
-        L = config.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPPredictor(config, L + k) for k in range(config.num_mtp_layers))
+        self.mtp = make_predictors(config)
         self.init_weights()
 
     @torch.no_grad()

@@ -30,9 +30,9 @@ from . import validate as V
 from .config import MoGEConfig
 from .layer import RouterStats
 from .linear import Linear
-from .model import DecoderLayer, RMSNorm, build_attention_mask, causal_lm_loss
+from .model import DecoderLayer, RMSNorm, build_attention_mask, causal_lm_loss, positions_from_padding
 
-__all__ = ["MTPOutput", "MTPPredictor", "SharedHead", "mtp_losses"]
+__all__ = ["MTPOutput", "MTPPredictor", "SharedHead", "make_predictors", "mtp_losses"]
 
 
 class SharedHead(nn.Module):
@@ -68,6 +68,13 @@ class MTPPredictor(DecoderLayer):
         return lm_head(self.shared_head.norm(h_BSH))
 
 
+def make_predictors(config: MoGEConfig) -> nn.ModuleList:
+    """``config.num_mtp_layers`` predictors, predictor k at decoder index ``L + k - 1`` (its cache layer and
+    its checkpoint layer); empty for a model without MTP."""
+    L = config.num_hidden_layers
+    return nn.ModuleList(MTPPredictor(config, L + k) for k in range(config.num_mtp_layers))
+
+
 @dataclass
 class MTPOutput:
     """One predictor's training outputs: mean cross-entropy, top-1 accuracy on labelled positions
@@ -89,7 +96,7 @@ def mtp_losses(model: nn.Module, h_BSH: Tensor, input_ids_BS: Tensor, labels_BS:
     b, s, _ = h_BSH.shape
     if position_ids is None:
         if attention_mask is not None and attention_mask.dim() == 2:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = positions_from_padding(attention_mask)
         else:
             position_ids = torch.arange(s, device=h_BSH.device).expand(b, s)
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -97,12 +104,13 @@ def mtp_losses(model: nn.Module, h_BSH: Tensor, input_ids_BS: Tensor, labels_BS:
                                      f"{attention_mask.dim()}-D mask")
     out: list[MTPOutput] = []
     prev_BSH = h_BSH
+    cos_BSD, sin_BSD = model.model.rotary(position_ids, h_BSH.dtype)  # predictor k uses the first S-k
     for k, predictor in enumerate(model.mtp, start=1):
         n = s - k
         if n < 2:
             raise V.InvalidArgumentError(f"MTP predictor {k} needs sequences of at least {k + 2} positions, got {s}")
         emb_BnH = model.model.embed_tokens(input_ids_BS[:, k:])
-        cos_sin = model.model.rotary(position_ids[:, :n], prev_BSH.dtype)
+        cos_sin = (cos_BSD[:, :n], sin_BSD[:, :n])
         mask = build_attention_mask(attention_mask[:, :n] if attention_mask is not None else None, b, n, 0,
                                     h_BSH.device)
         h_BnH, stats = predictor(prev_BSH[:, :n], emb_BnH, cos_sin, mask)

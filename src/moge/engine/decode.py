@@ -21,12 +21,9 @@ from torch import Tensor, nn
 from .cache import CacheError, StaticKVCache
 from .graphs import GraphCaptureError, GraphedStep, batch_bucket
 from .sampling import sample_next
-from .step import DecodeStep, prefill
+from .step import DecodeStep, attended_slots, prefill
 
 __all__ = ["DecodeEngine"]
-
-# CPU steps attend to the slots in use rounded up to this many (less attention work early on).
-_KV_BUCKET = 64
 
 
 class DecodeEngine:
@@ -96,7 +93,7 @@ class DecodeEngine:
             if graphed is not None:
                 logits_B1V, _ = graphed(next_B.view(bsz, 1))
             else:
-                kv_len = min(self.capacity, -(-(width + t + 1) // _KV_BUCKET) * _KV_BUCKET)
+                kv_len = attended_slots(width + t + 1, self.capacity)
                 logits_B1V, _ = step(next_B.view(bsz, 1), kv_len=kv_len)
         new_bn = out_BN[:b, :n]
         if len(eos):  # stop where the plain loop would have: right after the last row's first EOS

@@ -44,12 +44,9 @@ from torch import Tensor, nn
 from ..errors import MoGEError
 from .cache import StaticKVCache
 from .sampling import _filtered_probs, race_sample, sample_next
-from .step import DecodeStep, _parts, causal_slot_mask, prefill
+from .step import DecodeStep, _parts, attended_slots, causal_slot_mask, prefill
 
-__all__ = ["SpeculativeDecoder", "SpeculativeError", "accept_drafts"]
-
-# Attended slots are the longest row's length rounded up to this many (less attention work early on).
-_KV_BUCKET = 64
+__all__ = ["SpeculativeDecoder", "SpeculativeError", "accept_drafts", "mtp_predictors"]
 
 
 class SpeculativeError(MoGEError, ValueError):
@@ -89,7 +86,8 @@ def accept_drafts(p_BSV: Tensor, q_BDV: Tensor, drafts_BD: Tensor,
     return n_B, race_sample(res_BV, generator)
 
 
-def _predictors(model: nn.Module) -> nn.ModuleList:
+def mtp_predictors(model: nn.Module) -> nn.ModuleList:
+    """``model.mtp``, or :class:`SpeculativeError` saying the model has no predictors to draft with."""
     mtp = getattr(model, "mtp", None)
     if mtp is None or len(mtp) == 0:
         raise SpeculativeError(f"{type(model).__name__} has no MTP predictors (config num_mtp_layers = 0): "
@@ -112,7 +110,7 @@ class SpeculativeDecoder:
 
         self.model = model
         self.base, self.head = _parts(model)
-        mtp = _predictors(model)
+        mtp = mtp_predictors(model)
         self.num_drafts = V.integer("draft_tokens", len(mtp) if draft_tokens is None else draft_tokens, 1, len(mtp),
                                     error=SpeculativeError)
         self.predictors = list(mtp)[:self.num_drafts]
@@ -192,7 +190,7 @@ class SpeculativeDecoder:
         # Without EOS a row is done after N tokens, at the earliest after ceil((N - 1) / S) steps.
         first_check = -(-(N - 1) // S)
         while True:
-            kv_len = min(cache.capacity, -(-(max_len + S) // _KV_BUCKET) * _KV_BUCKET)
+            kv_len = attended_slots(max_len + S, cache.capacity)
             pos_BS = cache.lengths_B.view(b, 1) + offsets_1S
             if kv_len not in masks:
                 masks[kv_len] = torch.empty(b, 1, S, kv_len, dtype=torch.bool, device=dev)

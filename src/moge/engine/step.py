@@ -27,7 +27,17 @@ from torch import Tensor, nn
 
 from .cache import CacheError, StaticKVCache
 
-__all__ = ["DecodeStep", "causal_slot_mask", "prefill"]
+__all__ = ["DecodeStep", "KV_BUCKET", "attended_slots", "causal_slot_mask", "prefill"]
+
+# Eager CPU steps attend to the slots in use rounded up to this many (less attention work early on,
+# and few distinct mask shapes).
+KV_BUCKET = 64
+
+
+def attended_slots(in_use: int, capacity: int) -> int:
+    """How many leading cache slots an eager step attends when ``in_use`` slots may hold tokens:
+    rounded up to :data:`KV_BUCKET`, at most ``capacity``."""
+    return min(capacity, -(-in_use // KV_BUCKET) * KV_BUCKET)
 
 
 def causal_slot_mask(pos_BS: Tensor, kv_len: int, out: Tensor | None = None) -> Tensor:

@@ -199,8 +199,7 @@ def _engine_decode(model, ctx_ids, nxt, repeats: int) -> tuple[float, int | None
     import torch
 
     from ..engine.cache import StaticKVCache
-    from ..engine.decode import _KV_BUCKET
-    from ..engine.step import DecodeStep, prefill
+    from ..engine.step import DecodeStep, attended_slots, prefill
 
     b, ctx = ctx_ids.shape
     n_steps = max(16, 4 * repeats)
@@ -213,7 +212,7 @@ def _engine_decode(model, ctx_ids, nxt, repeats: int) -> tuple[float, int | None
 
         def one():
             stored[0] += 1
-            return step(nxt, kv_len=min(capacity, -(-stored[0] // _KV_BUCKET) * _KV_BUCKET))
+            return step(nxt, kv_len=attended_slots(stored[0], capacity))
 
         one()  # warm-up (and the few-rows kernel choice of moge.linear)
         dec_ops = _count_ops(one)
