@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +49,7 @@ from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
+import results_md  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Generation (bench_generate.py)"
 OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate",
@@ -233,16 +232,7 @@ def step_time(run, device, n_new: int, clocked: bool) -> float:
     return max(timed(lambda: run(n_new, False), device) - t1, 1e-9) / (n_new - 1)
 
 
-def machine(device: torch.device) -> str:
-    import os
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+machine = results_md.machine  # re-exported: other benchmarks import it from here
 
 
 def main(argv: list[str] | None = None) -> int:

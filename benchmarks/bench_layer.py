@@ -21,9 +21,7 @@ Usage: ``PYTHONPATH=src python benchmarks/bench_layer.py [--quick] [--dtype floa
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from moge.experts import available_backends, default_backend  # noqa: E402
 from moge.layer import MoGELayer  # noqa: E402
+import results_md  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 H, N, M, K, F_EXP, F_SHARED = 1024, 64, 8, 8, 256, 256
 SHAPES = {"prefill": 2048, "decode": 8}
@@ -139,15 +138,7 @@ def hf_block(impl: str, dtype: torch.dtype, device: torch.device, weights_from: 
     return run, list(block.parameters())
 
 
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    import os
-    return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+machine = results_md.machine  # re-exported: other benchmarks import it from here
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.engine.speculative import SpeculativeDecoder  # noqa: E402
 from moge.generate import generate  # noqa: E402
+from results_md import machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Speculative decoding (MTP)"
 DEFAULT_CKPT = "/work/runs/mtp/mtp1"
@@ -166,8 +166,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_section(path: Path, rows: list[dict], args, png_name: str, model_note: str) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     body = [SECTION, "",
-            f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
-            f"{torch.__version__}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
+            f"Machine: {machine()}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
             f"the built-in corpus's validation split; greedy, {rows[0]['new_tokens']} new tokens, no EOS stop.",
             "Method: batch 1 decodes the 8 prompts one at a time, batch 8 as one batch; decode time = "
             "t(N new tokens) - t(1) summed over them, each the best of "

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 from pathlib import Path
+
+import torch
+
+
+def machine(device: torch.device | None = None) -> str:
+    """The machine a result was measured on: the GPU's name on CUDA, else the CPU model (``lscpu``),
+    its logical cores and torch's thread count, with the torch version."""
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def replace_section(path: Path, section: str, body: list[str]) -> None:

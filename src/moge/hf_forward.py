@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .errors import MoGEError
 from .layer import RouterStats
-from .model import MoGEModel, apply_rope
+from .attention import apply_rope
+from .model import MoGEModel
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):

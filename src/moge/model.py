@@ -5,7 +5,8 @@ Shape legend
     H  hidden size  V  vocabulary                     h  query heads           cache's slots)
     D  head dim     g  key/value heads
 
-Pre-RMSNorm decoder layers: grouped-query attention with biases on q, k, v and o, rotate-half RoPE,
+Pre-RMSNorm decoder layers: grouped-query attention with biases on q, k, v and o, rotate-half RoPE
+(:mod:`moge.attention`),
 PyTorch SDPA; the MoGE layer (or a dense SwiGLU for ``mlp_only_layers``) as the MLP; final RMSNorm;
 an untied output head. Module names equal the published checkpoint's tensor names, except that the
 routed experts are stacked (``mlp.experts.gate_up_proj [N,2F,H]``, ``mlp.experts.down_proj [N,H,F]``).
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from . import validate as V
 from .config import MoGEConfig
 from .engine.cache import CacheError, DynamicKVCache
+from .attention import Attention, RotaryEmbedding, gather_rows
 from .experts import SwiGLU
 from .linear import Linear
 from .layer import MoGELayer, RouterStats
@@ -42,67 +44,8 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half (GPT-NeoX / Llama) RoPE tables for given positions."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        # Not persistent: recomputed from the config, and ignored in checkpoints (spec section 5).
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs_BSd = position_ids_BS.float().unsqueeze(-1) * self.inv_freq.float()
-        emb_BSD = torch.cat([freqs_BSd, freqs_BSd], dim=-1)
-        return emb_BSD.cos().to(dtype), emb_BSD.sin().to(dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x_BhSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
-    return x_BhSD * cos_BSD.unsqueeze(1) + rotate_half(x_BhSD) * sin_BSD.unsqueeze(1)
-
-
 # The growing cache lives with the static one in moge.engine.cache; the old name stays importable here.
 KVCache = DynamicKVCache
-
-
-class Attention(nn.Module):
-    """Grouped-query self-attention with q/k/v/o biases and RoPE, through ``F.scaled_dot_product_attention``."""
-
-    def __init__(self, config: MoGEConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                  config.resolved_head_dim)
-        self.dropout = config.attention_dropout
-        h = config.hidden_size
-        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=True)
-
-    def forward(self, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
-                cache: KVCache | None, cache_kwargs: dict | None = None) -> Tensor:
-        b, s, _ = x_BSH.shape
-        q = self.q_proj(x_BSH).reshape(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
-            if mask_B1SL is not None and k.shape[2] > mask_B1SL.shape[-1]:
-                # A static cache returns all its slots; the mask says how many lead ones can matter.
-                k, v = k[:, :, :mask_B1SL.shape[-1]], v[:, :, :mask_B1SL.shape[-1]]
-        # Without a mask, causal masking is implicit: only valid when queries and keys start together.
-        causal = mask_B1SL is None and s > 1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -118,8 +61,11 @@ class DecoderLayer(nn.Module):
                     else SwiGLU(config.hidden_size, config.dense_intermediate_size))
 
     def forward(self, x_BSH: Tensor, cos_sin, mask, cache, cache_kwargs: dict | None = None,
-                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
-        x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache, cache_kwargs)
+                with_stats: bool = True, rows_BR: Tensor | None = None) -> tuple[Tensor, RouterStats | None]:
+        """``[B,S,H]`` -> ``[B,S,H]`` and the router's statistics; with ``rows_BR`` only those positions'
+        outputs ``[B,R,H]`` (all positions still write the cache; see :class:`~moge.attention.Attention`)."""
+        attn_BRH = self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache, cache_kwargs, rows_BR)
+        x_BSH = (x_BSH if rows_BR is None else gather_rows(x_BSH, rows_BR)) + attn_BRH
         h_BSH = self.post_attention_layernorm(x_BSH)
         if self.is_moe:
             m_BSH, stats = self.mlp(h_BSH, with_stats=with_stats)

@@ -56,12 +56,13 @@ class MTPPredictor(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_BSH: Tensor, emb_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache=None, cache_kwargs: dict | None = None,
-                with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+                cache=None, cache_kwargs: dict | None = None, with_stats: bool = True,
+                rows_BR: Tensor | None = None) -> tuple[Tensor, RouterStats | None]:
         """This predictor's output hidden state ``[B,S,H]`` (before ``shared_head.norm``) and its router
-        statistics, from the previous stage's ``h_BSH`` and the embeddings of the tokens k ahead."""
+        statistics, from the previous stage's ``h_BSH`` and the embeddings of the tokens k ahead; with
+        ``rows_BR`` only those positions' outputs ``[B,R,H]`` (every position still writes the cache)."""
         x_BSH = self.eh_proj(torch.cat([self.enorm(emb_BSH), self.hnorm(h_BSH)], dim=-1))
-        return super().forward(x_BSH, cos_sin, mask, cache, cache_kwargs, with_stats)
+        return super().forward(x_BSH, cos_sin, mask, cache, cache_kwargs, with_stats, rows_BR)
 
     def logits(self, lm_head: nn.Module, h_BSH: Tensor) -> Tensor:
         """``lm_head(shared_head.norm(h))``: the distribution of the token k+1 ahead, ``[B,S,V]``."""

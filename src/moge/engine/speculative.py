@@ -253,11 +253,17 @@ class SpeculativeDecoder:
         n_B1 = n_B.view(b, 1)
         n_B11 = n_B.view(b, 1, 1).expand(b, 1, hdim)
         embed = self.base.embed_tokens
+        last = len(self.predictors) - 1
         for k, pred in enumerate(self.predictors):
             if k:  # predictor k+1 reads the token k+1 ahead: shift, and the previous draft after index n
                 z_BS = z_BS.roll(-1, 1).scatter_(1, n_B1, d_B1)
-            h_BSH, _ = pred(h_BSH, embed(z_BS), cos_sin, mask_B1SL, cache, cache_kwargs, with_stats=False)
-            logits_BV = pred.logits(self.head, h_BSH.gather(1, n_B11)).squeeze(1)
+            if k < last:  # the next predictor reads this one's output at every position of the window
+                h_BSH, _ = pred(h_BSH, embed(z_BS), cos_sin, mask_B1SL, cache, cache_kwargs, with_stats=False)
+                h_B1H = h_BSH.gather(1, n_B11)
+            else:  # the last one is asked for position n only: the others just write its cache
+                h_B1H, _ = pred(h_BSH, embed(z_BS), cos_sin, mask_B1SL, cache, cache_kwargs, with_stats=False,
+                                rows_BR=n_B1)
+            logits_BV = pred.logits(self.head, h_B1H).squeeze(1)
             if q_BDV is None:
                 d_B = logits_BV.argmax(-1)
             else:
