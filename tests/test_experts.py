@@ -110,7 +110,7 @@ def test_cuda_backend_matches_float64_reference(backend):
 
 
 def test_segments_split_whole_experts():
-    from moge.experts import _segments
+    from moge.experts_sorted import _segments
     # counts 3, 0, 2, 4 with at most 5 rows a chunk: [e0 e2] then [e3]; an expert is never split
     assert _segments([3, 0, 2, 4], 5) == [(0, 5, [(0, 0, 3), (2, 3, 5)]), (5, 9, [(3, 0, 4)])]
     assert _segments([7, 1], 5) == [(0, 7, [(0, 0, 7)]), (7, 8, [(1, 0, 1)])]
@@ -120,7 +120,8 @@ def test_segments_split_whole_experts():
 @pytest.mark.parametrize("chunk_bytes", [1, 300])
 def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
     import moge.experts as ex
-    monkeypatch.setattr(ex, "_CHUNK_BYTES", chunk_bytes)  # 1 byte: one expert per chunk
+    import moge.experts_sorted as exs
+    monkeypatch.setattr(exs, "_CHUNK_BYTES", chunk_bytes)  # 1 byte: one expert per chunk
     gu, down = make()
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(11, H, generator=gen, dtype=torch.float64)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import experts as _experts
-from .experts import is_float_weight, register_experts_backend, sort_pairs, sorted_experts
+from .experts import is_float_weight, register_experts_backend, sort_pairs
+from .experts_sorted import sorted_experts
 from .linear import fastest, few_rows_linear
 
 __all__ = ["DECODE_CANDIDATES", "decode_backend", "gemv_experts"]
