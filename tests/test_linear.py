@@ -65,22 +65,36 @@ def test_fast_path_is_taken_only_when_decoding(monkeypatch, kernel):
         ml.linear(x, w)  # not decoding
 
 
-def test_measured_choice_is_made_once_per_key_and_kept(monkeypatch, kernel):
+def test_measured_choice_is_made_on_the_first_real_calls_and_kept(monkeypatch, kernel):
     import moge.linear as ml
     kernel(None)
     calls = []
-    monkeypatch.setattr(ml, "_tune", lambda rows, w, b: calls.append((rows, tuple(w.shape))) or "wxt")
+    for name, fn in list(ml._KERNEL_FNS.items()):
+        monkeypatch.setitem(ml._KERNEL_FNS, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     w, x = torch.randn(6, 8), torch.randn(3, 8)
     with torch.inference_mode():
+        for i in range(2 * ml.TUNE_REPEATS):  # every trial call returns the real product
+            assert ml.few_rows_kernel(3, w) is None
+            torch.testing.assert_close(ml.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-6)
+        assert sorted(calls) == sorted(ml.KERNELS * ml.TUNE_REPEATS)  # alternating, 3 each
+        assert calls[:2] in (list(ml.KERNELS), list(reversed(ml.KERNELS)))
+        chosen = ml.few_rows_kernel(3, w)
+        assert chosen in ml.KERNELS
         first = ml.linear(x, w)
-        assert ml.few_rows_kernel(3, w) == "wxt"
-        assert torch.equal(ml.linear(x, w), first)  # same key, same kernel, same bits
-        ml.linear(torch.randn(2, 8), w)
-    assert calls == [(3, (6, 8)), (2, (6, 8))]  # one measurement per (shape, rows)
+        assert torch.equal(ml.linear(x, w), first) and calls[-2:] == [chosen, chosen]  # kept: same bits
+        assert ml.few_rows_kernel(2, w) is None  # another row count is another key
     with pytest.raises(ValueError, match="few-rows kernel must be one of"):
         ml.set_few_rows_kernel("fast")
 
 
-def test_tune_returns_a_kernel_name():
+def test_timed_trial_keeps_the_fastest_candidate():
+    import time
+
     import moge.linear as ml
-    assert ml._tune(3, torch.randn(16, 8), torch.randn(16)) in ml.KERNELS
+    trials, order = {}, []
+    cands = {"slow": lambda: order.append("slow") or time.sleep(0.003) or 1,
+             "fast": lambda: order.append("fast") or 2}
+    results = [ml.timed_trial(trials, cands, repeats=2) for _ in range(4)]
+    assert [r[0] for r in results] == [1 if o == "slow" else 2 for o in order]  # each call's own result
+    assert [r[1] for r in results] == [None, None, None, "fast"]  # decided once both ran twice
+    assert sorted(order) == ["fast", "fast", "slow", "slow"] and order[0] != order[1]

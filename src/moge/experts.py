@@ -28,8 +28,8 @@ row scale so that its down projection sees the unweighted activation it was cali
 
 ``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA and under ``torch.export``;
 on CPU under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per expert on
-average, ``gemv`` or ``grouped_mm``, whichever measured faster on the first call of that shape
-(:func:`moge.experts_gemv.decode_backend`: the order flips between CPUs), else ``sorted``.
+average, ``gemv`` or ``grouped_mm``, whichever measured faster on the first real calls of that shape
+(:func:`moge.experts_gemv.decode_experts`: the order flips between CPUs), else ``sorted``.
 
 Quantized weights are inference-only (no backward). ``grouped_mm`` and ``gemv`` have no int8 kernel to
 call, so with quantized weights they run the ``sorted`` loop (one host sync).
@@ -118,8 +118,8 @@ def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, dow
     # gemv's products round by memory alignment and row count (see moge.linear): decoding only.
     rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
     name = default_backend("cpu", rows)
-    if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured once)
-        name = decode_backend(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured)
+        return decode_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
     return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
@@ -291,4 +291,4 @@ class SwiGLU(nn.Module):
 
 # The decode backend lives in its own module; importing it registers "gemv" (it imports from here).
 from .experts_sorted import sorted_experts  # noqa: E402,F401 (registers ``sorted``)
-from .experts_gemv import decode_backend, gemv_experts  # noqa: E402,F401
+from .experts_gemv import decode_experts, gemv_experts  # noqa: E402,F401

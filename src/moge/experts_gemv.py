@@ -19,9 +19,11 @@ run the ``sorted`` loop (they have their own int8 kernel there).
 
 Registered as ``gemv`` in :mod:`moge.experts` (imported by it). On CPU under ``torch.inference_mode()``
 at up to :data:`moge.experts.GEMV_MAX_ROWS` pairs per expert ``auto`` takes ``gemv`` or ``grouped_mm``,
-whichever :func:`decode_backend` measured faster: routed experts of 12 ``small`` layers, cold weights,
-2 threads, ms for gemv / sorted / grouped_mm: 15.7 / 18.7 / 20.0 at 1 token, 94 / 90 / 88 at 8 tokens,
-179 / 144 / 122 at 32 tokens on the Intel VM, while on the AMD VM gemv led up to 8 pairs per expert.
+whichever :func:`decode_experts` measured faster on its first real calls of that shape. Routed experts
+of 12 ``small`` layers, cold weights, 2 threads, ms for gemv / sorted / grouped_mm: 15.7 / 18.7 / 20.0
+at 1 token, 94 / 90 / 88 at 8 tokens, 179 / 144 / 122 at 32 tokens on the Intel VM; on the AMD VM,
+with the few-rows kernel measured on real calls, 8.1 / 16.6 / 18.6 at 1 token and 45.8 / 101.5 / 95.5
+at 8 tokens.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from torch import Tensor
 from . import experts as _experts
 from .experts import is_float_weight, register_experts_backend, sort_pairs
 from .experts_sorted import sorted_experts
-from .linear import fastest, few_rows_linear
+from .linear import few_rows_linear, timed_trial
 
-__all__ = ["DECODE_CANDIDATES", "decode_backend", "gemv_experts"]
+__all__ = ["DECODE_CANDIDATES", "decode_backend", "decode_experts", "gemv_experts"]
 
 # What ``auto`` measures at decode sizes on a CPU, and the choice per key once made.
 DECODE_CANDIDATES = ("gemv", "grouped_mm")
 _decode_choice: dict[tuple, str] = {}
+_decode_trials: dict[tuple, dict[str, list]] = {}
 
 
 def _one_token(x_1H: Tensor, ids_1K: Tensor, w_1K: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
@@ -79,19 +82,33 @@ def gemv_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, 
     return x_TH.new_zeros(t, x_TH.shape[1]).index_add_(0, token_P, out_PH)
 
 
-def decode_backend(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> str:
-    """The decode-size CPU backend for this call's shapes: on the first call of a (weights' shape, [T,K],
-    dtype, threads) each of :data:`DECODE_CANDIDATES` is timed on these very inputs
-    (:func:`moge.linear.fastest`, results discarded) and the faster is kept for the process, so later
-    calls with the key are repeatable. Quantized weights: ``gemv`` (which runs their ``sorted`` loop)."""
+def _decode_key(x_TH: Tensor, ids_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> tuple:
+    return (tuple(gate_up_N2FH.shape), tuple(down_NHF.shape), tuple(ids_TK.shape), x_TH.dtype,
+            torch.get_num_threads())
+
+
+def decode_backend(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> str | None:
+    """The decode-size CPU backend chosen for this call's key (weights' shapes, ``[T,K]``, dtype,
+    threads), or None while :func:`decode_experts` is still timing the candidates on that key's first
+    calls. Quantized weights: ``gemv`` (which runs their ``sorted`` loop)."""
     if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
         return "gemv"
-    key = (tuple(gate_up_N2FH.shape), tuple(down_NHF.shape), tuple(ids_TK.shape), x_TH.dtype,
-           torch.get_num_threads())
-    name = _decode_choice.get(key)
-    if name is None:
-        fns = {c: _experts._BACKENDS[c] for c in DECODE_CANDIDATES if c in _experts._BACKENDS}
-        name = _decode_choice[key] = fastest(
-            {c: (lambda fn=fn: fn(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)) for c, fn in fns.items()},
-            warmup=False)  # a whole layer's experts: the first of the 3 rounds absorbs first-call setup
-    return name
+    return _decode_choice.get(_decode_key(x_TH, ids_TK, gate_up_N2FH, down_NHF))
+
+
+def decode_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
+    """``auto``'s experts at decode sizes on CPU: the first calls of a key alternate between
+    :data:`DECODE_CANDIDATES`, each timed (:func:`moge.linear.timed_trial`, 3 calls each, the calls of
+    all layers with that shape counted together, so the weights are as cold as in a real step), then
+    the fastest is kept for the process. Every call computes the real result."""
+    args = (x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    name = decode_backend(*args)
+    if name is not None:
+        return _experts._BACKENDS[name](*args)
+    key = _decode_key(x_TH, ids_TK, gate_up_N2FH, down_NHF)
+    fns = {c: _experts._BACKENDS[c] for c in DECODE_CANDIDATES if c in _experts._BACKENDS}
+    y, winner = timed_trial(_decode_trials.setdefault(key, {}), {c: (lambda f=f: f(*args)) for c, f in fns.items()})
+    if winner is not None:
+        _decode_choice[key] = winner
+        _decode_trials.pop(key, None)
+    return y

@@ -20,10 +20,14 @@ weight [O,I]    rows   AMD EPYC (2-core VM):   ``(W @ x^T)^T``         Intel Xeo
 32000 x 768     8      -                       -                       6.1 / 7.7
 ==============  =====  ======================  ======================  ==========================
 
-So the kernel is **chosen by measurement**: the first product of each (weight shape, rows, bias,
-threads) runs both kernels a few times on that very weight (:data:`TUNE_REPEATS`, no gradients) and
-keeps the faster one for the rest of the process (:func:`few_rows_kernel`); every later call with
-that key takes the same kernel, so results are repeatable within a process. ``MOGE_FEW_ROWS_KERNEL``
+So the kernel is **chosen by measurement, on the real calls**: the first calls of each (weight shape,
+rows, bias, threads) alternate between the two kernels, each timed, :data:`TUNE_REPEATS` per kernel;
+then the one with the best time is kept for the rest of the process (:func:`few_rows_kernel`), so
+results are repeatable within a process after those first calls. Timing the real calls matters: a
+decode step streams far more weights than the CPU caches hold, and a kernel timed repeatedly on one
+weight (hot in cache) can win there and lose on the cold weight of a real step. The AMD VM chose
+``F.linear`` that way and ran the ``small`` model's experts 1.5x slower than with ``W @ x^T``. The
+trial calls cost nothing extra: both kernels compute the same product. ``MOGE_FEW_ROWS_KERNEL``
 (``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes the choice instead.
 
 :class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes the chosen
@@ -46,15 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FEW_ROWS", "Linear", "fastest", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel"]
+__all__ = ["FEW_ROWS", "Linear", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel",
+           "timed_trial"]
 
 # Above this many rows F.linear is as fast or faster (and prefill/training never come near it).
 FEW_ROWS = 64
-# Timed calls per kernel when a key is first seen (the best of them counts; one untimed call first).
+# Timed real calls per kernel when a key is first seen (the best of them counts).
 TUNE_REPEATS = 3
 KERNELS = ("linear", "wxt")
 
 _chosen: dict[tuple, str] = {}
+_trials: dict[tuple, dict[str, list]] = {}  # key -> kernel -> [best time, calls timed], until chosen
 _forced: str | None = None
 
 
@@ -83,41 +89,33 @@ def set_few_rows_kernel(name: str | None) -> None:
         raise ValueError(f"few-rows kernel must be one of {['auto', *KERNELS]}, got {name!r}")
     _forced = None if name in (None, "auto") else name
     _chosen.clear()
+    _trials.clear()
 
 
-def few_rows_kernel(rows: int, weight_OI: Tensor, bias_O: Tensor | None = None) -> str:
+def _key(rows: int, weight_OI: Tensor, bias_O: Tensor | None) -> tuple:
+    return tuple(weight_OI.shape), rows, bias_O is not None, torch.get_num_threads()
+
+
+def few_rows_kernel(rows: int, weight_OI: Tensor, bias_O: Tensor | None = None) -> str | None:
     """The kernel (``"linear"`` or ``"wxt"``) used for ``rows`` rows times ``weight``: fixed by
-    :func:`set_few_rows_kernel` or the environment, else measured on ``weight`` at the first call
-    with this key and remembered."""
-    if _forced is not None:
-        return _forced
-    key = (tuple(weight_OI.shape), rows, bias_O is not None, torch.get_num_threads())
-    name = _chosen.get(key)
-    if name is None:
-        name = _chosen[key] = _tune(rows, weight_OI, bias_O)
-    return name
+    :func:`set_few_rows_kernel` or the environment, else the one measured fastest on this key's first
+    calls; None while those calls are still being timed."""
+    return _forced or _chosen.get(_key(rows, weight_OI, bias_O))
 
 
-def fastest(candidates: Mapping[str, Callable[[], object]], repeats: int = TUNE_REPEATS, warmup: bool = True) -> str:
-    """The name of the fastest of ``candidates`` (name -> a call to time): with ``warmup`` one untimed call
-    each first (the allocator's and the library's first-use setup; without it the first round pays
-    that), then ``repeats`` interleaved timed rounds, the best time of each kept, which filters out
-    other jobs on the machine. Runs without gradients."""
-    best: dict[str, float] = {}
-    with torch.no_grad():
-        for fn in candidates.values() if warmup else ():
-            fn()
-        for _ in range(repeats):
-            for name, fn in candidates.items():
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    return min(best, key=best.__getitem__)
-
-
-def _tune(rows: int, weight_OI: Tensor, bias_O: Tensor | None) -> str:
-    x_RI = torch.randn(rows, weight_OI.shape[1], generator=torch.Generator().manual_seed(0))
-    return fastest({name: (lambda f=_KERNEL_FNS[name]: f(x_RI, weight_OI, bias_O)) for name in KERNELS})
+def timed_trial(trials: dict[str, list], candidates: Mapping[str, Callable[[], object]],
+                repeats: int = TUNE_REPEATS) -> tuple[object, str | None]:
+    """Run the candidate tried least so far (``trials``: name -> ``[best time, calls]``, updated in
+    place) and time it; returns ``(its result, the winner)``, the winner being None until every
+    candidate has been timed ``repeats`` times. Measuring on real calls sees the caches as they are."""
+    name = min(candidates, key=lambda c: trials.setdefault(c, [float("inf"), 0])[1])
+    t0 = time.perf_counter()
+    out = candidates[name]()
+    dt = time.perf_counter() - t0
+    rec = trials[name]
+    rec[0], rec[1] = min(rec[0], dt), rec[1] + 1
+    done = all(trials[c][1] >= repeats for c in candidates)
+    return out, (min(candidates, key=lambda c: trials[c][0]) if done else None)
 
 
 def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
@@ -126,7 +124,16 @@ def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = Non
     rows = x_RI.shape[0]
     if not (0 < rows <= FEW_ROWS and x_RI.device.type == "cpu" and x_RI.dtype == torch.float32 == weight_OI.dtype):
         return F.linear(x_RI, weight_OI, bias_O)
-    return _KERNEL_FNS[few_rows_kernel(rows, weight_OI, bias_O)](x_RI, weight_OI, bias_O)
+    name = few_rows_kernel(rows, weight_OI, bias_O)
+    if name is not None:
+        return _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
+    key = _key(rows, weight_OI, bias_O)
+    trials = _trials.setdefault(key, {})
+    y, winner = timed_trial(trials, {k: (lambda f=_KERNEL_FNS[k]: f(x_RI, weight_OI, bias_O)) for k in KERNELS})
+    if winner is not None:
+        _chosen[key] = winner
+        _trials.pop(key, None)
+    return y
 
 
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
