@@ -49,7 +49,7 @@ from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
-import results_md  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Generation (bench_generate.py)"
 OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate",
@@ -230,9 +230,6 @@ def step_time(run, device, n_new: int, clocked: bool) -> float:
         return run(n_new, True)
     t1 = timed(lambda: run(1, False), device)
     return max(timed(lambda: run(n_new, False), device) - t1, 1e-9) / (n_new - 1)
-
-
-machine = results_md.machine  # re-exported: other benchmarks import it from here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,7 +471,6 @@ def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_
             f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}`"
             .replace("--dtypes  ", ""),
             "", *lines, "", f"![generation benchmark]({png_name})", ""]
-    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
     replace_section(path, SECTION, body)
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from moge.experts import available_backends, default_backend  # noqa: E402
 from moge.layer import MoGELayer  # noqa: E402
-import results_md  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 H, N, M, K, F_EXP, F_SHARED = 1024, 64, 8, 8, 256, 256
 SHAPES = {"prefill": 2048, "decode": 8}
@@ -136,9 +136,6 @@ def hf_block(impl: str, dtype: torch.dtype, device: torch.device, weights_from: 
         out = block(x_TH.unsqueeze(0))
         return (out[0] if isinstance(out, tuple) else out).squeeze(0)
     return run, list(block.parameters())
-
-
-machine = results_md.machine  # re-exported: other benchmarks import it from here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +302,6 @@ def write_section(path: Path, lines: list[str], args, dtype, rounds, warmup, rep
             f"Our `eager` backend (the per-expert test oracle) is left out at prefill unless `--eager-prefill`; "
             f"contenders over {SLOW_S:.0f} s a call are timed on one warm call, in round 1 only.",
             "", *lines, "", f"![layer benchmark]({png_name})", ""]
-    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
     replace_section(path, SECTION, body)
 
 

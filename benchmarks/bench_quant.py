@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_layer import machine  # noqa: E402
+from results_md import machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from moge.config import get_config  # noqa: E402
 from moge.model import KVCache, MoGEForCausalLM  # noqa: E402
 from moge.quant import QuantizedExperts, quantize, set_compute  # noqa: E402

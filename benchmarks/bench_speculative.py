@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.engine.speculative import SpeculativeDecoder  # noqa: E402
 from moge.generate import generate  # noqa: E402
-from results_md import machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Speculative decoding (MTP)"
 DEFAULT_CKPT = "/work/runs/mtp/mtp1"
@@ -176,7 +176,6 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
             f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
             f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens}`",
             "", *table(rows), "", f"![speculative decoding]({png_name})", ""]
-    from results_md import replace_section  # benchmarks/ is on sys.path when a benchmark runs as a script
     replace_section(path, SECTION, body)
 
 

@@ -20,8 +20,9 @@ row scale so that its down projection sees the unweighted activation it was cali
 
 * ``grouped_mm``: sort pairs by expert, two ``F.grouped_mm`` calls, no Python loop and no host sync
   of its own (the CUDA choice); float64 and odd sizes fall back to a gathered-weight ``bmm``.
-* ``sorted`` (in :mod:`moge.experts_sorted`): per-expert GEMMs on contiguous sorted segments with a hand-written backward; one host
-  sync for the counts; the fastest on CPU at prefill and training sizes (see benchmarks/RESULTS.md).
+* ``sorted`` (in :mod:`moge.experts_sorted`): per-expert GEMMs on contiguous sorted segments with a
+  hand-written backward; one host sync for the counts; the fastest on CPU at prefill and training
+  sizes (see benchmarks/RESULTS.md).
 * ``gemv`` (in :mod:`moge.experts_gemv`): decode sizes on CPU (a few rows per expert): each touched
   expert's two products through the measured-fastest few-rows kernel of :mod:`moge.linear`, and
   nothing else per expert; one host sync for the counts; differentiable through autograd.
@@ -289,6 +290,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# The decode backend lives in its own module; importing it registers "gemv" (it imports from here).
+# Two backends live in their own modules; importing them registers "sorted" and "gemv" (they import
+# from here, so they come last).
 from .experts_sorted import sorted_experts  # noqa: E402,F401 (registers ``sorted``)
 from .experts_gemv import decode_experts, gemv_experts  # noqa: E402,F401
