@@ -121,6 +121,82 @@ def speculative_rows(model: torch.nn.Module, prompts_BP: torch.Tensor, batches=(
     return rows
 
 
+def cost_analysis(model: torch.nn.Module, prompts_BP: torch.Tensor, new_tokens: int, rounds: int = 3,
+                  draft_tokens: int | None = None) -> dict:
+    """Where a batch-1 speculative step's cost goes, over the prompts one at a time: the distinct routed
+    experts per main MoGE layer in the verify forwards (counted by wrapping each layer's router), the
+    float weight bytes a plain step, a verify and a draft read (parameter counts; the draft's last
+    predictor runs its MoGE MLP on one row, so K experts), and the verify's and the draft's time per
+    step (timers around each call, the best of ``rounds`` passes)."""
+    dec = SpeculativeDecoder(model, prompts_BP.shape[1] + new_tokens, draft_tokens)
+    base, head, cfg = model.model, model.lm_head, model.config
+    S = 1 + dec.num_drafts
+    distinct: list[int] = []
+    for layer in base.layers:
+        route = layer.mlp.route
+
+        def counted(x_TH, route=route):
+            r = route(x_TH)
+            if x_TH.shape[0] == S:  # a batch-1 verify window
+                distinct.append(int(r.expert_ids.unique().numel()))
+            return r
+        layer.mlp.route = counted
+    cache, step = dec._slot(1)
+    times = {"verify": 0.0, "draft": 0.0}
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            times[name] += time.perf_counter() - t0
+            return out
+        return call
+    dec._slots[1] = (cache, timed("verify", step))
+    dec._draft = timed("draft", dec._draft)
+    best = {"verify": float("inf"), "draft": float("inf")}
+    try:
+        for _ in range(rounds):
+            steps = 0
+            times.update(verify=0.0, draft=0.0)
+            distinct.clear()
+            for i in range(prompts_BP.shape[0]):
+                stats: dict = {}
+                dec.generate(prompts_BP[i:i + 1], None, new_tokens, stats=stats)
+                steps += stats["steps"]
+            for k in best:
+                best[k] = min(best[k], 1e3 * times[k] / steps)
+    finally:
+        for layer in base.layers:
+            del layer.mlp.route  # back to the class's method
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    lay = base.layers[0]
+    per_layer = n(lay) - n(lay.mlp.experts)  # attention, norms, router, shared expert
+    per_expert = n(lay.mlp.experts) / cfg.num_experts
+    pred = dec.predictors[-1]
+    pred_extra = n(pred) - n(pred.mlp.experts) - per_layer  # eh_proj, enorm, hnorm, shared_head.norm
+    K, L, mb = cfg.num_experts_per_tok, len(base.layers), 4 / 1e6
+    union = sum(distinct) / max(len(distinct), 1)
+    plain = L * (per_layer + K * per_expert) + n(head)
+    verify = L * (per_layer + union * per_expert) + n(head)
+    draft = dec.num_drafts * (per_layer + pred_extra + n(head)) + K * per_expert + \
+        (dec.num_drafts - 1) * union * per_expert  # earlier predictors run the whole window
+    return {"distinct_experts_per_verify_layer": union, "plain_step_MB": plain * mb, "verify_MB": verify * mb,
+            "draft_MB": draft * mb, "spec_step_MB": (verify + draft) * mb,
+            "verify_ms_per_step": best["verify"], "draft_ms_per_step": best["draft"]}
+
+
+def analysis_lines(a: dict | None) -> list[str]:
+    """The ``--analyze`` result as a RESULTS.md paragraph (nothing without it)."""
+    if a is None:
+        return []
+    return [f"Cost analysis (`--analyze`, batch 1): a verify forward touches {a['distinct_experts_per_verify_layer']:.2f} "
+            f"distinct experts per MoGE layer; float32 weights read: plain step {a['plain_step_MB']:.2f} MB, "
+            f"verify {a['verify_MB']:.2f} MB, draft {a['draft_MB']:.2f} MB, speculative step {a['spec_step_MB']:.2f} MB; "
+            f"so a weight-read-bound step allows at most {a.get('bytes_bound_speedup', float('nan')):.2f}x at the "
+            f"measured acceptance ({a.get('bytes_bound_all_kept', float('nan')):.2f}x with every draft kept). "
+            f"Timed per step: verify {a['verify_ms_per_step']:.2f} ms, draft {a['draft_ms_per_step']:.2f} ms.", ""]
+
+
 def table(rows: list[dict]) -> list[str]:
     D = max(r["draft_tokens"] for r in rows)
     lines = ["| batch | D | plain ms/step | spec ms/step | plain tok/s | spec tok/s | speedup | kept drafts/step | "
@@ -163,7 +239,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(path: Path, rows: list[dict], args, png_name: str, model_note: str) -> None:
+def write_section(path: Path, rows: list[dict], args, png_name: str, model_note: str,
+                  analysis: dict | None = None) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     body = [SECTION, "",
             f"Machine: {machine()}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
@@ -174,8 +251,11 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
             "steps (speculative: verify steps; a batch steps until its slowest row is done). accept@i = share of row-steps that kept draft i; identical = "
             "speculative output equals plain greedy token for token.",
             f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
-            f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens}`",
-            "", *table(rows), "", f"![speculative decoding]({png_name})", ""]
+            f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens} "
+            f"--repeats {args.repeats}{' --analyze' if getattr(args, 'analyze', False) else ''}`",
+            "", *table(rows), "", *analysis_lines(analysis),
+            "Other checkpoints (`--mtp 2`, D = 1 and 2), earlier machines and what the numbers mean: docs/mtp.md.",
+            "", f"![speculative decoding]({png_name})", ""]
     replace_section(path, SECTION, body)
 
 
@@ -189,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--analyze", action="store_true",
+                    help="also print where a batch-1 step's cost goes (cost_analysis) and add it to the section")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the JSON / the PNG")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
@@ -201,14 +283,24 @@ def main(argv=None) -> int:
     tok = load_tokenizer(ckpt / "tokenizer.json")
     prompts = corpus_prompts(tok, max(args.batches), args.prompt_len)
     rows = speculative_rows(model, prompts, args.batches, args.new_tokens, args.repeats, args.draft_tokens)
+    analysis = None
+    if args.analyze:
+        analysis = cost_analysis(model, prompts, args.new_tokens, args.repeats, args.draft_tokens)
+        b1 = next((r for r in rows if r["batch"] == 1), None)
+        if b1 is not None:  # the weight-read bound of the speedup at the measured acceptance
+            analysis["bytes_bound_speedup"] = (analysis["plain_step_MB"] * b1["tokens_per_row_step"]
+                                               / analysis["spec_step_MB"])
+            analysis["bytes_bound_all_kept"] = analysis["plain_step_MB"] * (1 + b1["draft_tokens"]) / analysis["spec_step_MB"]
+        print(json.dumps({"analysis": analysis}), flush=True)
     state = json.loads((ckpt / "moge_training_state.json").read_text()) if (ckpt / "moge_training_state.json").exists() else {}
     step = state.get("step", "?")
     note = (f"`{ckpt.name}` ({model.config.num_hidden_layers} layers, H={model.config.hidden_size}, "
             f"{model.config.num_mtp_layers} MTP predictor(s), trained {step} steps)")
     if not args.no_write:
-        (HERE / "results_speculative.json").write_text(json.dumps({"model": note, "rows": rows}, indent=1))
+        (HERE / "results_speculative.json").write_text(json.dumps({"model": note, "rows": rows,
+                                                                   "analysis": analysis}, indent=1))
         plot(rows, HERE / "results_speculative.png")
-        write_section(Path(args.results), rows, args, "results_speculative.png", note)
+        write_section(Path(args.results), rows, args, "results_speculative.png", note, analysis)
     return 0
 
 

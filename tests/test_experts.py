@@ -7,6 +7,7 @@ import torch
 
 from moge.experts import (SwiGLUExperts, available_backends, default_backend, eager_experts,
                           get_experts_backend, sort_by_expert)
+from moge.linear import TUNE_REPEATS
 
 N, H, F = 6, 16, 8
 
@@ -163,7 +164,7 @@ def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     import moge.experts_gemv as eg
     with torch.inference_mode():  # auto takes gemv or grouped_mm when decoding, whichever measured faster
-        for _ in range(2 * 3 + 1):  # the trial calls, then the chosen one
+        for _ in range(len(eg.DECODE_CANDIDATES) * TUNE_REPEATS + 1):  # the trial calls, then the chosen one
             got = get_experts_backend("auto")(x, ids, w, gu, down)
             torch.testing.assert_close(got, outs[0][0], rtol=1e-4, atol=1e-5)
         chosen = eg.decode_backend(x, ids, w, gu, down)
@@ -182,12 +183,12 @@ def test_decode_backend_is_measured_on_the_first_real_calls(monkeypatch):
     gu, down = (p.detach().float() for p in make())
     x, ids, w = torch.randn(2, H), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2)
     want = eager_experts(x, ids, w, gu, down)
-    n = 3 * len(eg.DECODE_CANDIDATES)
+    n = TUNE_REPEATS * len(eg.DECODE_CANDIDATES)
     with torch.inference_mode():
         for _ in range(n):  # 3 timed real calls each, alternating; each returns the real result
             assert eg.decode_backend(x, ids, w, gu, down) is None
             torch.testing.assert_close(eg.decode_experts(x, ids, w, gu, down), want, rtol=1e-4, atol=1e-5)
-        assert sorted(calls) == sorted(eg.DECODE_CANDIDATES * 3)
+        assert sorted(calls) == sorted(eg.DECODE_CANDIDATES * TUNE_REPEATS)
         first = eg.decode_backend(x, ids, w, gu, down)
         assert first in eg.DECODE_CANDIDATES
         eg.decode_experts(x, ids, w, gu, down)

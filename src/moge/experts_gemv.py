@@ -21,9 +21,9 @@ Registered as ``gemv`` in :mod:`moge.experts` (imported by it). On CPU under ``t
 at up to :data:`moge.experts.GEMV_MAX_ROWS` pairs per expert ``auto`` takes ``gemv`` or ``grouped_mm``,
 whichever :func:`decode_experts` measured faster on its first real calls of that shape. Routed experts
 of 12 ``small`` layers, cold weights, 2 threads, ms for gemv / sorted / grouped_mm: 15.7 / 18.7 / 20.0
-at 1 token, 94 / 90 / 88 at 8 tokens, 179 / 144 / 122 at 32 tokens on the Intel VM; on the AMD VM,
-with the few-rows kernel measured on real calls, 8.1 / 16.6 / 18.6 at 1 token and 45.8 / 101.5 / 95.5
-at 8 tokens.
+at 1 token, 94 / 90 / 88 at 8 tokens, 179 / 144 / 122 at 32 tokens on the Intel VM; on the AMD VM
+(``benchmarks/bench_decode_experts.py``) 10.1 / 18.5 / 18.2 at 1 token and 62.1 / 115.7 / 105.5 at 8
+tokens.
 """
 
 from __future__ import annotations

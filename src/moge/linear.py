@@ -26,9 +26,10 @@ then the one with the best time is kept for the rest of the process (:func:`few_
 results are repeatable within a process after those first calls. Timing the real calls matters: a
 decode step streams far more weights than the CPU caches hold, and a kernel timed repeatedly on one
 weight (hot in cache) can win there and lose on the cold weight of a real step. The AMD VM chose
-``F.linear`` that way and ran the ``small`` model's experts 2x slower than with ``W @ x^T``. The
-trial calls cost nothing extra: both kernels compute the same product. ``MOGE_FEW_ROWS_KERNEL``
-(``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes the choice instead.
+``F.linear`` that way: the ``small`` model's experts run 1.9x slower with it than with ``W @ x^T``
+(``benchmarks/bench_decode_experts.py``). The trial calls cost nothing extra: both kernels compute the
+same product. ``MOGE_FEW_ROWS_KERNEL`` (``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes
+the choice instead.
 
 :class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes the chosen
 kernel on CPU for float32 inputs of at most :data:`FEW_ROWS` rows **under** ``torch.inference_mode()``
