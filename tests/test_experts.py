@@ -169,7 +169,11 @@ def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, 
             torch.testing.assert_close(got, outs[0][0], rtol=1e-4, atol=1e-5)
         chosen = eg.decode_backend(x, ids, w, gu, down)
         assert chosen in eg.DECODE_CANDIDATES
-        torch.testing.assert_close(got, get_experts_backend(chosen)(x, ids, w, gu, down), rtol=0, atol=0)
+        # gemv's own few-rows kernels may still be on trial (they alternate, rounding differently), so
+        # settle them before asking auto to give bitwise the chosen backend's result
+        for _ in range(len(ml.KERNELS) * TUNE_REPEATS):
+            want = get_experts_backend(chosen)(x, ids, w, gu, down)
+        torch.testing.assert_close(get_experts_backend("auto")(x, ids, w, gu, down), want, rtol=0, atol=0)
 
 
 def test_decode_backend_is_measured_on_the_first_real_calls(monkeypatch):
