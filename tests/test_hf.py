@@ -66,6 +66,25 @@ def test_hf_generate_greedy_equals_ours_with_left_padding(hf_model):
     assert torch.equal(hf, ours)
 
 
+def test_hf_generate_decodes_in_inference_mode_where_the_fast_kernels_apply(hf_model):
+    """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.linear's and the
+    experts' few-rows kernels apply there only), with the tokens of transformers' ``no_grad`` loop."""
+    from transformers import GenerationMixin
+    seen = []
+    hook = hf_model.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, eos_token_id=None)
+    try:
+        fast = hf_model.generate(ids, **kw)
+        assert seen and all(seen)
+        seen.clear()
+        plain = GenerationMixin.generate(hf_model, ids, **kw)  # transformers' own, under no_grad
+        assert seen and not any(seen)
+    finally:
+        hook.remove()
+    assert torch.equal(fast, plain)
+
+
 def test_hf_generate_sampling_uses_the_cache(hf_model):
     from transformers.cache_utils import DynamicCache
 

@@ -190,6 +190,14 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``, run under ``torch.inference_mode()`` instead of its ``no_grad``,
+        so its decode steps take moge's few-rows CPU kernels (:mod:`moge.linear`, the experts' ``gemv``),
+        which apply in inference mode only. As with :func:`moge.generate.generate`, the returned tensors
+        are inference tensors: ``.clone()`` them to feed autograd."""
+        with torch.inference_mode():
+            return super().generate(*args, **kwargs)
+
     @staticmethod
     def create_masks_for_generate(attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
         """``generate`` with a static cache would build a 4-D mask; the model builds its own from the 2-D one."""
