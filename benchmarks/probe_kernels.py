@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_decode_experts import best_ms  # benchmarks/ is on sys.path: the script's folder
 
 
 def best_s(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_ms(fn, repeats) / 1e3
 
 
 def main(argv=None) -> int:
