@@ -9,8 +9,10 @@ V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
 * ``moge static W8A8 (MoGE)``: the same fast path on the model quantized in-process by ``moge.quant.quantize``
   (static activation scales, calibrated on two random rows; float32 only, ``--w8a8-batches``), with its
   own bound (its int8 weights' bytes);
-* ``moge via AutoModel.generate``: the transformers wrapper (same weights) through transformers'
-  ``generate`` (its default dynamic cache);
+* ``moge via AutoModel.generate``: the transformers wrapper (same weights) through its ``generate``
+  (transformers' loop under ``inference_mode``, its default dynamic cache); on request only
+  (``--contenders``), ``moge via AutoModel.generate, no_grad``: the same loop as transformers runs it,
+  under ``no_grad``, where moge's few-rows CPU kernels do not apply;
 * ``transformers dynamic`` / ``transformers static``: ``Qwen2MoeForCausalLM`` at matched shapes
   (``norm_topk_prob=False``; its o_proj has no bias and its shared expert a sigmoid gate, so it has
   0.1% fewer parameters; printed) with its default cache or ``cache_implementation="static"``, each
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationMixin
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -49,13 +52,15 @@ from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
-from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import copy_bandwidth, machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Generation (bench_generate.py)"
 OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate",
         "moge static W8A8 (MoGE)")
 W8A8 = OURS[4]
 THEIRS = ("transformers dynamic", "transformers static")
+NO_GRAD = "moge via AutoModel.generate, no_grad"  # not run by default: the A/B of the wrapper's generate
+MOGE_ROWS = OURS + (NO_GRAD,)
 
 
 class Skip(Exception):
@@ -73,14 +78,6 @@ def timed(fn, device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 256 MiB tensor copy (STREAM's copy convention), best of 5."""
-    src = torch.randn(64 * 2**20, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return max(2 * src.nbytes / timed(lambda: dst.copy_(src), device) for _ in range(5))
 
 
 def init_(model: torch.nn.Module, std: float = 0.02) -> None:
@@ -243,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 16 on CPU, 128 on CUDA")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {OURS + THEIRS}")
+    ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {MOGE_ROWS + THEIRS}")
     ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8], help="batches of the W8A8 row (float32)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, dt_name)
         contenders = {}  # name -> (run(ids, n, clocked) -> seconds or None, note)
         models = {}
-        if set(names) & {OURS[0], OURS[2], OURS[3], W8A8}:
+        if set(names) & {OURS[0], OURS[2], OURS[3], NO_GRAD, W8A8}:
             models["moge"] = build_moge("moge", dtype, device)
         if W8A8 in names and dtype == torch.float32:
             models["w8a8"] = build_w8a8(models["moge"])
@@ -298,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             call = lambda: generate(models["moge"], ids, max_new_tokens=n, cache="dynamic")  # noqa: E731
             return moge_clocked(call) if clock else call()
 
-        def hf_run(model, cache=None):
+        def hf_run(model, cache=None, loop=None):
             def run(ids, n, clock):
                 c = TokenClock() if clock else None
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                (loop or model.generate)(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0, cache_implementation=cache, streamer=c)
                 return c.step() if clock else None
             return run
@@ -314,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             contenders[OURS[2]] = ours_dynamic
         if "w8a8" in models:
             contenders[W8A8] = ours_static("w8a8")
-        if OURS[3] in names:
-            contenders[OURS[3]] = hf_run(build_wrapper(models["moge"]))
+        if {OURS[3], NO_GRAD} & set(names):
+            wrapper = build_wrapper(models["moge"])
+            if OURS[3] in names:
+                contenders[OURS[3]] = hf_run(wrapper)
+            if NO_GRAD in names:  # transformers' GenerationMixin.generate itself, bypassing the wrapper's
+                contenders[NO_GRAD] = hf_run(wrapper, loop=lambda *a, **k: GenerationMixin.generate(wrapper, *a, **k))
         if set(names) & set(THEIRS):
             qwen = build_qwen(dtype, device)
             print(f"parameters: moge small {count_parameters(get_config('small'))['total']:,}, "
@@ -356,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{done}/{total} round {rnd + 1}] {dt_name:8s} B={b:<3d} {name:36s} {sec * 1e3:9.1f} ms/step"
                           f"  (elapsed {el:.0f}s, ETA {el / done * (total - done):.0f}s)", flush=True)
         for b in args.batches:
-            for name in OURS + THEIRS:
-                if name in OURS and (b, name) in best:
+            for name in MOGE_ROWS + THEIRS:
+                if name in MOGE_ROWS and (b, name) in best:
                     bound = bounds.get((dt_name + " W8A8", b)) if name == W8A8 else None
                     rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note="",
                                      **({"bound": bound} if bound else {})))
@@ -418,11 +419,11 @@ def table(rows: list[dict], bounds: dict) -> list[str]:
         for b in dict.fromkeys(r["batch"] for r in rows):
             sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
             hf = [r["ms"] for r in sel if r["name"] in THEIRS]
-            hf_best = min(hf) if hf else float("nan")
             for r in sel:
                 bound = r.get("bound") or bounds.get((dt, b), float("nan"))  # W8A8: its own (int8 bytes)
+                ratio = f"{min(hf) / r['ms']:.2f}x" if hf else "-"  # transformers not run
                 out.append(f"| {dt} | {b} | {r['name']} {r['note']} | {r['ms']:.1f} | {1e3 * b / r['ms']:,.0f} | "
-                           f"{hf_best / r['ms']:.2f}x | {bound:.1f} | {bound / r['ms']:.0%} |")
+                           f"{ratio} | {bound:.1f} | {bound / r['ms']:.0%} |")
     return out
 
 
@@ -439,7 +440,7 @@ def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
             ax = axes[i][j]
             sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
             ax.barh([r["name"] for r in sel], [r["ms"] for r in sel],
-                    color=["tab:blue" if r["name"] in OURS else "tab:orange" for r in sel])
+                    color=["tab:blue" if r["name"] in MOGE_ROWS else "tab:orange" for r in sel])
             if (dt, b) in bounds:
                 ax.axvline(bounds[(dt, b)], color="k", ls="--", lw=1, label="weights-read bound")
             if (dt + " W8A8", b) in bounds:

@@ -37,22 +37,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from results_md import machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import copy_bandwidth, machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from moge.config import get_config  # noqa: E402
 from moge.model import KVCache, MoGEForCausalLM  # noqa: E402
 from moge.quant import QuantizedExperts, quantize, set_compute  # noqa: E402
 
 SECTION = "## W8A8 (bench_quant.py)"
 PROMPT, PREFILL = 64, 512
-
-
-def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """Bytes per second moved by ``dst.copy_(src)`` (read + write), best of ``repeats``."""
-    src = torch.randn(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * src.numel() * 4 / best
 
 
 def _timed(fn) -> float:

@@ -1,8 +1,8 @@
 """How fast this CPU's matmul kernels stream weights at decode sizes, against a plain read.
 
 Decode reads every weight once, so a step is bound by whichever is slower: memory or the kernel's
-weight-streaming rate. This prints both for the shapes of the ``small`` preset's experts: GB/s of
-weight bytes for a pure read (``sum``), one large matrix-vector product, 200 distinct ``[512, 768]``
+weight-streaming rate. This prints both for the shapes of the ``small`` preset's experts: the copy
+bandwidth ``bench_generate.py``'s bound divides by, then GB/s of weight bytes for a pure read (``sum``), one large matrix-vector product, 200 distinct ``[512, 768]``
 weights (larger than the caches together, as in a step) through ``F.linear``, ``W @ x^T`` and
 oneDNN's packed linear, in float32 and bfloat16 at 1 and 8 rows, and ``torch._int_mm`` (the int8
 product of W8A8). Backs the notes on kernel ceilings in ``benchmarks/RESULTS.md``; prints only.
@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from bench_decode_experts import best_ms  # benchmarks/ is on sys.path: the script's folder
+from results_md import copy_bandwidth
 
 
 def best_s(fn, repeats: int = 10) -> float:
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(f"copy (read + written, 256 MiB)        {copy_bandwidth() / 1e9:6.1f} GB/s  (bench_generate's bound uses this)")
     a = torch.randn(64 * 1024 * 1024)
     print(f"read (sum of 256 MiB)                 {a.numel() * 4 / best_s(a.sum) / 1e9:6.1f} GB/s")
     big, v = torch.randn(32768, 768), torch.randn(768)

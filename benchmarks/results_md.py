@@ -1,10 +1,12 @@
-"""Writing one benchmark's section of ``benchmarks/RESULTS.md`` without touching the others."""
+"""What the benchmarks share: the machine a result came from (its name, its copy bandwidth) and writing
+one benchmark's section of ``benchmarks/RESULTS.md`` without touching the others."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +23,24 @@ def machine(device: torch.device | None = None) -> str:
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def copy_bandwidth(device: torch.device | None = None, repeats: int = 5) -> float:
+    """Bytes read + written per second by a 256 MiB float32 copy on ``device`` (STREAM's copy
+    convention), best of ``repeats``: the memory speed the weights-read bounds divide by."""
+    src = torch.randn(64 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if src.is_cuda:
+            torch.cuda.synchronize(src.device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if src.is_cuda:
+            torch.cuda.synchronize(src.device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
 
 
 def replace_section(path: Path, section: str, body: list[str]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from moge.experts import (SwiGLUExperts, available_backends, default_backend, eager_experts,
                           get_experts_backend, sort_by_expert)
-from moge.linear import TUNE_REPEATS
+from moge.linear import TUNE_REPEATS, MeasuredChoice
 
 N, H, F = 6, 16, 8
 
@@ -178,8 +178,7 @@ def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, 
 
 def test_decode_backend_is_measured_on_the_first_real_calls(monkeypatch):
     import moge.experts_gemv as eg
-    monkeypatch.setattr(eg, "_decode_choice", {})
-    monkeypatch.setattr(eg, "_decode_trials", {})
+    monkeypatch.setattr(eg, "_decode_choice", MeasuredChoice())  # a fresh choice, undone after the test
     calls = []
     for name in eg.DECODE_CANDIDATES:
         real = ex_backend(name)

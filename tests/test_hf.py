@@ -69,7 +69,6 @@ def test_hf_generate_greedy_equals_ours_with_left_padding(hf_model):
 def test_hf_generate_decodes_in_inference_mode_where_the_fast_kernels_apply(hf_model):
     """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.linear's and the
     experts' few-rows kernels apply there only), with the tokens of transformers' ``no_grad`` loop."""
-    from transformers import GenerationMixin
     seen = []
     hook = hf_model.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
     ids = torch.tensor([[1, 5, 9, 33, 70]])
@@ -78,7 +77,7 @@ def test_hf_generate_decodes_in_inference_mode_where_the_fast_kernels_apply(hf_m
         fast = hf_model.generate(ids, **kw)
         assert seen and all(seen)
         seen.clear()
-        plain = GenerationMixin.generate(hf_model, ids, **kw)  # transformers' own, under no_grad
+        plain = transformers.GenerationMixin.generate(hf_model, ids, **kw)  # transformers' own, under no_grad
         assert seen and not any(seen)
     finally:
         hook.remove()

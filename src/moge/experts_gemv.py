@@ -37,14 +37,13 @@ from torch import Tensor
 from . import experts as _experts
 from .experts import is_float_weight, register_experts_backend, sort_pairs
 from .experts_sorted import sorted_experts
-from .linear import few_rows_linear, timed_trial
+from .linear import MeasuredChoice, few_rows_linear
 
 __all__ = ["DECODE_CANDIDATES", "decode_backend", "decode_experts", "gemv_experts"]
 
 # What ``auto`` measures at decode sizes on a CPU, and the choice per key once made.
 DECODE_CANDIDATES = ("gemv", "grouped_mm")
-_decode_choice: dict[tuple, str] = {}
-_decode_trials: dict[tuple, dict[str, list]] = {}
+_decode_choice = MeasuredChoice()
 
 
 def _one_token(x_1H: Tensor, ids_1K: Tensor, w_1K: Tensor, gate_up_N2FH: Tensor, down_NHF: Tensor) -> Tensor:
@@ -98,17 +97,13 @@ def decode_backend(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any
 
 def decode_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
     """``auto``'s experts at decode sizes on CPU: the first calls of a key alternate between
-    :data:`DECODE_CANDIDATES`, each timed (:func:`moge.linear.timed_trial`, 3 calls each, the calls of
+    :data:`DECODE_CANDIDATES`, each timed (:class:`moge.linear.MeasuredChoice`, 3 calls each, the calls of
     all layers with that shape counted together, so the weights are as cold as in a real step), then
     the fastest is kept for the process. Every call computes the real result."""
     args = (x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
     name = decode_backend(*args)
     if name is not None:
         return _experts._BACKENDS[name](*args)
-    key = _decode_key(x_TH, ids_TK, gate_up_N2FH, down_NHF)
     fns = {c: _experts._BACKENDS[c] for c in DECODE_CANDIDATES if c in _experts._BACKENDS}
-    y, winner = timed_trial(_decode_trials.setdefault(key, {}), {c: (lambda f=f: f(*args)) for c, f in fns.items()})
-    if winner is not None:
-        _decode_choice[key] = winner
-        _decode_trials.pop(key, None)
-    return y
+    return _decode_choice.measure(_decode_key(x_TH, ids_TK, gate_up_N2FH, down_NHF),
+                                  {c: (lambda f=f: f(*args)) for c, f in fns.items()})

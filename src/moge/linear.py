@@ -27,9 +27,9 @@ results are repeatable within a process after those first calls. Timing the real
 decode step streams far more weights than the CPU caches hold, and a kernel timed repeatedly on one
 weight (hot in cache) can win there and lose on the cold weight of a real step. The AMD VM chose
 ``F.linear`` that way: the ``small`` model's experts run 1.9x slower with it than with ``W @ x^T``
-(``benchmarks/bench_decode_experts.py``). The trial calls cost nothing extra: both kernels compute the
-same product. ``MOGE_FEW_ROWS_KERNEL`` (``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes
-the choice instead.
+(``benchmarks/bench_decode_experts.py``). The trial calls are the real calls: nothing is computed
+twice, only the slower kernel runs a few times (:class:`MeasuredChoice`). ``MOGE_FEW_ROWS_KERNEL``
+(``linear`` or ``wxt``) or :func:`set_few_rows_kernel` fixes the choice instead.
 
 :class:`Linear` is an ``nn.Linear`` (same parameters, names and init) whose forward takes the chosen
 kernel on CPU for float32 inputs of at most :data:`FEW_ROWS` rows **under** ``torch.inference_mode()``
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FEW_ROWS", "Linear", "few_rows_kernel", "few_rows_linear", "linear", "set_few_rows_kernel",
-           "timed_trial"]
+__all__ = ["FEW_ROWS", "Linear", "MeasuredChoice", "few_rows_kernel", "few_rows_linear", "linear",
+           "set_few_rows_kernel", "timed_trial"]
 
 # Above this many rows F.linear is as fast or faster (and prefill/training never come near it).
 FEW_ROWS = 64
@@ -60,8 +60,6 @@ FEW_ROWS = 64
 TUNE_REPEATS = 3
 KERNELS = ("linear", "wxt")
 
-_chosen: dict[tuple, str] = {}
-_trials: dict[tuple, dict[str, list]] = {}  # key -> kernel -> [best time, calls timed], until chosen
 _forced: str | None = None
 
 
@@ -89,8 +87,7 @@ def set_few_rows_kernel(name: str | None) -> None:
     if name not in (None, "auto", *KERNELS):
         raise ValueError(f"few-rows kernel must be one of {['auto', *KERNELS]}, got {name!r}")
     _forced = None if name in (None, "auto") else name
-    _chosen.clear()
-    _trials.clear()
+    _choice.clear()
 
 
 def _key(rows: int, weight_OI: Tensor, bias_O: Tensor | None) -> tuple:
@@ -101,7 +98,7 @@ def few_rows_kernel(rows: int, weight_OI: Tensor, bias_O: Tensor | None = None) 
     """The kernel (``"linear"`` or ``"wxt"``) used for ``rows`` rows times ``weight``: fixed by
     :func:`set_few_rows_kernel` or the environment, else the one measured fastest on this key's first
     calls; None while those calls are still being timed."""
-    return _forced or _chosen.get(_key(rows, weight_OI, bias_O))
+    return _forced or _choice.get(_key(rows, weight_OI, bias_O))
 
 
 def timed_trial(trials: dict[str, list], candidates: Mapping[str, Callable[[], object]],
@@ -119,6 +116,36 @@ def timed_trial(trials: dict[str, list], candidates: Mapping[str, Callable[[], o
     return out, (min(candidates, key=lambda c: trials[c][0]) if done else None)
 
 
+class MeasuredChoice:
+    """Per-key choices among interchangeable candidates, each made by :func:`timed_trial` on the key's
+    first real calls and then kept (for the process: the few-rows kernel here, the decode experts
+    backend in :mod:`moge.experts_gemv`)."""
+
+    def __init__(self) -> None:
+        self._chosen: dict[tuple, str] = {}
+        self._trials: dict[tuple, dict[str, list]] = {}  # key -> name -> [best time, calls], until chosen
+
+    def get(self, key: tuple) -> str | None:
+        """The candidate chosen for ``key``, or None while it is still being measured."""
+        return self._chosen.get(key)
+
+    def measure(self, key: tuple, candidates: Mapping[str, Callable[[], object]]) -> object:
+        """One timed trial call for ``key`` (its real result); keeps the winner once every candidate
+        has been timed :data:`TUNE_REPEATS` times."""
+        y, winner = timed_trial(self._trials.setdefault(key, {}), candidates)
+        if winner is not None:
+            self._chosen[key] = winner
+            del self._trials[key]
+        return y
+
+    def clear(self) -> None:
+        self._chosen.clear()
+        self._trials.clear()
+
+
+_choice = MeasuredChoice()
+
+
 def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
     """``F.linear`` of 2-D ``x [R, I]`` through the chosen few-rows kernel for float32 on a CPU with
     ``0 < R <= FEW_ROWS`` (whether or not in inference mode: callers decide when), else ``F.linear``."""
@@ -128,13 +155,8 @@ def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = Non
     name = few_rows_kernel(rows, weight_OI, bias_O)
     if name is not None:
         return _KERNEL_FNS[name](x_RI, weight_OI, bias_O)
-    key = _key(rows, weight_OI, bias_O)
-    trials = _trials.setdefault(key, {})
-    y, winner = timed_trial(trials, {k: (lambda f=_KERNEL_FNS[k]: f(x_RI, weight_OI, bias_O)) for k in KERNELS})
-    if winner is not None:
-        _chosen[key] = winner
-        _trials.pop(key, None)
-    return y
+    return _choice.measure(_key(rows, weight_OI, bias_O),
+                           {k: (lambda f=_KERNEL_FNS[k]: f(x_RI, weight_OI, bias_O)) for k in KERNELS})
 
 
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
