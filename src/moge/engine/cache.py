@@ -115,6 +115,21 @@ class StaticKVCache:
         return cls(len(base.layers), batch_size, attn.n_kv, attn.head_dim, capacity,
                    dtype or p.dtype, device or p.device)
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows ``start .. stop-1`` sharing this one's buffers and lengths (views, no copy):
+        writes and length changes through it land here. The continuous-batching scheduler prefills
+        one row alone and decodes a leading bucket of rows this way, with one set of buffers."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.batch_size):
+            raise CacheError(f"rows({start!r}, {stop!r}) is not a non-empty range of the cache's "
+                             f"{self.batch_size} rows")
+        view = object.__new__(StaticKVCache)
+        view.capacity, view.batch_size = self.capacity, stop - start
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.lengths_B = self.lengths_B[start:stop]
+        view._rows_B1 = torch.arange(stop - start, device=self.lengths_B.device).view(stop - start, 1)
+        return view
+
     @property
     def slots(self) -> int:
         """C = capacity + 1 (the scratch slot included)."""
