@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "route": "moge.routing_demo",
     "simulate": "moge.sim.cli",
     "analyze": "moge.analyze",
+    "serve": "moge.serve.cli",
 }
 
 
