@@ -9,6 +9,7 @@ import torch
 from helpers import TINY_CONFIG, single_thread, write_published_checkpoint  # noqa: F401
 from moge.checkpoint import load_pretrained
 from moge.config import MoGEConfig
+from moge.engine.cache import RowSubsetCache, StaticKVCache
 from moge.engine.sampling import sample_next, sample_rows
 from moge.engine.scheduler import AdmissionError, QueueFullError, SamplingParams, Scheduler
 from moge.generate import generate
@@ -85,6 +86,20 @@ def test_seeded_sampling_is_per_request_and_equals_generate(model):
     assert [r.output_ids for r in mixed[:4]] == ref
 
 
+def test_row_views_write_into_the_shared_buffers():
+    c = StaticKVCache(num_layers=1, batch_size=3, num_kv_heads=1, head_dim=1, capacity=4)
+    lead = c.rows(0, 2)
+    k = torch.tensor([[5.0], [6.0]]).view(2, 1, 1, 1)
+    lead.update(k, k, 0, {"position_ids": torch.tensor([[0], [1]])})
+    lead.advance(1)
+    assert c.keys[0][0, 0, 0, 0] == 5 and c.keys[0][1, 0, 1, 0] == 6 and c.lengths_B.tolist() == [1, 1, 0]
+    sub = RowSubsetCache(c, torch.tensor([2, 0]), attend=2)
+    got, _ = sub.update(torch.tensor([[7.0], [8.0]]).view(2, 1, 1, 1), k, 0, {"position_ids": torch.tensor([[0], [1]])})
+    sub.advance(1)
+    assert got.shape == (2, 1, 2, 1) and got[0, 0, 0, 0] == 7 and got[1, 0, :, 0].tolist() == [5, 8]
+    assert c.keys[0][2, 0, 0, 0] == 7 and c.lengths_B.tolist() == [2, 1, 1]
+
+
 def test_sample_rows_gives_each_row_what_sample_next_gives_it_alone():
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
     settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 4, 1.0), (1.5, 0, 0.6), (2.0, 10, 0.9)]
@@ -154,14 +169,14 @@ def test_queue_bound_and_context_check(model):
 
 def test_a_failing_request_fails_alone(model, monkeypatch):
     sched = Scheduler(model, max_batch=3, max_model_len=64)
-    real = Scheduler._prefill_chunk
+    real = Scheduler._prefill_chunks
 
-    def flaky(self, req, n):
-        if req.prompt_ids[-1] == 77:
+    def flaky(self, chunks):
+        if any(req.prompt_ids[-1] == 77 for req, _ in chunks):
             raise RuntimeError("injected")
-        return real(self, req, n)
+        return real(self, chunks)
 
-    monkeypatch.setattr(Scheduler, "_prefill_chunk", flaky)
+    monkeypatch.setattr(Scheduler, "_prefill_chunks", flaky)
     bad_events, bad_cb = collect()
 
     def broken_listener(ev):

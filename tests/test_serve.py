@@ -284,14 +284,14 @@ def test_tokenizer_routes_models_health_metrics(server, library):
 
 
 def test_an_engine_failure_fails_its_request_alone(server, monkeypatch):
-    real = Scheduler._prefill_chunk
+    real = Scheduler._prefill_chunks
 
-    def flaky(self, req, n):
-        if 77 in req.prompt_ids:
+    def flaky(self, chunks):
+        if any(77 in req.prompt_ids for req, _ in chunks):
             raise RuntimeError("injected fault")
-        return real(self, req, n)
+        return real(self, chunks)
 
-    monkeypatch.setattr(Scheduler, "_prefill_chunk", flaky)
+    monkeypatch.setattr(Scheduler, "_prefill_chunks", flaky)
 
     async def main():
         c = client(server, openai.AsyncOpenAI)

@@ -1,8 +1,8 @@
 """Continuous batching: requests join the running batch at the next step and leave the moment they finish.
 
 Shape legend
-    B  rows of the static cache (``max_batch``) or of a decode bucket     S  prompt positions in a chunk
-    V  vocabulary     R  rows that sample
+    B  rows of the static cache (``max_batch``) or of a decode bucket     R  rows in a prefill
+    W  a prefill's width (its longest chunk, others left-padded)     V  vocabulary     H  hidden
 
 Iteration-level scheduling, as vLLM and SGLang do it, on moge's engine pieces. One
 :class:`~moge.engine.cache.StaticKVCache` of ``max_batch`` rows holds every running request, one
@@ -10,10 +10,12 @@ request per row. Each :meth:`Scheduler.step`:
 
 1. handles aborts (a waiting request leaves the queue, a running one frees its row), then admits
    waiting requests first come, first served into free rows (the lowest free row first);
-2. prefills: up to ``prefill_chunk`` prompt tokens of requests still reading their prompt, each row
-   alone through a one-row view of the cache (:meth:`StaticKVCache.rows`), so a long prompt is read
-   over several steps while the other rows keep decoding (chunked prefill, interleaved with decode);
-   a row whose prompt is done samples its first token;
+2. prefills: the next chunk of every request still reading its prompt (``prefill_chunk`` tokens in
+   all, oldest first), left-padded into one forward through a
+   :class:`~moge.engine.cache.RowSubsetCache` of their rows (one pass over the weights for all new
+   requests, wherever their rows are); a long prompt is read over several steps while the other
+   rows keep decoding (chunked prefill, interleaved with decode); a row whose prompt is done samples
+   its first token;
 3. decodes one token for every decoding row with the fixed-shape :class:`~moge.engine.step.DecodeStep`
    over the leading rows, rounded up to a batch bucket (:func:`~moge.engine.graphs.batch_bucket`):
    rows not decoding (free, still prefilling) ride along with a pad token and their stored length
@@ -27,7 +29,8 @@ The model never sees the scheduler: a row's tokens depend only on that row (atte
 routing per token), so a request's greedy output is what :func:`moge.generate.generate` gives for its
 prompt alone, whenever it arrived and whatever else runs. Every outcome reaches the request through
 its ``on_event`` callback, called on the thread that runs :meth:`step`; an exception inside one
-request's work (its prefill, its callback) fails that request alone.
+request's work (its prefill, its callback) fails that request alone (a batched prefill that fails
+is retried row by row to find it).
 
 Prefix reuse (sharing the cache of a common prompt prefix) is not here: rows own contiguous slots.
 It needs a paged cache (fixed-size blocks plus a per-row block table that attention gathers through)
@@ -47,10 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MoGEError
-from .cache import StaticKVCache
+from .cache import RowSubsetCache, StaticKVCache
 from .graphs import batch_bucket
 from .sampling import sample_rows
-from .step import DecodeStep, attended_slots, prefill
+from .step import DecodeStep, attended_slots, lm_head, prefill
 
 __all__ = ["AdmissionError", "Event", "QueueFullError", "Request", "SamplingParams", "Scheduler"]
 
@@ -149,6 +152,7 @@ class Scheduler:
         self.cache = StaticKVCache.for_model(model, max_batch, max_model_len)
         self.device = self.cache.lengths_B.device
         self._steps: dict[int, DecodeStep] = {}
+        self._head = lm_head(model)
         self._rows: list[Request | None] = [None] * max_batch
         self._len = [0] * max_batch  # each row's stored positions, kept on the host
         self._temp_B = torch.zeros(max_batch, device=self.device)
@@ -248,34 +252,58 @@ class Scheduler:
             self._temp_B[row], self._topp_B[row], self._topk_B[row] = p.temperature, p.top_p, p.top_k
 
     def _prefill_some(self) -> None:
-        budget = self.prefill_chunk
+        """The next chunk of every row still reading its prompt (oldest first, ``prefill_chunk`` tokens
+        in all), in one forward; a failure there fails those requests and no other."""
+        budget, chunks = self.prefill_chunk, []
         for req in sorted((r for r in self._rows if r is not None and r.prefilled < len(r.prompt_ids)),
                           key=lambda r: r.arrival):
             if budget <= 0:
-                return
+                break
             n = min(budget, len(req.prompt_ids) - req.prefilled)
             budget -= n
-            try:
-                self._prefill_chunk(req, n)
-            except Exception as e:  # this request's failure is its own
-                self._finish(req, Event(finish_reason="error", error=f"prefill failed: {e}"))
+            chunks.append((req, n))
+        if not chunks:
+            return
+        try:
+            self._prefill_chunks(chunks)
+        except Exception as e:
+            if len(chunks) == 1:  # this request's failure is its own
+                self._finish(chunks[0][0], Event(finish_reason="error", error=f"prefill failed: {e}"))
+                return
+            for chunk in chunks:  # find which one failed: each alone (they rewrite the same slots)
+                self._prefill_some_alone(chunk)
 
-    def _prefill_chunk(self, req: Request, n: int) -> None:
-        row, start = req.row, req.prefilled
-        view = self.cache.rows(row, row + 1)
-        view.lengths_B.fill_(start)
-        ids_1S = torch.tensor([req.prompt_ids[start:start + n]], dtype=torch.long, device=self.device)
-        want_lp = req.params.prompt_logprobs is not None
-        logits_1SV, _ = prefill(self.model, view, ids_1S, logits_to_keep=0 if want_lp else 1,
-                                kv_len=attended_slots(start + n, self.max_model_len))
-        req.prefilled, self._len[row] = start + n, start + n
-        if want_lp:
-            self._prompt_logprobs(req, start, logits_1SV[0])
-        if req.prefilled == len(req.prompt_ids):
-            last_1V = logits_1SV[0, -1:]
-            tok_1 = sample_rows(last_1V, self._temp_B[row:row + 1], self._topk_B[row:row + 1],
-                                self._topp_B[row:row + 1], [req.generator])
-            self._emit_token(req, int(tok_1[0]), last_1V[0])
+    def _prefill_some_alone(self, chunk: tuple[Request, int]) -> None:
+        try:
+            self._prefill_chunks([chunk])
+        except Exception as e:
+            self._finish(chunk[0], Event(finish_reason="error", error=f"prefill failed: {e}"))
+
+    def _prefill_chunks(self, chunks: list[tuple[Request, int]]) -> None:
+        """Left-pad the chunks into ``[R, W]`` and prefill them through a :class:`RowSubsetCache` of their rows."""
+        width = max(n for _, n in chunks)
+        ids_RW = torch.full((len(chunks), width), self.pad, dtype=torch.long)
+        mask_RW = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, (req, n) in enumerate(chunks):
+            ids_RW[i, width - n:] = torch.tensor(req.prompt_ids[req.prefilled:req.prefilled + n])
+            mask_RW[i, width - n:] = 1
+        rows_R = torch.tensor([req.row for req, _ in chunks], device=self.device)
+        self.cache.lengths_B[rows_R] = torch.tensor([req.prefilled for req, _ in chunks], device=self.device)
+        end = max(req.prefilled + n for req, n in chunks)
+        view = RowSubsetCache(self.cache, rows_R, attended_slots(end, self.max_model_len))
+        logits_R1V, h_RWH = prefill(self.model, view, ids_RW.to(self.device), mask_RW.to(self.device),
+                                    kv_len=view.attend)
+        for i, (req, n) in enumerate(chunks):
+            start = req.prefilled
+            req.prefilled = self._len[req.row] = start + n
+            if req.params.prompt_logprobs is not None:
+                self._prompt_logprobs(req, start, self._head(h_RWH[i, width - n:]))
+            if req.prefilled == len(req.prompt_ids):
+                row = req.row
+                last_1V = logits_R1V[i, -1:]
+                tok_1 = sample_rows(last_1V, self._temp_B[row:row + 1], self._topk_B[row:row + 1],
+                                    self._topp_B[row:row + 1], [req.generator])
+                self._emit_token(req, int(tok_1[0]), last_1V[0])
 
     def _prompt_logprobs(self, req: Request, start: int, logits_SV: Tensor) -> None:
         """Log-probabilities of prompt tokens ``start+1 ..`` from this chunk's logits (the first prompt
