@@ -14,6 +14,7 @@ from moge.engine.sampling import sample_next, sample_rows
 from moge.engine.scheduler import AdmissionError, QueueFullError, SamplingParams, Scheduler
 from moge.generate import generate
 from moge.model import MoGEForCausalLM
+from moge.quant import is_quantized, quantize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -202,13 +203,16 @@ def test_many_requests_leave_nothing_behind(model):
     assert sched._len == [0] * 4
 
 
-@pytest.mark.parametrize("router", ["moge", "topk"])
-def test_routers_and_dtypes(router):
+@pytest.mark.parametrize("router,w8a8", [("moge", False), ("topk", False), ("moge", True)])
+def test_routers_and_w8a8(router, w8a8):
     cfg = MoGEConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      num_experts=8, num_experts_per_tok=4, num_groups=4, moe_intermediate_size=16,
                      shared_expert_intermediate_size=24, router=router, initializer_range=0.2)
     torch.manual_seed(0)
     m = MoGEForCausalLM(cfg).eval()
+    if w8a8:  # the int8 model a W8A8 checkpoint loads as
+        quantize(m, torch.randint(3, 97, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+        assert is_quantized(m)
     sched = Scheduler(m, max_batch=2, max_model_len=48)
     reqs = staggered(sched, PROMPTS[:5], [SamplingParams(max_tokens=n) for n in MAX_TOKENS[:5]])
     for r, p, n in zip(reqs, PROMPTS, MAX_TOKENS):

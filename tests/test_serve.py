@@ -376,3 +376,11 @@ def test_cli_errors_and_sigterm_drains(ckpt, tmp_path, capsys, monkeypatch):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_chat_template_is_the_one_transformers_renders(ckpt, server):
+    from transformers import AutoTokenizer
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello moge"}]
+    hf = AutoTokenizer.from_pretrained(str(ckpt)).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert hf == "<bos>system: be brief\nuser: hello moge\nassistant:"
+    assert server.app.state.tokenizer.render_chat(msgs, True) == hf

@@ -85,6 +85,7 @@ def create_app(engine: AsyncEngine, tokenizer: ServeTokenizer, model_name: str, 
 
     app = FastAPI(title="moge serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.state.engine, app.state.tokenizer = engine, tokenizer
 
     def authorized(request: Request) -> None:
         if api_key is None:
