@@ -3,7 +3,7 @@
 Model: the ``small`` preset (H=768, 12 layers, 64 experts in 8 groups, K=8, V=32000), random weights,
 float32, with a word-level tokenizer of its 32000 ids (so every token is one word and streams as
 one event). Each request: a prompt of ``--prompt-len`` random token ids, ``--output-len`` new tokens,
-greedy, ``ignore_eos`` (every request runs to its length), streamed over loopback.
+greedy, streamed over loopback.
 
 Contenders, measured in the same run, ``--rounds`` interleaved rounds, best kept (the machine is shared):
 
@@ -13,6 +13,8 @@ Contenders, measured in the same run, ``--rounds`` interleaved rounds, best kept
   requests per client), then Poisson arrivals at ``--rates`` requests/s.
 * ``engine generate``: ``moge.generate`` in this process on the same prompts as one batch of 1, 4 or
   16 rows, prefill included: what the server's scheduler and HTTP layer cost is the gap.
+* ``--transformers-serve``: ``transformers serve --continuous-batching`` on transformers' Qwen2-MoE at the
+  same shapes (bench_generate's peer), random weights, the same tokenizer, the same thread count.
 * ``--url NAME=URL`` (repeatable): any running OpenAI-compatible server given by its base URL
   (``http://127.0.0.1:8001``), at the same concurrency levels, same token-id prompts.
 
@@ -32,22 +34,26 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from moge.checkpoint import save_model  # noqa: E402
+from moge.checkpoint import load_pretrained, save_model  # noqa: E402
 from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM  # noqa: E402
+from bench_generate import build_qwen  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from results_md import machine, replace_section  # noqa: E402
 
 SECTION = "## Serving (bench_serve.py)"
@@ -56,8 +62,6 @@ CONCURRENCY = (1, 4, 16)
 
 def write_checkpoint(directory: Path, seed: int = 0) -> Path:
     """The ``small`` preset with random weights and a word-level tokenizer over its vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     cfg = get_config("small")
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, cfg.vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -150,47 +154,68 @@ def engine_generate(model, engine: DecodeEngine, prompts: list[list[int]], outpu
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
 
-def start_server(ckpt: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "moge", "serve", str(ckpt), "--port", str(port), "--max-batch", str(max_batch),
-           "--max-model-len", "512", "--threads", str(threads), "--served-model-name", "small"]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+def write_qwen_checkpoint(directory: Path, tokenizer_json: Path) -> Path:
+    """transformers' Qwen2-MoE at the small preset's shapes (bench_generate's peer), random weights,
+    with the same word-level tokenizer: what ``transformers serve`` loads."""
+    d = directory / "qwen"
+    build_qwen(torch.float32, torch.device("cpu")).save_pretrained(d)
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>",
+        "model_max_length": 4096}))
+    return d
+
+
+def start_server(ckpt: Path, port: int, max_batch: int, threads: int, peer: str = "moge") -> subprocess.Popen:
+    if peer == "moge":
+        cmd = [sys.executable, "-m", "moge", "serve", str(ckpt), "--port", str(port), "--max-batch", str(max_batch),
+               "--max-model-len", "512", "--threads", str(threads), "--served-model-name", "small"]
+    else:  # transformers serve, its continuous batching on, same thread count
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(ckpt), "--continuous-batching",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
-            import urllib.request
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError("moge serve exited before it was ready")
+                raise RuntimeError(f"{cmd[0]} {cmd[1]} exited before it was ready")
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("moge serve did not start in 300 s")
+    raise RuntimeError(f"{cmd[0]} {cmd[1]} did not start in 300 s")
 
 
 def model_name(host: str, port: int) -> str:
-    import urllib.request
     with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=10) as r:
         return json.loads(r.read())["data"][0]["id"]
 
 
 def bodies_for(prompts, output_len: int, model: str) -> list[dict]:
-    return [{"model": model, "prompt": p, "max_tokens": output_len, "temperature": 0, "stream": True,
-             "ignore_eos": True} for p in prompts]
+    """Streamed greedy completions; the prompt as its words (``w123 ...``, one token each with the
+    word-level tokenizer, ``<bos>`` added by the server as it does), which every server accepts."""
+    # No ignore_eos (transformers serve refuses unknown fields): the random models' EOS comes up about
+    # once in 32000 tokens, and tokens are counted as they stream.
+    return [{"model": model, "prompt": " ".join(f"w{i}" for i in p[1:]), "max_tokens": output_len, "temperature": 0,
+             "stream": True} for p in prompts]
 
 
-def run_round(args, results: dict, prompts, servers: dict[str, tuple[str, int]], model, engines) -> None:
+def run_round(args, results: dict, prompts, servers: dict[str, tuple[str, int, str]], model, engines) -> None:
     """One interleaved round: for each concurrency the engine's batch, then each server; then Poisson."""
     for c in CONCURRENCY:
         n = 2 * c if c > 1 else 3
         r = engine_generate(model, engines[c], prompts[:c], args.output_len)
         keep(results, "engine generate", f"c{c}", r)
-        for name, (host, port) in servers.items():
-            bodies = bodies_for(prompts[:n], args.output_len, model_name(host, port))
+        if c == 1:  # the engine's prefill alone (one token out), for the TTFT check
+            keep(results, "engine generate", "prefill1", engine_generate(model, engines[1], prompts[:1], 1))
+        for name, (host, port, served) in servers.items():
+            bodies = bodies_for(prompts[:n], args.output_len, served)
             keep(results, name, f"c{c}", asyncio.run(fixed_concurrency(host, port, bodies, c)))
         print(json.dumps({k: v.get(f"c{c}") for k, v in results.items()}), flush=True)
-    host, port = servers["moge serve"]
+    host, port, _ = servers["moge serve"]
     for rate in args.rates:
         bodies = bodies_for(prompts[:args.poisson_requests], args.output_len, "small")
         keep(results, "moge serve", f"rate{rate}", asyncio.run(poisson(host, port, bodies, rate)))
@@ -215,7 +240,7 @@ def report(args, results: dict, mach: str) -> list[str]:
              "| contender | " + " | ".join(f"concurrency {c}" for c in CONCURRENCY) + " |",
              "|---|" + "---|" * len(CONCURRENCY)]
     for name, rs in results.items():
-        cells = []
+        cells = []  # (engine generate's prefill1 entry is not a column)
         for c in CONCURRENCY:
             r = rs.get(f"c{c}")
             if r is None:
@@ -233,6 +258,11 @@ def report(args, results: dict, mach: str) -> list[str]:
         s = srv[f"c{c}"]
         lines.append(f"| {c} | {s['tok_s'] / eng[f'c{c}']['tok_s']:.0%} | {s['ttft_p50_ms']:.0f} / "
                      f"{s['ttft_p99_ms']:.0f} | {s['itl_p50_ms']:.1f} / {s['itl_p99_ms']:.1f} |")
+    pre = eng["prefill1"]["wall_s"]
+    step = (eng["c1"]["wall_s"] - pre) / max(args.output_len - 1, 1)
+    lines += ["", f"TTFT at concurrency 1: p50 {srv['c1']['ttft_p50_ms']:.0f} ms against the engine's prefill of "
+              f"one {args.prompt_len}-token prompt ({pre * 1e3:.0f} ms) + two decode steps ({2 * step * 1e3:.0f} ms) = "
+              f"{(pre + 2 * step) * 1e3:.0f} ms, in the same run."]
     lines += ["", f"Poisson arrivals ({args.poisson_requests} requests per rate):", "",
               "| rate (req/s) | output tok/s | TTFT p50 ms | TPOT p50 / p99 ms |", "|---|---|---|---|"]
     best = None
@@ -280,31 +310,38 @@ def main() -> None:
     p.add_argument("--tpot-limit-ms", type=float, default=100.0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--url", action="append", default=[], help="NAME=http://HOST:PORT of another OpenAI-compatible server")
+    p.add_argument("--transformers-serve", action="store_true",
+                   help="also start `transformers serve --continuous-batching` on a Qwen2-MoE at the same shapes")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.checkpoint or write_checkpoint(Path(tmp.name))
-    from moge.checkpoint import load_pretrained
     model = load_pretrained(ckpt)
     prompts = make_prompts(max(32, args.poisson_requests), args.prompt_len, model.config.vocab_size)
     engines = {c: DecodeEngine(model, args.prompt_len + args.output_len) for c in CONCURRENCY}
     for c in CONCURRENCY:  # warm the engine's kernels and measured choices at every batch size
         engine_generate(model, engines[c], prompts[:c], 4)
-    proc = start_server(ckpt, args.port, args.max_batch, args.threads)
+    procs = [start_server(ckpt, args.port, args.max_batch, args.threads)]
     try:
-        servers = {"moge serve": ("127.0.0.1", args.port)}
+        servers = {"moge serve": ("127.0.0.1", args.port, "small")}
+        if args.transformers_serve:
+            qwen = write_qwen_checkpoint(Path(tmp.name), ckpt / "tokenizer.json")
+            procs.append(start_server(qwen, args.port + 1, args.max_batch, args.threads, peer="transformers"))
+            servers["transformers serve --continuous-batching"] = ("127.0.0.1", args.port + 1, str(qwen))
         for spec in args.url:
             name, url = spec.split("=", 1)
             host, port = url.split("//", 1)[-1].rstrip("/").split(":")
-            servers[name] = (host, int(port))
-        asyncio.run(fixed_concurrency("127.0.0.1", args.port, bodies_for(prompts[:16], 4, "small"), 16))  # warm
+            servers[name] = (host, int(port), model_name(host, int(port)))
+        for host, port, name in servers.values():  # warm each server's kernels at every batch size
+            asyncio.run(fixed_concurrency(host, port, bodies_for(prompts[:16], 4, name), 16))
         results: dict = {"engine generate": {}}
         for _ in range(args.rounds):
             run_round(args, results, prompts, servers, model, engines)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
     lines = report(args, results, machine())
     print("\n".join(lines))
     if not args.no_write:

@@ -11,7 +11,8 @@ from moge.checkpoint import load_pretrained
 from moge.config import MoGEConfig
 from moge.engine.cache import RowSubsetCache, StaticKVCache
 from moge.engine.sampling import sample_next, sample_rows
-from moge.engine.scheduler import AdmissionError, QueueFullError, SamplingParams, Scheduler
+from moge.engine.request import AdmissionError, QueueFullError, SamplingParams
+from moge.engine.scheduler import Scheduler
 from moge.generate import generate
 from moge.model import MoGEForCausalLM
 from moge.quant import is_quantized, quantize
@@ -215,5 +216,19 @@ def test_routers_and_w8a8(router, w8a8):
         assert is_quantized(m)
     sched = Scheduler(m, max_batch=2, max_model_len=48)
     reqs = staggered(sched, PROMPTS[:5], [SamplingParams(max_tokens=n) for n in MAX_TOKENS[:5]])
+    for r, p, n in zip(reqs, PROMPTS, MAX_TOKENS):
+        assert r.output_ids == alone(m, p, n)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decoding_equals_generate_alone():
+    cfg = MoGEConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     num_experts=8, num_experts_per_tok=4, num_groups=4, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=24, initializer_range=0.2)
+    torch.manual_seed(0)
+    m = MoGEForCausalLM(cfg).cuda().eval()
+    sched = Scheduler(m, max_batch=4, max_model_len=64)
+    assert sorted(sched._graphs) == [1, 2, 4]
+    reqs = staggered(sched, PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS])
     for r, p, n in zip(reqs, PROMPTS, MAX_TOKENS):
         assert r.output_ids == alone(m, p, n)

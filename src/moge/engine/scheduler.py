@@ -20,7 +20,8 @@ request per row. Each :meth:`Scheduler.step`:
    over the leading rows, rounded up to a batch bucket (:func:`~moge.engine.graphs.batch_bucket`):
    rows not decoding (free, still prefilling) ride along with a pad token and their stored length
    is restored from the host's count before every call, so their one written slot is overwritten by
-   their next real token before any query can read it;
+   their next real token before any query can read it; on CUDA each bucket's step is one CUDA graph
+   (:class:`~moge.engine.graphs.GraphedStep`), captured when the scheduler is built;
 4. samples with each row's own settings (:func:`~moge.engine.sampling.sample_rows`: per-row
    temperature / top-k / top-p tensors, a generator per seeded request), checks stop conditions
    (max_tokens, EOS, stop token ids, stop strings) and frees finished rows.
@@ -43,77 +44,19 @@ import collections
 import itertools
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import MoGEError
 from .cache import RowSubsetCache, StaticKVCache
-from .graphs import batch_bucket
+from .graphs import GraphCaptureError, GraphedStep, batch_bucket
+from .request import AdmissionError, Event, QueueFullError, Request, SamplingParams
 from .sampling import sample_rows
 from .step import DecodeStep, attended_slots, lm_head, prefill
 
-__all__ = ["AdmissionError", "Event", "QueueFullError", "Request", "SamplingParams", "Scheduler"]
-
-
-class AdmissionError(MoGEError, ValueError):
-    """A request the scheduler cannot take (too long for the context, bad settings); a client error."""
-
-
-class QueueFullError(MoGEError, RuntimeError):
-    """The waiting queue holds ``max_queue`` requests already; retry later (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding settings. ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off;
-    ``seed`` gives the request its own generator (same seed, same prompt: same tokens); ``logprobs``
-    (top-N, 0 = the chosen token's only) for each new token, ``prompt_logprobs`` likewise for the prompt."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-
-
-@dataclass
-class Event:
-    """What a request hears after a step: a new ``token`` (with its log-probability and top-N when asked),
-    the prompt's log-probabilities (once, before the first token), and ``finish_reason`` on the last
-    event: ``"stop"`` (EOS, a stop id or string), ``"length"``, ``"abort"`` or ``"error"`` (``error``
-    says why)."""
-
-    token: int | None = None
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    """A request's state inside the scheduler; ``output_ids`` grows as it decodes."""
-
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    arrival: float = field(default_factory=time.perf_counter)
-    output_ids: list[int] = field(default_factory=list)
-    row: int | None = None
-    prefilled: int = 0
-    finished: bool = False
-    generator: torch.Generator | None = None
-    _prompt_lp: list = field(default_factory=list)
+__all__ = ["Scheduler"]
 
 
 def _top(logprobs_V: Tensor, n: int) -> dict[int, float]:
@@ -134,7 +77,8 @@ class Scheduler:
 
     def __init__(self, model: nn.Module, max_batch: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, eos_token_ids: Sequence[int] = (),
-                 pad_token_id: int = 0, decode: Callable[[list[int]], str] | None = None):
+                 pad_token_id: int = 0, decode: Callable[[list[int]], str] | None = None,
+                 cuda_graphs: bool | None = None):
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None)
         max_model_len = max_model_len or limit
@@ -152,6 +96,7 @@ class Scheduler:
         self.cache = StaticKVCache.for_model(model, max_batch, max_model_len)
         self.device = self.cache.lengths_B.device
         self._steps: dict[int, DecodeStep] = {}
+        self._graphs: dict[int, GraphedStep] = {}
         self._head = lm_head(model)
         self._rows: list[Request | None] = [None] * max_batch
         self._len = [0] * max_batch  # each row's stored positions, kept on the host
@@ -162,6 +107,21 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """One CUDA graph of the decode step per batch bucket, captured now: a capture writes a few slots
+        of every row in its bucket, harmless only before any request holds a row."""
+        if self.device.type != "cuda":
+            raise AdmissionError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
+        for b in sorted({min(batch_bucket(n), self.max_batch) for n in range(1, self.max_batch + 1)}):
+            try:
+                self._graphs[b] = GraphedStep(self._step(b))
+            except GraphCaptureError as e:
+                warnings.warn(f"{e}; the scheduler decodes without CUDA graphs", stacklevel=3)
+                self._graphs.clear()
+                return
 
     # ---- thread-safe surface --------------------------------------------------------------------
 
@@ -315,17 +275,24 @@ class Scheduler:
         for i, tok in enumerate(nxt):
             req._prompt_lp.append((float(lp_SV[i, tok]), _top(lp_SV[i], req.params.prompt_logprobs)))
 
-    def _decode(self, decoding: list[Request]) -> None:
-        b = min(batch_bucket(max(r.row for r in decoding) + 1), self.max_batch)
+    def _step(self, b: int) -> DecodeStep:
+        """The fixed-shape decode step over the leading ``b`` rows (views of the one cache)."""
         if b not in self._steps:
             self._steps[b] = DecodeStep(self.model, self.cache.rows(0, b))
+        return self._steps[b]
+
+    def _decode(self, decoding: list[Request]) -> None:
+        b = min(batch_bucket(max(r.row for r in decoding) + 1), self.max_batch)
         ids_B1 = torch.full((b, 1), self.pad, dtype=torch.long)
         for r in decoding:
             ids_B1[r.row, 0] = r.output_ids[-1]
         self.cache.lengths_B[:b].copy_(torch.tensor(self._len[:b]))
         kv_len = attended_slots(max(self._len[r.row] for r in decoding) + 1, self.max_model_len)
         try:
-            logits_BV = self._steps[b](ids_B1.to(self.device), kv_len=kv_len)[0][:, -1]
+            if b in self._graphs:  # the full cache length, replayed
+                logits_BV = self._graphs[b](ids_B1.to(self.device))[0][:, -1]
+            else:
+                logits_BV = self._step(b)(ids_B1.to(self.device), kv_len=kv_len)[0][:, -1]
             tokens = sample_rows(logits_BV, self._temp_B[:b], self._topk_B[:b], self._topp_B[:b],
                                  [None if q is None else q.generator for q in self._rows[:b]]).tolist()
         except Exception as e:  # a batch-wide failure fails the rows in it, not the scheduler

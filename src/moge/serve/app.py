@@ -71,29 +71,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param + ': ' if param else ''}{e.get('msg', 'invalid value')}", param
 
 
-def create_app(engine: AsyncEngine, tokenizer: ServeTokenizer, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The server's app around a started-or-not ``engine`` (started by the app's lifespan, drained and
-    stopped when the server shuts down)."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if not engine._thread.is_alive():
-            engine.start()
-        yield
-        engine.stop(drain=True, timeout=60)
-
-    app = FastAPI(title="moge serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.state.engine, app.state.tokenizer = engine, tokenizer
-
-    def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise ServeError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
-
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON: our refusals, FastAPI's validation and HTTP errors, and crashes."""
     @app.exception_handler(ServeError)
     async def _serve_error(request, exc: ServeError):
         return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param), status_code=exc.status)
@@ -115,6 +94,31 @@ def create_app(engine: AsyncEngine, tokenizer: ServeTokenizer, model_name: str, 
     async def _crash(request, exc: Exception):
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
+
+def create_app(engine: AsyncEngine, tokenizer: ServeTokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = 4 << 20) -> FastAPI:
+    """The server's app around a started-or-not ``engine`` (started by the app's lifespan, drained and
+    stopped when the server shuts down)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not engine.started:
+            engine.start()
+        yield
+        engine.stop(drain=True, timeout=60)
+
+    app = FastAPI(title="moge serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.state.engine, app.state.tokenizer = engine, tokenizer
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            raise ServeError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+
+    _install_error_handlers(app)
     routes = OpenAIRoutes(engine, tokenizer, model_name)
     guard = [Depends(authorized)]
     app.post("/v1/completions", dependencies=guard)(routes.completions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from ..engine.scheduler import Event
+from ..engine.request import Event
 from .engine import Stream
 from .protocol import ServeError
 from .text import ServeTokenizer, TextStream

@@ -73,7 +73,8 @@ def build(args: argparse.Namespace):
     from tokenizers import Tokenizer
 
     from ..checkpoint import CheckpointError, confined, load_pretrained
-    from ..engine.scheduler import AdmissionError, Scheduler
+    from ..engine.request import AdmissionError
+    from ..engine.scheduler import Scheduler
 
     tok_path = confined(ckpt, "tokenizer.json")
     if not tok_path.is_file():

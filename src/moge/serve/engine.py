@@ -21,7 +21,8 @@ import traceback
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..engine.scheduler import Event, SamplingParams, Scheduler
+from ..engine.request import Event, SamplingParams
+from ..engine.scheduler import Scheduler
 
 __all__ = ["AsyncEngine", "Stream"]
 
@@ -106,6 +107,10 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     @property
     def alive(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..engine.scheduler import SamplingParams
+from ..engine.request import SamplingParams
 
 __all__ = ["ChatRequest", "CompletionRequest", "DetokenizeRequest", "ServeError", "TokenizeRequest",
            "error_body", "sampling_params"]

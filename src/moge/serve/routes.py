@@ -18,7 +18,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine.scheduler import AdmissionError, QueueFullError
+from ..engine.request import AdmissionError, QueueFullError
 from .choices import Choice, chat_logprobs, collect, completion_logprobs, merged
 from .engine import AsyncEngine
 from .protocol import MAX_N, ChatRequest, CompletionRequest, ServeError, error_body, sampling_params
