@@ -249,7 +249,7 @@ def _load(path: str, device: str):
 def _tokenizer(path: str | None, ckpt: str):
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(path or Path(ckpt))
+    return load_tokenizer(Path(path or ckpt).expanduser())
 
 
 def run(args: argparse.Namespace) -> int:

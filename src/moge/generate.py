@@ -217,7 +217,7 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_pretrained
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt} does not exist" if not ckpt.exists()
                               else f"{ckpt} is not a checkpoint directory")

@@ -159,7 +159,7 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
     if model_args or kwargs:
         raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained got unsupported arguments: "
                                        f"{sorted(kwargs) + [repr(a) for a in model_args]}")
-    path = Path(path) / subfolder
+    path = Path(path).expanduser() / subfolder
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a local checkpoint directory (Pangu Pro MoE checkpoints load "
                               "from local released-layout directories only)")

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from .quant import QuantError, quantize
     from .tokenizer import load_tokenizer
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt} does not exist" if not ckpt.exists()
                               else f"{ckpt} is not a checkpoint directory")

@@ -64,7 +64,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     A file is read as a :class:`MoGEForCausalLM` state dict with stacked or per-expert expert names and
     needs ``config`` (or a ``config.json`` next to it). Tensors are checked against the config.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise CheckpointError(f"source {src} does not exist")
     if dst.exists() and not dst.is_dir():

@@ -71,8 +71,10 @@ def verify_against_manifest(directory: Path, files) -> bool:
     (paths of shards) against it, streaming each file through SHA-256; False when it has none."""
     from .training_state import verify_files
 
+    # Shard paths were built by joining names onto ``directory`` (see weight_files), so relative_to
+    # recovers the name exactly, whether ``directory`` is relative, absolute or a symbolic link.
     names = [CONFIG_NAME] + ([INDEX_NAME] if (directory / INDEX_NAME).is_file() else []) + sorted(
-        {str(Path(f).relative_to(directory)) if Path(f).is_absolute() else str(f) for f in files})
+        {Path(f).relative_to(directory).as_posix() for f in files})
     return verify_files(directory, names)
 
 
@@ -129,7 +131,7 @@ def read_config(directory: str | Path) -> MoGEConfig:
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
-    path = Path(directory)
+    path = Path(directory).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_dir():
@@ -156,7 +158,7 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     it (SHA-256, streamed) before anything is read, and every tensor is refused, by name, if it holds
     NaN or inf; see ``docs/checkpoints.md`` for the cost.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     refuse_quantized(directory)
@@ -265,7 +267,7 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"load_pretrained(directory) must be a str or Path, got {type(directory).__name__}")
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist" if not directory.exists()
                               else f"{directory} is not a directory")

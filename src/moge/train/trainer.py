@@ -50,7 +50,7 @@ class Trainer(CheckpointMixin):
         from ..parallel import DistInfo
 
         self.bar_position = bar_position
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out).expanduser()
         self._lock = DirectoryLock(self.out)
         # Expert parallelism: rank / world / group / device of this process (one process: world 1).
         self.dist = dist if dist is not None else DistInfo(0, 1, 0, None, torch.device("cpu"))
