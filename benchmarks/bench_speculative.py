@@ -45,8 +45,8 @@ DEFAULT_CKPT = "/work/runs/mtp/mtp1"
 def corpus_prompts(tokenizer, batch: int, prompt_len: int) -> torch.Tensor:
     """``[batch, prompt_len]``: ``<bos>`` + the first tokens of validation documents long enough,
     taking the domains in turn (code, prose, math, code, ...)."""
-    from moge.data import builtin_corpus, split_documents
-    from moge.tokenizer import BOS_ID, encode_batch
+    from moge.data.corpus import builtin_corpus, split_documents
+    from moge.data.tokenizer import BOS_ID, encode_batch
 
     _, val = split_documents(builtin_corpus())
     by_domain: dict[str, list[list[int]]] = {}
@@ -95,7 +95,7 @@ def speculative_rows(model: torch.nn.Module, prompts_BP: torch.Tensor, batches=(
         steps, row_steps, accepted, identical = 0, 0, None, True
         for ids in sets:
             stats: dict = {}
-            spec_out = spec_dec.generate(ids, None, new_tokens, stats=stats)
+            spec_out = spec_dec.decode(ids, None, new_tokens, stats=stats)
             identical &= bool(torch.equal(spec_out, run("plain", new_tokens, ids)))
             steps += stats["steps"]
             row_steps += stats["row_steps"]
@@ -161,7 +161,7 @@ def cost_analysis(model: torch.nn.Module, prompts_BP: torch.Tensor, new_tokens: 
             distinct.clear()
             for i in range(prompts_BP.shape[0]):
                 stats: dict = {}
-                dec.generate(prompts_BP[i:i + 1], None, new_tokens, stats=stats)
+                dec.decode(prompts_BP[i:i + 1], None, new_tokens, stats=stats)
                 steps += stats["steps"]
             for k in best:
                 best[k] = min(best[k], 1e3 * times[k] / steps)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from moge.checkpoint import load_pretrained
-    from moge.tokenizer import load_tokenizer
+    from moge.data.tokenizer import load_tokenizer
 
     ckpt = Path(args.checkpoint)
     model = load_pretrained(ckpt, dtype=args.dtype).eval()

@@ -31,12 +31,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from moge.checkpoint import load_pretrained  # noqa: E402
-from moge.data import Document, pack_documents  # noqa: E402
+from moge.data.corpus import Document, pack_documents  # noqa: E402
 from moge.quant import calibration_rows, quantize  # noqa: E402
 from moge.quant.calibrate import decoder_layers  # noqa: E402
 from moge.quant.quality import compare  # noqa: E402
-from moge.quantize import texts_for  # noqa: E402
-from moge.tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer  # noqa: E402
+from moge.cli.quantize import texts_for  # noqa: E402
+from moge.data.tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer  # noqa: E402
 
 VARIANTS = [("expert-aware", "static"), ("per-expert", "static"), ("none", "static"), ("expert-aware", "dynamic")]
 # ablation (checkpoint as trained only): smooth only the inputs norms produce, not down-projection / o_proj inputs

@@ -6,7 +6,7 @@ import pytest
 from helpers import single_thread  # noqa: F401 (fixture)
 
 from moge.cli import main as cli_main
-from moge.report import read_metrics, summarize
+from moge.analysis.report import read_metrics, summarize
 
 # One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -5,7 +5,7 @@ directory (``model_type`` ``"PanguProMoE"``, or the draft ``"PanGuMoE"``; no ``t
 into :class:`PanguProMoEForCausalLM`; ``AutoModel`` gives the base model :class:`PanguProMoEModel`
 and the sequence-classification, token-classification and question-answering Auto classes give
 transformers' generic heads on it (:mod:`moge.hf_heads`). Every class holds our
-:class:`~moge.model.MoGEModel`; the causal LM's head, tying and losses are :mod:`moge.model`'s own
+:class:`~moge.model.decoder.MoGEModel`; the causal LM's head, tying and losses are :mod:`moge.model.decoder`'s own
 functions, not copies. Loading and saving go through :mod:`moge.checkpoint` (memory-mapped, experts
 stacked on load, split on save; see :mod:`moge.hf_loading`).
 
@@ -39,8 +39,9 @@ from .hf_config import PanGuMoEConfig, PanguProMoEConfig
 from .hf_forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
                          run_backbone)
 from .hf_loading import backbone_path, load, to_checkpoint_names, to_model_names
+from .experts import use_kernels
 from .model import MoGEModel, head_forward, init_module, make_lm_head
-from .mtp import make_predictors
+from .model.mtp import make_predictors
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
            "PanguProMoEModel", "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
@@ -174,8 +175,9 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         self.moge_config = config.to_moge_config()
         self.model = MoGEModel(self.moge_config)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
-        # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
+        # MTP predictors (moge.model.mtp) are kept and saved, but forward / generate use the main model only.
         self.mtp = make_predictors(self.moge_config)
+        use_kernels(self, self.model.kernels)  # the head and predictors share the base model's kernel choices
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -192,7 +194,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate``, run under ``torch.inference_mode()`` instead of its ``no_grad``,
-        so its decode steps take moge's few-rows CPU kernels (:mod:`moge.linear`, the experts' ``gemv``),
+        so its decode steps take moge's few-rows CPU kernels (:mod:`moge.experts.linear`, the experts' ``gemv``),
         which apply in inference mode only. As with :func:`moge.generate.generate`, the returned tensors
         are inference tensors: ``.clone()`` them to feed autograd."""
         with torch.inference_mode():

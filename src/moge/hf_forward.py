@@ -1,4 +1,4 @@
-"""The transformers wrapper's forward around :class:`~moge.model.MoGEModel`: inputs as transformers
+"""The transformers wrapper's forward around :class:`~moge.model.decoder.MoGEModel`: inputs as transformers
 passes them, outputs as transformers' decoder models return them.
 
 Inputs. The cache comes as a ``DynamicCache`` (or moge's ``KVCache``) or as a transformers static
@@ -16,7 +16,7 @@ when they are not asked for.
 
 Shape legend (the package's)
     B batch   S new positions   L key/value positions (past + S)   H hidden   Hq / Hkv query / key-value
-    heads (``h`` / ``g`` in suffixes, as in :mod:`moge.model`)   D head dim
+    heads (``h`` / ``g`` in suffixes, as in :mod:`moge.model.decoder`)   D head dim
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from .errors import MoGEError
-from .layer import RouterStats
-from .attention import apply_rope
+from .model.moe import RouterStats
+from .model.attention import apply_rope
 from .model import MoGEModel
 
 
@@ -77,7 +77,7 @@ def bool_mask(mask_B1SL: Tensor, past: int) -> Tensor:
 
     Boolean masks are taken as they are; float masks are additive (0 = attend). Columns past the filled
     positions of a static cache are dropped, and a query row with nothing to attend (a padded position)
-    attends to itself, as :func:`moge.model.build_attention_mask` does, so SDPA never sees an empty row.
+    attends to itself, as :func:`moge.model.decoder.build_attention_mask` does, so SDPA never sees an empty row.
     """
     allowed = mask_B1SL if mask_B1SL.dtype == torch.bool else mask_B1SL == 0
     s = allowed.shape[-2]

@@ -1,7 +1,7 @@
 """``from_pretrained`` / ``save_pretrained`` of the transformers wrapper classes: moge's memory-mapped
 loader (:mod:`moge.checkpoint`) behind transformers' keywords.
 
-A checkpoint's ``model.*`` tensors are the backbone (:class:`~moge.model.MoGEModel`) wherever a class
+A checkpoint's ``model.*`` tensors are the backbone (:class:`~moge.model.decoder.MoGEModel`) wherever a class
 keeps it (``model`` in the causal LM and the base model, ``model.model`` in heads built on the base
 model). The backbone must be complete and of the right shapes (else ``CheckpointError`` naming the
 tensors). A class's own head (``lm_head``, ``score``, ``qa_outputs``) that the checkpoint lacks is

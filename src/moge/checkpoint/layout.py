@@ -15,7 +15,7 @@ metadata files:
 * Config. :func:`released_config_dict` writes what the released loaders read (``model_type:
   "PanguProMoE"``, ``architectures: ["PanguProMoEForCausalLM"]``, every released key, ``torch_dtype``)
   and our own keys only where they differ from what the released model implies.
-  :func:`config_from_dict` reads a released (or draft ``PanGuMoE``, or older moge) config, filling
+  :func:`config_from_dict` reads a released (or pre-release ``PanGuMoE``, or older moge) config, filling
   pad/bos/eos from the directory's tokenizer when the config lacks them.
 
 Shape legend
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from .io import CheckpointError, confined, listing, read_json
+
 
 RELEASED_MODEL_TYPE = "PanguProMoE"
 RELEASED_ARCHITECTURE = "PanguProMoEForCausalLM"
@@ -312,7 +313,7 @@ def special_token_ids(directory: str | Path) -> dict[str, int]:
 
 
 def config_from_dict(d: Mapping[str, Any], directory: str | Path | None = None) -> MoGEConfig:
-    """A :class:`MoGEConfig` from a ``config.json`` object (released, draft or moge-written).
+    """A :class:`MoGEConfig` from a ``config.json`` object (released, pre-release or moge-written).
 
     A config without a group count reads groups = ``num_experts_per_tok``. Missing pad/bos/eos are
     taken from ``directory``'s tokenizer files when they name them; otherwise assumed, with a warning

@@ -19,8 +19,9 @@ from .hardware import HardwareProfile
 from .imbalance import expected_max_over_mean
 from .layout import Layout
 
+
 # Eager PyTorch (aten) ops per simulator operator, as dispatched by this package's single-device model
-# (``moge.model``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
+# (``moge.model.decoder``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
 # 3-D input = t + addmm + 2 views); RoPE with the head views/transposes 14; KV-cache concat + SDPA + output
 # reshapes 13; o_proj 4; router plus its inference-time statistics (counts, aux loss) 30; shared SwiGLU 8;
 # embedding + RoPE tables 7. Used only by ``eager`` profiles (the local CPU); fused profiles count one

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .hardware import HardwareProfile, get_profile
 from .perf import MTP, PerfResult, resolve_model, simulate
 
+
 CONTEXT = 2048
 # Multi-token prediction: the paper gives no acceptance rate. ASSUMPTION 0.85, the lower end of the
 # 85-90% second-token acceptance DeepSeek-V3 reports for the same MTP design; depth 1 (one predictor).
@@ -98,29 +99,6 @@ def paper_comparison(profiles: dict[str, HardwareProfile] | None = None, mtp: MT
 def weight_read_share(res: PerfResult) -> float:
     """Fraction of the step the busiest chip spends streaming weights (weight bytes at the GEMM bandwidth)."""
     return sum(o.count * o.weight_ms for o in res.ops) / res.step_ms
-
-
-def format_table(rows: list[dict], profiles: dict[str, HardwareProfile] | None = None) -> str:
-    """Markdown tables of :func:`paper_comparison`: calibration points, then held-out points."""
-    from .fit import describe_fit
-
-    out = [describe_fit(profiles), ""]
-    for role, title in (("fit", "Calibration points (the fitted figures were set on these)"),
-                        ("held-out", "Held-out points (predicted with no further fitting)")):
-        sel = [r for r in rows if r["role"] == role]
-        out += [f"### {title}", "", "| point | cards (chips) | metric | paper | simulator | error |",
-                "|---|---:|---|---:|---:|---:|"]
-        for r in sel:
-            out.append(f"| {r['label']} | {r['cards']} ({r['chips']}) | {r['metric']} | {r['paper']:,.2f} | "
-                       f"{r['predicted']:,.2f} | {r['error']:+.1%} |")
-        errs = [abs(r["error"]) for r in sel]
-        out += ["", f"largest |error| {max(errs):.1%}, mean |error| {sum(errs) / len(errs):.1%} over {len(sel)} points", ""]
-    first = next(r for r in rows if r["label"].startswith("800I A2 MoE decode, batch 456"))
-    out.append(f"Check (not fitted): weight reading is {first['weight_read_share']:.0%} of the simulated batch-456 "
-               f"MoE decode step; the paper says about {WEIGHT_READ_SHARE:.0%}.")
-    out.append(f"MTP: depth {PAPER_MTP.depth}, acceptance {PAPER_MTP.acceptance} (ASSUMPTION: DeepSeek-V3's "
-               f"reported 85-90% second-token acceptance, lower end; the paper gives none).")
-    return "\n".join(out)
 
 
 def plot_comparison(rows: list[dict], path: str) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from dataclasses import dataclass
 
 from ..config import ConfigError, MoGEConfig
 from ..progress import progress
 from .hardware import HardwareProfile, get_profile
 from .perf import MemoryFitError, PerfError, default_kv_cache, param_counts, simulate
+
 
 DEFAULT_LATENCY_MS = {"ascend-800i-a2": 50.0, "ascend-300i-duo": 100.0}
 

@@ -21,20 +21,19 @@ import torch
 from ..checkpoint import CheckpointCorruptError, confined, load_pretrained
 from ..checkpoint.io import writable_dir, writing
 from ..checkpoint.lock import DirectoryLock
-from ..checkpoint.pretrained import refuse_non_finite
+from ..checkpoint.reading import refuse_non_finite
 from ..checkpoint.training_state import has_checkpoint, recover_checkpoint_dir, state_path, verify_checkpoint
 from ..config import get_config
-from ..data import SequenceSampler
+from ..data.corpus import SequenceSampler
+from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
-from ..progress import progress
 from ..parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
-from ..tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from ..progress import progress
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
 from .mtp import MTPEval, MTPInterval, MTPStep, layer_records, mtp_loss_term
-from .options import (RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError, TrainingDivergedError, lr_at,
-                      resolve_device)
+from .options import RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError, TrainingDivergedError, lr_at, resolve_device
 from .setup import (_check_same_data, _ignored_flags, _param_counts, build_model, build_optimizer,
                     estimate_training_bytes, prepare_data)
 

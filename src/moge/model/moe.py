@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import validate as V
-from .config import ROUTERS, MoGEConfig
-from .experts import SwiGLU, SwiGLUExperts, available_backends
-from .routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
+from .. import validate as V
+from ..config import ROUTERS, MoGEConfig
+from ..experts import SwiGLU, SwiGLUExperts, available_backends
+from ..routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
 
 
 @dataclass

@@ -5,7 +5,7 @@ Shape legend
     L  key/value slots attended     h  query heads     g  key/value heads     D  head dim     H  hidden
 
 q, k, v and o carry biases; attention is PyTorch SDPA with grouped heads. A cache (``DynamicKVCache``
-or ``StaticKVCache`` of :mod:`moge.engine.cache`) receives every position's key and value.
+or ``StaticKVCache`` of :mod:`moge.model.cache`) receives every position's key and value.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import validate as V
-from .config import MoGEConfig
-from .linear import Linear
+from .. import validate as V
+from ..config import MoGEConfig
+from ..experts.linear import Linear
+
 
 __all__ = ["Attention", "RotaryEmbedding", "apply_rope", "gather_rows", "rotate_half"]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 COLORS = {"moge": "tab:blue", "topk": "tab:red", "group_limited": "tab:green"}
 
 
