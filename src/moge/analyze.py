@@ -30,6 +30,7 @@ from torch import Tensor
 from .analysis import (busiest_device_share, busiest_expert_share, coactivation_counts, distance_from_uniform,
                        specialisation_index, within_group_share)
 from .errors import MoGEError
+from .progress import progress as progress_bar
 from .routing import expert_counts
 
 
@@ -123,8 +124,6 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
     share. Works on the native model and on the transformers wrapper (both take ``input_ids``,
     ``use_cache`` and ``logits_to_keep``).
     """
-    from tqdm.auto import tqdm
-
     cfg, layers = moe_layers(model)
     n, d = cfg.num_experts, devices or cfg.groups
     if d < 1 or n % d:
@@ -139,7 +138,7 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
     total = sum((rows_by_domain[c].shape[0] + batch_size - 1) // batch_size for c in domains)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=total, desc="analyze", unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    bar = progress_bar(total, "analyze", "batch", disable=not progress, leave=False)
     try:
         with _capture(layers) as seen:
             for c, name in enumerate(domains):

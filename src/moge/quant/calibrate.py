@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import MoGELayer
+from ..progress import progress as progress_bar
 from .modules import QuantError
 
 
@@ -152,8 +153,7 @@ def calibrate(model: nn.Module, rows_RS: Tensor, batch_size: int = 8, min_expert
             handles.append(layer.register_forward_pre_hook(hook))
         was_training = model.training
         model.eval()
-        from tqdm import tqdm
-        with tqdm(total=n_batches, desc="calibrating", unit="batch", disable=not progress) as bar:
+        with progress_bar(n_batches, "calibrating", "batch", disable=not progress) as bar:
             for b in range(n_batches):
                 model(input_ids=rows_RS[b * batch_size:(b + 1) * batch_size].to(device))
                 bar.update(1)

@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from ..progress import progress
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imbalance``, ``perf``, ``paper``/``validate``, ``fit``, ``calibrate`` and ``search`` sub-subcommands."""
@@ -143,9 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="trial", unit_scale=True, file=sys.stderr, mininterval=0.5,
-                leave=False)
+    return progress(total, desc, "trial", unit_scale=True, mininterval=0.5, leave=False)
 
 
 def _run_imbalance(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from ..config import get_config
 from ..data import SequenceSampler
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
+from ..progress import progress
 from ..parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
 from ..tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..validate import check_memory
@@ -314,8 +315,6 @@ class Trainer(CheckpointMixin):
 
     def train(self) -> dict[str, Any]:
         """Run until ``cfg.steps``; log, evaluate and checkpoint on schedule. Returns the final evaluation."""
-        from tqdm.auto import tqdm
-
         c = self.cfg
         if self.step >= c.steps and self.dist.is_main:
             print(f"{self.out}: already trained to step {self.step} of --steps {c.steps}; raise --steps to "
@@ -326,9 +325,8 @@ class Trainer(CheckpointMixin):
                        "parameters": _param_counts(self.model_config),
                        **({"expert_parallel": {"ranks": self.dist.world_size, "sharded_layers": self.sharded_layers}}
                           if self.dist.world_size > 1 else {})})
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not self.dist.is_main,
-                   desc=f"train {c.router}", unit="step", dynamic_ncols=True, position=self.bar_position,
-                   mininterval=1.0)
+        bar = progress(c.steps, f"train {c.router}", "step", initial=self.step, position=self.bar_position,
+                       disable=not c.progress or not self.dist.is_main, mininterval=1.0)
         interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
         mtp = MTPInterval(self.model_config.num_hidden_layers, self.model_config.groups)
         last_eval: dict[str, Any] | None = None
