@@ -3,7 +3,7 @@
 The field names follow the published Pangu Pro MoE ``config.json`` so a checkpoint's config maps onto
 this class key for key. Fields the published config does not have (``num_groups``, ``router``, ...)
 carry defaults that reproduce the published model: in particular a missing group count means one
-expert per group, i.e. ``num_groups == num_experts_per_tok`` (spec section 2).
+expert per group, i.e. ``num_groups == num_experts_per_tok`` (docs/design.md section 2).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_key_value_heads=4, max_position_embeddings=4096, num_experts=64,
                   num_experts_per_tok=8, num_groups=8, moe_intermediate_size=256,
                   shared_expert_intermediate_size=1024, rope_theta=1_000_000.0),
-    # the published Pangu Pro MoE (spec section 5)
+    # the published Pangu Pro MoE (docs/design.md section 5)
     "pangu-pro-moe-72b": dict(vocab_size=153376, hidden_size=5120, num_hidden_layers=48,
                               num_attention_heads=40, num_key_value_heads=8, head_dim=128,
                               max_position_embeddings=131072, rms_norm_eps=1e-5,

@@ -1,4 +1,4 @@
-"""Expert-behaviour analyses of routing decisions (spec section 7), as pure functions on expert ids.
+"""Expert-behaviour analyses of routing decisions (docs/design.md section 7.7), as pure functions on expert ids.
 
 Shape legend: T tokens, K experts per token, N experts, M groups, G = N/M experts per group,
 D devices (each owning a contiguous block of N/D experts), C domains (data sources).

@@ -3,7 +3,7 @@
 ``moge convert SRC DST``: SRC is a checkpoint directory in the released layout (``config.json`` plus
 safetensors shards) or a single state-dict file of :class:`MoGEForCausalLM` (``.safetensors``, or ``.pt``
 read with ``torch.load(weights_only=True)``; stacked or per-expert names) together with ``--config`` /
-``--preset``. DST is written in the released layout (spec section 5).
+``--preset``. DST is written in the released layout (docs/design.md section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Ascend W8A8 checkpoint layout (spec section 7), as the public Ascend loaders read it.
+"""The Ascend W8A8 checkpoint layout (docs/design.md section 7.4), as the public Ascend loaders read it.
 
 A quantized checkpoint is a released-layout directory (``config.json``, safetensors shards, one entry per
 routed expert matrix) plus ``quant_model_description.json``, which maps every tensor name to ``"W8A8"``

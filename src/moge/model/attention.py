@@ -1,4 +1,4 @@
-"""Grouped-query attention with rotate-half RoPE (spec section 5), single-device.
+"""Grouped-query attention with rotate-half RoPE (docs/design.md section 5), single-device.
 
 Shape legend
     B  batch        S  new positions in this call     R  positions selected for output (``rows_BR``)
@@ -28,7 +28,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        # Not persistent: recomputed from the config, and ignored in checkpoints (spec section 5).
+        # Not persistent: recomputed from the config, and ignored in checkpoints (docs/design.md section 5).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""The Pangu Pro MoE decoder language model (spec section 5), single-device, at any size.
+"""The Pangu Pro MoE decoder language model (docs/design.md section 5), single-device, at any size.
 
 Shape legend
     B  batch        S  new positions in this call     P  cached positions     L = P + S (or a static
@@ -282,7 +282,7 @@ class MoGEForCausalLM(nn.Module):
 def count_parameters(config: MoGEConfig) -> dict[str, int]:
     """Total and per-token activated parameters, counted on the meta device (nothing is allocated).
 
-    Activated counts every parameter a token touches, embedding and output head included (spec
+    Activated counts every parameter a token touches, embedding and output head included (docs/design.md
     section 5): all but the (N - K) unchosen routed experts of each MoE layer. Both count the main
     model; ``mtp`` counts the MTP predictors' own parameters (they share the embedding and head).
     """

@@ -2,7 +2,7 @@
 
 Compute operators: ``max(flops / achievable rate of their kernel kind, bytes / achievable bandwidth of
 their kernel kind) + launches x per-op overhead``. Communication: :mod:`moge.sim.collectives`. The
-MoE block follows the project's dispatchers (spec sections 7-8): under MoGE with whole groups per EP
+MoE block follows the project's dispatchers (docs/design.md sections 7-8): under MoGE with whole groups per EP
 rank every token goes to every EP rank, so the dispatch is an all-gather of tokens and the combine a
 reduce-scatter (exact sizes, no count exchange), shared with the shared expert when it is TP over the
 same ranks; under top-K it is a pair of all-to-alls sized by the expected busiest rank.

@@ -1,4 +1,4 @@
-"""The simulator against the paper's inference numbers (spec section 7): calibration and held-out points.
+"""The simulator against the paper's inference numbers (docs/design.md section 7.1): calibration and held-out points.
 
 Every point: W8A8 (int8 weights and GEMMs), int8 KV cache, 2K-token context, the default H2P layout over
 chips. Calibration (``fit``) points are the 800I A2 decode points at large batch and the three 2-card
@@ -24,10 +24,10 @@ CONTEXT = 2048
 # 85-90% second-token acceptance DeepSeek-V3 reports for the same MTP design; depth 1 (one predictor).
 PAPER_MTP = MTP(depth=1, acceptance=0.85)
 
-_SPEC = "spec s.7"
-_ISSUE = "issue 13 (the paper's 800I A2 decode table)"
-_DUO = ("/work/shared/seeds (a summary of the paper's Table 7: latency and tokens/s per card); cards = "
-        "tokens / latency / (tokens/s per card), consistent with spec s.7's 4 decode cards")
+_SPEC = "paper (arXiv 2505.21411), docs/design.md section 7.1"
+_ISSUE = "paper (arXiv 2505.21411), its 800I A2 decode table; docs/design.md section 7.1"
+_DUO = ("paper (arXiv 2505.21411), Table 7: latency and tokens/s per card; cards = tokens / latency / "
+        "(tokens/s per card), consistent with the 4 decode cards of docs/design.md section 7.2")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ PAPER_POINTS: list[PaperPoint] = [
     PaperPoint("300I Duo MoE decode, batch 80", DUO, MOE, "decode", 80, 4, 99.5, "ms", "held-out", _DUO),
     PaperPoint("300I Duo MoE decode + MTP, batch 128", DUO, MOE, "decode", 128, 4, 99.7, "ms", "held-out", _DUO, True),
 ]
-# The paper: weight reading is about 29% of the 99.3 ms decode step (spec s.7); checked, not fitted.
+# The paper: weight reading is about 29% of the 99.3 ms decode step (docs/design.md section 7.1); checked, not fitted.
 WEIGHT_READ_SHARE = 0.29
 
 

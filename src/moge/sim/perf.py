@@ -7,7 +7,7 @@ overhead``; collectives as in :mod:`moge.sim.collectives` (latency by algorithm 
 bandwidth by message size). Operators run back to back (no compute/communication overlap), so the
 step time is ``layers x layer + embedding + LM head``.
 
-Parallel layout (H2P, spec section 7), over ranks: attention DP x TP (tokens of a DP rank are
+Parallel layout (H2P, docs/design.md section 7.3), over ranks: attention DP x TP (tokens of a DP rank are
 sequence-split between attention TP ranks around the projections, so the attention all-reduce is a
 reduce-scatter + all-gather pair); routed experts TP x EP (each EP rank owns whole groups); the shared
 expert (or the dense MLP of a dense layer) TP over ``shared_tp`` ranks. Under top-K routing the busiest

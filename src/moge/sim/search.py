@@ -1,4 +1,4 @@
-"""Model-configuration search (spec section 7): sweep MoGE shapes, keep those within a total-parameter
+"""Model-configuration search (docs/design.md section 7.6): sweep MoGE shapes, keep those within a total-parameter
 range, find for each the decode batch that maximises throughput per card under a per-token latency limit
 and memory capacity, and rank by that throughput.
 """
