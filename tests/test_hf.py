@@ -1,4 +1,4 @@
-"""transformers integration: AutoConfig / AutoModelForCausalLM after `import moge`, generate, save."""
+"""transformers integration: AutoConfig / AutoModelForCausalLM after `import moge.hf`, generate, save."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import moge  # noqa: F401  (registers PanguProMoE with transformers)
+import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
 from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.generate import generate
 
@@ -122,11 +122,16 @@ def test_bad_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_fresh_process_import_moge_is_enough(ckpt):
-    """`import moge` alone (transformers not imported yet) makes the Auto classes work, lazily."""
+def test_fresh_process_import_moge_hf_registers_without_an_import_hook(ckpt):
+    """`import moge` stays light (no transformers, no import hook); `import moge.hf` registers the Auto classes."""
     code = f"""
-import sys, torch, moge
+import sys, torch
+hooks = list(sys.meta_path)
+import moge
 assert "transformers" not in sys.modules, "import moge must not import transformers"
+assert sys.meta_path == hooks, "import moge must not install an import hook"
+import moge.hf
+assert not [f for f in sys.meta_path if type(f).__module__.startswith("moge")], "moge installed an import hook"
 from transformers import AutoConfig, AutoModelForCausalLM
 assert AutoConfig.from_pretrained({str(ckpt)!r}).model_type == "PanguProMoE"
 m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, torch_dtype=torch.bfloat16)
@@ -145,7 +150,7 @@ def test_hf_config_declares_the_same_fields_and_defaults_as_moge_config():
     import dataclasses
 
     from moge.config import MoGEConfig
-    from moge.hf_config import PanguProMoEConfig
+    from moge.hf.config import PanguProMoEConfig
 
     hf = PanguProMoEConfig()
     native = MoGEConfig()

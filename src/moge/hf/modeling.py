@@ -1,24 +1,16 @@
-"""transformers integration: the Auto classes for Pangu Pro MoE checkpoints.
+"""The Pangu Pro MoE model classes for transformers: the shared base class, the base model and the causal LM.
 
-After ``import moge``, ``AutoModelForCausalLM.from_pretrained(path)`` loads a released-layout
-directory (``model_type`` ``"PanguProMoE"``, or the draft ``"PanGuMoE"``; no ``trust_remote_code``)
-into :class:`PanguProMoEForCausalLM`; ``AutoModel`` gives the base model :class:`PanguProMoEModel`
-and the sequence-classification, token-classification and question-answering Auto classes give
-transformers' generic heads on it (:mod:`moge.hf_heads`). Every class holds our
-:class:`~moge.model.MoGEModel`; the causal LM's head, tying and losses are :mod:`moge.model`'s own
-functions, not copies. Loading and saving go through :mod:`moge.checkpoint` (memory-mapped, experts
-stacked on load, split on save; see :mod:`moge.hf_loading`).
+Every class holds our :class:`~moge.model.MoGEModel`; the causal LM's head, tying and losses are
+:mod:`moge.model`'s own functions, not copies. Loading and saving go through :mod:`moge.checkpoint`
+(memory-mapped, experts stacked on load, split on save; see :mod:`moge.hf.loading`).
 
 The forward follows transformers' MoE models: ``MoeCausalLMOutputWithPast`` with ``aux_loss`` and
 ``router_logits`` (``output_router_logits``), ``hidden_states`` and ``attentions`` when asked, tuples
 with ``return_dict=False``, the cache under either name transformers has used (``past_key_values``
 up to 5.23, ``cache`` from 5.24), dynamic or static caches and 2-D or 4-D masks (see
-:mod:`moge.hf_forward`), ``num_items_in_batch`` for exact gradient accumulation, and
+:mod:`moge.hf.forward`), ``num_items_in_batch`` for exact gradient accumulation, and
 ``gradient_checkpointing_enable()``. Keyword arguments it does not know are refused with an error
 naming them, never silently dropped.
-
-Registration is lazy: ``moge/__init__.py`` registers the classes when transformers' auto modules are
-first imported, so ``import moge`` does not import transformers. :func:`register` does it explicitly.
 """
 
 from __future__ import annotations
@@ -32,18 +24,18 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .checkpoint import save_pretrained as save_checkpoint
-from .checkpoint.io import write_json
-from .checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
-from .hf_config import PanGuMoEConfig, PanguProMoEConfig
-from .hf_forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
-                         run_backbone)
-from .hf_loading import backbone_path, load, to_checkpoint_names, to_model_names
-from .model import MoGEModel, head_forward, init_module, make_lm_head
-from .mtp import make_predictors
+from ..checkpoint import save_pretrained as save_checkpoint
+from ..checkpoint.io import write_json
+from ..checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
+from ..model import MoGEModel, head_forward, init_module, make_lm_head
+from ..mtp import make_predictors
+from .config import PanGuMoEConfig, PanguProMoEConfig
+from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
+                      run_backbone)
+from .loading import backbone_path, load, to_checkpoint_names, to_model_names
 
-__all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
-           "PanguProMoEModel", "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
+__all__ = ["PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEForCausalLM", "PanguProMoEModel",
+           "PanguProMoEPreTrainedModel"]
 
 # transformers 5.24 renamed the outputs' cache field from past_key_values to cache.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -261,29 +253,12 @@ def _check_forward_kwargs(who: str, kwargs: dict[str, Any]) -> None:
         raise UnsupportedArgumentError(f"{who}.forward got unexpected keyword arguments {unknown}")
 
 
-def _draft(cls: type) -> type:
+def draft_class(cls: type) -> type:
     """The same class for configs of the draft ``model_type: "PanGuMoE"`` (transformers maps each config
     class to one model class); it saves under the released name."""
     return type(cls.__name__.replace("PanguProMoE", "PanGuMoE"), (cls,),
-                {"config_class": PanGuMoEConfig, "__module__": cls.__module__, "__doc__": _draft.__doc__})
+                {"config_class": PanGuMoEConfig, "__module__": cls.__module__, "__doc__": draft_class.__doc__})
 
 
-PanGuMoEModel = _draft(PanguProMoEModel)
-PanGuMoEForCausalLM = _draft(PanguProMoEForCausalLM)
-
-
-def register() -> None:
-    """Register both model types with ``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM`` and the
-    head Auto classes (idempotent)."""
-    import sys
-
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    for config_cls, base, causal in ((PanguProMoEConfig, PanguProMoEModel, PanguProMoEForCausalLM),
-                                     (PanGuMoEConfig, PanGuMoEModel, PanGuMoEForCausalLM)):
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModel.register(config_cls, base, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, causal, exist_ok=True)
-    if "moge.hf_heads" not in sys.modules:  # while it is being imported it registers itself when done
-        from . import hf_heads
-        hf_heads.register_heads()
+PanGuMoEModel = draft_class(PanguProMoEModel)
+PanGuMoEForCausalLM = draft_class(PanguProMoEForCausalLM)

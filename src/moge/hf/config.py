@@ -2,9 +2,7 @@
 
 ``PanguProMoEConfig`` is ``model_type: "PanguProMoE"``, the released name (spec section 5);
 ``PanGuMoEConfig`` reads a pre-release draft's (and moge 0.1's) ``"PanGuMoE"`` configs and writes the
-released name back. Kept apart from :mod:`moge.hf` because it needs only
-``transformers.configuration_utils``: registering it with ``AutoConfig`` must not pull in
-transformers' modeling stack (see ``moge/__init__.py``).
+released name back.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
 
-from .config import MoGEConfig
+from ..config import MoGEConfig
 
 
 class PanguProMoEConfig(PreTrainedConfig):

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
-from .checkpoint import CONFIG_NAME, CheckpointError, load_state_dict, read_config, resolve_dtype
-from .checkpoint.io import header_shapes, listing, open_shards, weight_files
-from .checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_dict, quantization_format
-from .config import read_config_dict
-from .hf_forward import UnsupportedArgumentError
-from .model import MoGEModel, RotaryEmbedding, init_module
+from ..checkpoint import CONFIG_NAME, CheckpointError, load_into, load_state_dict, read_config, resolve_dtype
+from ..checkpoint.io import header_shapes, listing, open_shards, weight_files
+from ..checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_dict, quantization_format
+from ..config import read_config_dict
+from ..model import MoGEModel, RotaryEmbedding, init_module
+from .forward import UnsupportedArgumentError
 
 # Only meaningful for Hub downloads or for transformers' own loader.
 _IGNORED = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_safetensors", "cache_dir",
@@ -228,8 +229,6 @@ def _load_quantized(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
                     key_mapping: Any, output_loading_info: bool) -> Any:
     """A quantized directory through :func:`moge.checkpoint.load_into` (which installs the int8 modules):
     only classes whose parameter names are the checkpoint's own (the causal LM) can take it."""
-    from .checkpoint import load_into
-
     if key_mapping:
         raise UnsupportedArgumentError("key_mapping is not supported for quantized (W8A8) checkpoints")
     with torch.device("meta"):
@@ -267,8 +266,6 @@ def _load_generation_config(model: Any, path: Path) -> None:
     """The directory's ``generation_config.json`` as ``model.generation_config`` (when the model generates)."""
     if not (model.can_generate() and (path / "generation_config.json").is_file()):
         return
-    from transformers import GenerationConfig
-
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:

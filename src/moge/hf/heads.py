@@ -2,12 +2,9 @@
 
 ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification`` /
 ``AutoModelForQuestionAnswering`` build transformers' ``GenericFor*`` classes with
-:class:`~moge.hf.PanguProMoEModel` as ``model`` (so the backbone sits at ``model.model``; loading and
-saving map it to the checkpoint's ``model.``, see :mod:`moge.hf_loading`). A causal-LM checkpoint
+:class:`~moge.hf.modeling.PanguProMoEModel` as ``model`` (so the backbone sits at ``model.model``; loading and
+saving map it to the checkpoint's ``model.``, see :mod:`moge.hf.loading`). A causal-LM checkpoint
 loads into them with the head newly initialised and reported, as transformers does.
-
-Kept apart from :mod:`moge.hf` because ``transformers.modeling_layers`` imports transformers' auto
-modules, whose first import is what triggers moge's lazy registration (``moge/__init__.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from __future__ import annotations
 from transformers.modeling_layers import (GenericForQuestionAnswering, GenericForSequenceClassification,
                                           GenericForTokenClassification)
 
-from .hf import PanguProMoEPreTrainedModel, _draft
+from .modeling import PanguProMoEPreTrainedModel, draft_class
 
 
 class PanguProMoEForSequenceClassification(GenericForSequenceClassification, PanguProMoEPreTrainedModel):
@@ -31,18 +28,5 @@ class PanguProMoEForQuestionAnswering(GenericForQuestionAnswering, PanguProMoEPr
 
 
 HEADS = (PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEForQuestionAnswering)
-DRAFT_HEADS = tuple(_draft(cls) for cls in HEADS)
+DRAFT_HEADS = tuple(draft_class(cls) for cls in HEADS)
 
-
-def register_heads() -> None:
-    """Register the heads of both model types with their Auto classes (idempotent)."""
-    from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
-
-    autos = (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoModelForQuestionAnswering)
-    for classes in (HEADS, DRAFT_HEADS):
-        for auto, cls in zip(autos, classes):
-            auto.register(cls.config_class, cls, exist_ok=True)
-
-
-register_heads()

@@ -22,17 +22,19 @@ Shape legend (the package's)
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
-from .errors import MoGEError
-from .layer import RouterStats
-from .attention import apply_rope
-from .model import MoGEModel
+from ..attention import apply_rope
+from ..errors import MoGEError
+from ..layer import RouterStats
+from ..model import MoGEModel
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):
@@ -213,15 +215,12 @@ def run_backbone(wrapper: Any, input_ids: Tensor | None, attention_mask: Tensor 
     ``use_cache`` defaults to the config's, and is switched off (with a warning, as transformers' models
     do) while activation checkpointing trains; a missing cache is a new ``DynamicCache``.
     """
-    from transformers.cache_utils import DynamicCache
-
     config, backbone = wrapper.config, wrapper.model
     if isinstance(attention_mask, dict):
         raise UnsupportedArgumentError("attention_mask must be a tensor (2-D padding mask or 4-D mask), not a dict "
                                        "of per-layer-type masks")
     use_cache = config.use_cache if use_cache is None else use_cache
     if use_cache and backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled():
-        import warnings
         warnings.warn("use_cache=True is incompatible with gradient checkpointing; running with use_cache=False",
                       stacklevel=3)
         use_cache = False
