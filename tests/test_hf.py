@@ -14,6 +14,9 @@ from moge.generate import generate
 
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+NEW_CACHE_NAME = "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 96], [1, 44, 3, 3, 18, 61, 90, 7]])
 
@@ -196,8 +199,27 @@ def test_cache_is_accepted_under_both_names_and_unknown_kwargs_are_refused(hf_mo
             hf_model(input_ids=IDS, bogus=1)
         with pytest.raises(UnsupportedArgumentError, match="cu_seq_lens_q"):
             hf_model(input_ids=IDS, cu_seq_lens_q=torch.tensor([0, 8]))
-        with pytest.raises(TypeError, match="not both"):
-            hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+        if NEW_CACHE_NAME:  # transformers' rule for both names: the new one wins, with a warning
+            with pytest.warns(FutureWarning, match="past_key_values"):
+                hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+        else:
+            with pytest.raises(TypeError, match="not both"):
+                hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+@pytest.mark.skipif(not NEW_CACHE_NAME, reason="transformers before 5.24 names the cache past_key_values")
+def test_old_cache_name_warns_like_transformers_models_and_gives_the_same_cache(hf_model):
+    """From 5.24 the cache is `cache`; `past_key_values` still works on every class, with a FutureWarning."""
+    from transformers.cache_utils import DynamicCache
+
+    with torch.no_grad():
+        new, old = DynamicCache(config=hf_model.config), DynamicCache(config=hf_model.config)
+        a = hf_model(input_ids=IDS[:, :5], cache=new, use_cache=True)
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            b = hf_model(input_ids=IDS[:, :5], past_key_values=old, use_cache=True)
+    assert a.cache.get_seq_length() == b.cache.get_seq_length() == 5
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(new.layers[0].keys, old.layers[0].keys, rtol=0, atol=0)
 
 
 def test_num_items_in_batch_makes_the_loss_a_sum_over_that_count(hf_model):

@@ -9,10 +9,11 @@ hands the model only the filled positions, so the model's own 2-D padding masks 
 
 Outputs. ``output_hidden_states`` (True, or the indices to keep) gives transformers' tuple of
 ``num_hidden_layers + 1`` states: the embeddings, each decoder layer's output, the last one after the
-final norm. ``output_attentions`` gives each layer's attention probabilities ``[B,Hq,S,L]``,
-computed eagerly from the same queries, keys and mask the SDPA call used (the model itself always
-runs SDPA). Both are recorded by forward hooks installed for one call only, so nothing is paid
-when they are not asked for.
+final norm. ``output_attentions`` gives each layer's attention probabilities ``[B,Hq,S,L]``: for
+that call the attention runs eagerly (:func:`moge.attention.eager_attention`) and the probabilities
+are the ones the output is computed from (with their gradient). Both are recorded by hooks installed
+for one call only, so nothing is paid when they are not asked for. ``attn_implementation="eager"``
+makes every call eager (:func:`set_attention_kernels`).
 
 Shape legend (the package's)
     B batch   S new positions   L key/value positions (past + S)   H hidden   Hq / Hkv query / key-value
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from ..attention import apply_rope
+from ..attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
 from ..layer import RouterStats
 from ..model import MoGEModel
@@ -109,72 +110,47 @@ class Recorded:
     attentions: list[Tensor] = field(default_factory=list)
 
 
-class _KeyRecorder:
-    """Stands in for an attention module's cache for one call: forwards ``update`` to the real cache
-    (or returns the new keys as they are when there is none) and keeps the keys the attention used."""
-
-    def __init__(self, cache: Any):
-        self.cache, self.keys = cache, None
-
-    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if self.cache is not None:
-            k, v = self.cache.update(k, v, layer_idx, *args, **kwargs)
-        self.keys = k
-        return k, v
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.cache, name)
-
-
-def attention_probs(attn: torch.nn.Module, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
-                    k_BgLD: Tensor) -> Tensor:
-    """Softmax probabilities ``[B,Hq,S,L]`` of one attention call, from its input, RoPE tables, mask and
-    the keys it attended to (the eager form of the model's SDPA call; float32 softmax)."""
-    b, s, _ = x_BSH.shape
-    q_BhSD = apply_rope(attn.q_proj(x_BSH).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2), *cos_sin)
-    k_BhLD = k_BgLD.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
-    scores_BhSL = (q_BhSD @ k_BhLD.transpose(-1, -2)).float() * attn.head_dim ** -0.5
-    L = k_BhLD.shape[2]
-    if mask_B1SL is None:  # the model's implicit masks: causal from position 0, or one query seeing all
-        allowed = torch.ones(s, L, dtype=torch.bool, device=x_BSH.device)
-        mask_B1SL = allowed.tril() if s > 1 else allowed
-    return scores_BhSL.masked_fill(~mask_B1SL, float("-inf")).softmax(-1).to(x_BSH.dtype)
-
-
 @contextlib.contextmanager
 def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
     """Record hidden states (the kept ``hidden`` indices) and/or attention probabilities during one
-    forward of ``backbone``; the hooks are removed on exit (so a recompute under activation
-    checkpointing records nothing). Attention probabilities carry no gradient."""
+    forward of ``backbone``; everything installed is removed on exit (so a recompute under activation
+    checkpointing records nothing). Attention is recorded by running each layer's attention through
+    :func:`moge.attention.eager_attention` for this call: the probabilities returned are the ones the
+    output was computed from, gradient included."""
     rec = Recorded()
     handles = []
 
     def keep(t: Tensor) -> None:
         rec.hidden_states.append(t if len(rec.hidden_states) in hidden else None)
 
+    def recording_kernel(*args) -> Tensor:
+        o, probs = eager_attention(*args)
+        rec.attentions.append(probs)
+        return o
+
     if hidden is not None:
         handles.append(backbone.layers[0].register_forward_pre_hook(lambda mod, args: keep(args[0])))
         for layer in backbone.layers:
             handles.append(layer.register_forward_hook(lambda mod, args, out: keep(out[0])))
+    kernels = [layer.self_attn.attention_kernel for layer in backbone.layers]
     if attentions:
         for layer in backbone.layers:
-            attn = layer.self_attn
-
-            def pre(mod, args):
-                x, cos_sin, mask, cache, *rest = args
-                return (x, cos_sin, mask, _KeyRecorder(cache), *rest)
-
-            def post(mod, args, out):
-                x, cos_sin, mask, recorder, *_ = args
-                with torch.no_grad():
-                    rec.attentions.append(attention_probs(mod, x, cos_sin, mask, recorder.keys))
-
-            handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
+            layer.self_attn.attention_kernel = recording_kernel
     try:
         yield rec
     finally:
         for h in handles:
             h.remove()
+        for layer, kernel in zip(backbone.layers, kernels):
+            layer.self_attn.attention_kernel = kernel
+
+
+def set_attention_kernels(backbone: MoGEModel, implementation: str | None) -> None:
+    """Give every attention layer the kernel transformers' ``attn_implementation`` names (``eager`` or
+    ``sdpa``; None or anything else transformers accepted for this model: SDPA)."""
+    kernel = ATTENTION_KERNELS.get(implementation or "sdpa", ATTENTION_KERNELS["sdpa"])
+    for layer in backbone.layers:
+        layer.self_attn.attention_kernel = kernel
 
 
 @dataclass

@@ -1,38 +1,45 @@
 """``from_pretrained`` / ``save_pretrained`` of the transformers wrapper classes: moge's memory-mapped
-loader (:mod:`moge.checkpoint`) behind transformers' keywords.
+loader (:mod:`moge.checkpoint`) behind transformers' keywords and loading contract.
 
 A checkpoint's ``model.*`` tensors are the backbone (:class:`~moge.model.MoGEModel`) wherever a class
 keeps it (``model`` in the causal LM and the base model, ``model.model`` in heads built on the base
-model). The backbone must be complete and of the right shapes (else ``CheckpointError`` naming the
-tensors). A class's own head (``lm_head``, ``score``, ``qa_outputs``) that the checkpoint lacks is
-initialised and reported, and tensors the class does not use are skipped and reported, as
-transformers does (``output_loading_info=True`` returns the report).
+model). As in transformers, keys and shapes are loose: a tensor the checkpoint lacks is initialised
+(by the model's own rule) and reported, a tensor the class does not use is skipped and reported, and
+a tensor of another shape raises :class:`ShapeMismatchError` unless ``ignore_mismatched_sizes=True``
+re-initialises it (``output_loading_info=True`` returns the report). Integrity stays strict: with
+``verify`` (the default) a training manifest's SHA-256 is checked and NaN/inf tensors are refused
+(:func:`moge.checkpoint.load_state_dict`), and reads stay confined to the directory.
 
 Keywords: ``dtype``/``torch_dtype``, ``device_map`` (one device, also as a per-module map whose modules
-all go to that device; several devices are refused: the model is single-device, ``moge.parallel``
-shards it), ``key_mapping`` (regex -> replacement on the checkpoint's tensor names as moge reads them,
-experts already stacked), ``output_loading_info``, ``tqdm_class`` (transformers uses it for Hub
-downloads only; moge reads local directories) and config attributes (``output_router_logits=True``,
-``num_labels=3``, ``tie_word_embeddings=...``) and moge's ``verify`` (default True: the training
-manifest's SHA-256 and the NaN/inf refusal of :func:`moge.checkpoint.load_state_dict`). Anything else
-is refused by name.
+all go to that device; several devices are refused: the model is single-device), ``tp_plan="auto"``
+(or ``distributed_config``: tensor parallelism through transformers under torchrun, along the class's
+``_tp_plan``), ``key_mapping`` (regex -> replacement on the checkpoint's tensor names as moge reads them,
+experts already stacked), ``output_loading_info``, ``ignore_mismatched_sizes``, ``state_dict`` (with
+``path`` None and ``config``), ``attn_implementation`` (``sdpa``/``eager``), ``tqdm_class``
+(transformers uses it for Hub downloads only; moge reads local directories), config attributes
+(``output_router_logits=True``, ``num_labels=3``, ``tie_word_embeddings=...``) and moge's ``verify``.
+Anything else is refused by name.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import DistributedConfig, GenerationConfig
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, load_into, load_state_dict, read_config, resolve_dtype
 from ..checkpoint.io import header_shapes, listing, open_shards, weight_files
 from ..checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_dict, quantization_format
 from ..config import read_config_dict
+from ..errors import MoGEError
+from ..experts import StackedExperts
 from ..model import MoGEModel, RotaryEmbedding, init_module
 from .forward import UnsupportedArgumentError
 
@@ -42,7 +49,7 @@ _IGNORED = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_s
             "tqdm_class", "subfolder"}
 # transformers-level config.json keys kept next to the architecture moge reads.
 _HF_CONFIG_KEYS = ("use_cache", "output_router_logits", "id2label", "label2id", "problem_type")
-_ATTENTION = (None, "sdpa", "eager")  # the model runs SDPA; eager attentions come with output_attentions
+_ATTENTION = (None, "sdpa", "eager")  # moge.attention.ATTENTION_KERNELS
 BACKBONE_PREFIX = "model."
 
 
@@ -137,18 +144,56 @@ def _checkpoint_shapes(path: Path, moge_cfg: Any) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in from_published_state_dict(meta, moge_cfg).items()}
 
 
-def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any, device_map: Any,
+class ShapeMismatchError(CheckpointError, RuntimeError):
+    """Checkpoint tensors whose shapes differ from the model's; ``ignore_mismatched_sizes=True`` re-initialises
+    them instead (a classifier re-headed with another ``num_labels``)."""
+
+
+class MetaDeviceContextError(MoGEError, RuntimeError):
+    """``from_pretrained`` called inside a ``with torch.device("meta")`` block: no weights could be read into it."""
+
+
+@dataclass
+class LoadOptions:
+    """The ``from_pretrained`` keywords this loader acts on (the rest are config attributes or refused)."""
+    output_loading_info: bool = False
+    verify: bool = True  # moge's own: manifest SHA-256 and NaN/inf refusal on load
+    key_mapping: dict[str, str] | None = None
+    ignore_mismatched_sizes: bool = False
+    state_dict: dict[str, Tensor] | None = None
+    distributed_config: Any = None  # transformers' DistributedConfig (tensor parallelism), or None
+
+    @classmethod
+    def pop(cls, kwargs: dict[str, Any]) -> "LoadOptions":
+        """Take the options out of ``kwargs``; ``tp_plan``/``tp_size`` become a ``DistributedConfig``."""
+        opts = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__})
+        tp = {k: kwargs.pop(k) for k in ("tp_plan", "tp_size") if kwargs.get(k) is not None}
+        kwargs.pop("tp_plan", None), kwargs.pop("tp_size", None)
+        if tp and opts.distributed_config is not None:
+            raise UnsupportedArgumentError("pass tensor parallelism once: as distributed_config or as tp_plan/tp_size")
+        if tp:
+            opts.distributed_config = DistributedConfig(**tp)
+        if kwargs.pop("device_mesh", None) is not None:
+            raise UnsupportedArgumentError("device_mesh is not supported; pass tp_plan='auto' (or a "
+                                           "DistributedConfig) and launch with torchrun")
+        return opts
+
+
+def load(cls: type, path: str | Path | None, model_args: tuple, config: Any, dtype: Any, device_map: Any,
          kwargs: dict[str, Any]) -> Any:
     """``cls.from_pretrained(path, ...)`` (see the module docstring); returns the model in eval mode, or
-    ``(model, loading_info)`` with ``output_loading_info=True``."""
-    output_loading_info = kwargs.pop("output_loading_info", False)
-    verify = kwargs.pop("verify", True)  # moge's own: manifest SHA-256 and NaN/inf refusal on load
-    key_mapping = kwargs.pop("key_mapping", None)
+    ``(model, loading_info)`` with ``output_loading_info=True``. ``path=None`` with ``config`` and
+    ``state_dict`` builds the model from that state dict (transformers' contract)."""
+    if torch.empty(0).device.type == "meta":
+        raise MetaDeviceContextError("You are using `from_pretrained` with a meta device context manager: the "
+                                     "weights cannot be loaded into meta tensors; call it outside the "
+                                     "`with torch.device('meta')` block")
+    opts = LoadOptions.pop(kwargs)
     attn = kwargs.pop("attn_implementation", None)
     if attn not in _ATTENTION:
         raise UnsupportedArgumentError(f"attn_implementation={attn!r}: moge's attention runs through PyTorch SDPA "
-                                       f"(choose one of {list(_ATTENTION)}; output_attentions=True works with any)")
-    for k in ("ignore_mismatched_sizes", "quantization_config", "gguf_file", "variant"):
+                                       f"or written out (eager); choose one of {list(_ATTENTION)}")
+    for k in ("quantization_config", "gguf_file", "variant"):
         if kwargs.get(k):
             raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained does not support {k}={kwargs[k]!r}")
         kwargs.pop(k, None)
@@ -160,73 +205,162 @@ def load(cls: type, path: str | Path, model_args: tuple, config: Any, dtype: Any
     if model_args or kwargs:
         raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained got unsupported arguments: "
                                        f"{sorted(kwargs) + [repr(a) for a in model_args]}")
-    path = Path(path) / subfolder
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a local checkpoint directory (Pangu Pro MoE checkpoints load "
-                              "from local released-layout directories only)")
-    config = _config(cls, path, config, config_kwargs)
-    tdtype = resolve_dtype(dtype)
+    if path is None:
+        model, info = _from_state_dict(cls, config, config_kwargs, opts, resolve_dtype(dtype), attn)
+    else:
+        if opts.state_dict is not None:
+            raise UnsupportedArgumentError("pass either a checkpoint directory or state_dict= (with path None), "
+                                           "not both")
+        path = Path(path).expanduser() / subfolder
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a local checkpoint directory (Pangu Pro MoE checkpoints load "
+                                  "from local released-layout directories only)")
+        config = _config(cls, path, config, config_kwargs)
+        set_attention(config, attn)
+        model, info = _from_directory(cls, path, config, resolve_dtype(dtype), device_map, opts)
+        _load_generation_config(model, path)
+        model.config.name_or_path = str(path)
+    model.eval()
+    model = _distribute(cls, model, opts.distributed_config)
+    return (model, info) if opts.output_loading_info else model
 
+
+def set_attention(config: Any, attn: str | None) -> None:
+    """Record the attention implementation asked for (None keeps the config's, SDPA by default)."""
+    if attn is not None:
+        config._attn_implementation = attn
+
+
+def _loading_info(missing=(), unexpected=(), mismatched=()) -> dict[str, Any]:
+    """transformers' ``output_loading_info`` dict: sets of names (mismatched: ``(name, found, expected)``)."""
+    return {"missing_keys": set(missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(mismatched),
+            "error_msgs": []}
+
+
+def _from_state_dict(cls: type, config: Any, config_kwargs: dict[str, Any], opts: LoadOptions,
+                     dtype: torch.dtype | None, attn: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """``from_pretrained(None, config=..., state_dict=...)``: an initialised model updated from the state dict
+    (our names or the released layout); tensors it lacks keep their initialisation and are reported."""
+    if config is None or opts.state_dict is None:
+        raise UnsupportedArgumentError(f"{cls.__name__}.from_pretrained(None, ...) needs both config= and state_dict=")
+    for k, v in config_kwargs.items():
+        setattr(config, k, v)
+    set_attention(config, attn)
+    model = cls(config)
+    result = model.load_state_dict(opts.state_dict, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+    return model, _loading_info(result.missing_keys, result.unexpected_keys)
+
+
+def _compare(want: dict[str, tuple], found: dict[str, tuple], tied: bool, path: Path,
+             ignore_mismatched_sizes: bool) -> tuple[list[str], list[str], list[tuple]]:
+    """Missing, unexpected and mis-shaped tensors of a checkpoint against the model (names in the model's form)."""
+    missing = sorted(set(want) - set(found) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(set(found) - set(want))
+    mismatched = [(n, found[n], want[n]) for n in sorted(want) if n in found and found[n] != want[n]]
+    if mismatched and not ignore_mismatched_sizes:
+        raise ShapeMismatchError(listing(f"tensors with the wrong shape in {path} (ignore_mismatched_sizes=True "
+                                         f"re-initialises them)",
+                                         [f"{n}: expected {list(w)}, found {list(f)}" for n, f, w in mismatched],
+                                         limit=6))
+    return missing, unexpected, mismatched
+
+
+def _from_directory(cls: type, path: Path, config: Any, dtype: torch.dtype | None, device_map: Any,
+                    opts: LoadOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """A released-layout directory, memory-mapped onto a model built on the meta device. Tensors the
+    checkpoint lacks (or, with ``ignore_mismatched_sizes``, holds in another shape) are initialised as
+    the model's own initialisation would and reported; integrity checks (``verify``) stay on."""
     if quantization_format(path) is not None:  # Ascend W8A8: the causal LM (or base model) with int8 modules
-        return _load_quantized(cls, path, config, tdtype, device_map, verify, key_mapping, output_loading_info)
+        model = _load_quantized(cls, path, config, dtype, device_map, opts.verify, opts.key_mapping)
+        return model, _loading_info()
     # Read with the head untied, so a separate lm_head of the checkpoint is never dropped.
     moge_cfg = config.to_moge_config().replace(tie_word_embeddings=False)
     shapes = _checkpoint_shapes(path, moge_cfg)
-    found = _rename(shapes, key_mapping)  # new name -> checkpoint name
+    found = _rename(shapes, opts.key_mapping)  # new name -> checkpoint name
     with torch.device("meta"):
         model = cls(config)
     device = resolve_device_map(device_map, model)
     ckpt_shapes = to_model_names({new: shapes[old] for new, old in found.items()}, model)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bb = backbone_path(model) + "."
+    bb = backbone_path(model)
     tied = bool(config.tie_word_embeddings) and "lm_head.weight" in want
-    missing = sorted(set(want) - set(ckpt_shapes) - ({"lm_head.weight"} if tied else set()))
-    unexpected = sorted(set(ckpt_shapes) - set(want))
-    bad = [f"{n}: expected {list(want[n])}, found {list(ckpt_shapes[n])}" for n in sorted(want)
-           if n in ckpt_shapes and ckpt_shapes[n] != want[n]]
-    if bad:
-        raise CheckpointError(listing(f"tensors with the wrong shape in {path}", bad, limit=6))
-    # The backbone and a causal LM's head are the model; only other heads may start from scratch.
-    lost = [n for n in missing if n.startswith(bb) or n == "lm_head.weight"]
-    if lost:
-        raise CheckpointError(listing(f"missing tensors in {path}", [n.replace(bb, BACKBONE_PREFIX, 1) for n in lost]))
+    missing, unexpected, mismatched = _compare(want, ckpt_shapes, tied, path, opts.ignore_mismatched_sizes)
 
-    read = load_state_dict(path, moge_cfg, tdtype, device, verify=verify)
+    read = load_state_dict(path, moge_cfg, dtype, device, verify=opts.verify)
     sd = to_model_names({new: read.pop(old) for new, old in found.items()}, model)
-    for n in unexpected:
+    for n in unexpected + [m[0] for m in mismatched]:
         sd.pop(n, None)
     if tied and "lm_head.weight" in sd:
-        head, embed = sd["lm_head.weight"], sd[bb + "embed_tokens.weight"]
+        head, embed = sd["lm_head.weight"], sd[_join(bb, "embed_tokens.weight")]
         if torch.equal(head, embed):
             sd.pop("lm_head.weight")
         else:
             warnings.warn(f"tie_word_embeddings=True, but {path} holds an lm_head.weight that differs from the "
                           f"embedding: keeping the checkpoint's head untied (config.tie_word_embeddings=False)",
-                          stacklevel=3)
+                          stacklevel=4)
             config.tie_word_embeddings = False
             with torch.device("meta"):
                 model = cls(config)
             tied = False
+    fresh = missing + [m[0] for m in mismatched]
+    sd.update(initialised(model, fresh, config.initializer_range, device, next(iter(sd.values())).dtype))
     model.load_state_dict(sd, strict=False, assign=True)
-    _finish(model, config, missing, tied, device, next(iter(sd.values())).dtype)
-    if missing or unexpected:
-        warnings.warn(f"loading {type(model).__name__} from {path}: "
-                      + "; ".join(x for x in (missing and listing("newly initialised", missing),
-                                              unexpected and listing("unused checkpoint tensors", unexpected)) if x),
-                      stacklevel=3)
-    _load_generation_config(model, path)
-    model.config.name_or_path = str(path)
+    _finish(model, config, tied, device)
+    _report(model, path, missing, unexpected, mismatched)
     model.config.dtype = next(model.parameters()).dtype
-    model.eval()
-    if output_loading_info:
-        info = {"missing_keys": set(missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(),
-                "error_msgs": []}
-        return model, info
-    return model
+    return model, _loading_info(missing, unexpected, mismatched)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def initialised(model: nn.Module, names: list[str], std: float, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Tensor]:
+    """Freshly initialised tensors for ``names`` of a meta-device ``model``: each owning module is copied
+    (still on the meta device), materialised and initialised by :func:`moge.model.init_module`, the same
+    rule a new model follows, so a partial module never overwrites the tensors the checkpoint did hold."""
+    out: dict[str, Tensor] = {}
+    by_owner: dict[str, list[str]] = {}
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        by_owner.setdefault(owner, []).append(leaf)
+    for owner, leaves in by_owner.items():
+        mod = copy.deepcopy(model.get_submodule(owner)).to_empty(device=device)
+        for m in mod.modules():
+            init_module(m, std)
+            if isinstance(m, StackedExperts) and m is mod:  # init_module reaches experts through their MoGELayer
+                m.reset_parameters(std)
+        params = dict(mod.named_parameters(recurse=False))
+        for leaf in leaves:
+            t = params[leaf].detach()
+            out[_join(owner, leaf)] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def _report(model: nn.Module, path: Path, missing: list[str], unexpected: list[str], mismatched: list[tuple]) -> None:
+    """One warning naming what was initialised, skipped or re-initialised (as transformers reports it)."""
+    parts = [missing and listing("newly initialised", missing),
+             unexpected and listing("unused checkpoint tensors", unexpected),
+             mismatched and listing("reinitialised due to a size mismatch",
+                                    [f"{n}: found {list(f)}, model {list(w)}" for n, f, w in mismatched])]
+    if any(parts):
+        warnings.warn(f"loading {type(model).__name__} from {path}: " + "; ".join(x for x in parts if x), stacklevel=5)
+
+
+def _distribute(cls: type, model: nn.Module, distributed_config: Any) -> nn.Module:
+    """Tensor parallelism by transformers' own machinery: its device mesh (``torch.distributed`` initialised
+    from torchrun's environment) and its sharding of the loaded weights along the class's ``_tp_plan``."""
+    if distributed_config is None:
+        return model
+    distributed_config, _, mesh = cls.prepare_distribute_model(distributed_config)
+    return cls.maybe_distribute_model(model, distributed_config, mesh)
 
 
 def _load_quantized(cls: type, path: Path, config: Any, dtype: torch.dtype | None, device_map: Any, verify: bool,
-                    key_mapping: Any, output_loading_info: bool) -> Any:
+                    key_mapping: Any) -> nn.Module:
     """A quantized directory through :func:`moge.checkpoint.load_into` (which installs the int8 modules):
     only classes whose parameter names are the checkpoint's own (the causal LM) can take it."""
     if key_mapping:
@@ -238,23 +372,12 @@ def _load_quantized(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
                                        f"checkpoints load into the causal LM (AutoModelForCausalLM)")
     device = resolve_device_map(device_map, model)
     load_into(model, path, config.to_moge_config(), dtype, device, verify=verify)
-    _load_generation_config(model, path)
-    model.config.name_or_path = str(path)
-    model.eval()
-    if output_loading_info:
-        return model, {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
     return model
 
 
-def _finish(model: nn.Module, config: Any, missing: list[str], tied: bool, device: torch.device,
-            dtype: torch.dtype) -> None:
-    """Materialise and initialise the modules the checkpoint did not fill, rebuild RoPE, tie the head."""
-    mods = dict(model.named_modules())
-    for name in {n.rpartition(".")[0] for n in missing}:
-        mod = mods[name]  # a head module the checkpoint has none of (the backbone is never partial)
-        mod.to_empty(device=device, recurse=False).to(dtype)
-        init_module(mod, config.initializer_range)
-    backbone = mods[backbone_path(model)]
+def _finish(model: nn.Module, config: Any, tied: bool, device: torch.device) -> None:
+    """Rebuild RoPE's table on the target device and tie the head."""
+    backbone = model.get_submodule(backbone_path(model))
     moge_cfg = config.to_moge_config()
     # Non-persistent buffer: rebuilt from the config on the target device, always float32.
     backbone.rotary = RotaryEmbedding(moge_cfg.resolved_head_dim, moge_cfg.rope_theta).to(device)
