@@ -26,6 +26,10 @@ class PanguProMoEForTokenClassification(GenericForTokenClassification, PanguProM
 class PanguProMoEForQuestionAnswering(GenericForQuestionAnswering, PanguProMoEPreTrainedModel):
     """Extractive question answering: start/end logits (``qa_outputs`` ``[2, H]``)."""
 
+    # transformers' QA head reaches `<base model>.embed_tokens`; ours sits one level down, in the backbone.
+    get_input_embeddings = PanguProMoEPreTrainedModel.get_input_embeddings
+    set_input_embeddings = PanguProMoEPreTrainedModel.set_input_embeddings
+
 
 HEADS = (PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEForQuestionAnswering)
 DRAFT_HEADS = tuple(draft_class(cls) for cls in HEADS)
