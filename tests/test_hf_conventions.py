@@ -201,3 +201,19 @@ def test_parallel_plans_name_modules_that_exist(cls):
     assert model._tp_plan and model._fsdp_plan
     for plan in (model._tp_plan, model._fsdp_plan):
         assert set(plan) <= names, set(plan) - names
+
+
+def test_balance_loss_counts_real_tokens_only():
+    """A left-padded row's aux loss equals the same row's without the padding (its real tokens route the
+    same: padding is masked and positions start at the first real token); z-loss included."""
+    torch.manual_seed(0)
+    lm = PanguProMoEForCausalLM(tiny_config(router_z_loss_coef=0.01)).eval()
+    row = IDS[1:, 2:]
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(row)], 1)
+    with torch.no_grad():
+        alone = lm(input_ids=row, output_router_logits=True).aux_loss
+        with_pad = lm(input_ids=padded, attention_mask=mask, output_router_logits=True).aux_loss
+        counted = lm(input_ids=padded, output_router_logits=True).aux_loss  # no mask: pads are tokens
+    torch.testing.assert_close(with_pad, alone, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(counted, alone)

@@ -23,6 +23,7 @@ Shape legend (the package's)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from transformers.cache_utils import DynamicCache
 from ..attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
 from ..layer import RouterStats
+from ..routing import aux_loss, router_scores, z_loss
 from ..model import MoGEModel
 
 
@@ -161,6 +163,30 @@ class BackboneOutput:
     cache: Any
     hidden_states: tuple[Tensor | None, ...] | None
     attentions: tuple[Tensor, ...] | None
+
+
+def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: MoGEModel
+                    ) -> list[RouterStats | None]:
+    """The layers' balance and z losses over the real tokens of a 2-D padding mask only, as transformers'
+    MoE losses count them (padding would otherwise pull the balance towards whatever the pad token
+    routes to). Each layer's own formula and coefficients (:meth:`moge.layer.MoGELayer.stats`); only the
+    tokens counted differ."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return stats
+    out = []
+    for st, layer in zip(stats, backbone.layers):
+        if st is None or st.router_logits is None:
+            out.append(st)
+            continue
+        moe = layer.mlp
+        keep_T = attention_mask[:, -st.num_tokens // attention_mask.shape[0]:].reshape(-1).bool()
+        logits_TN, ids_TK = st.router_logits[keep_T], st.expert_ids[keep_T]
+        zero = logits_TN.new_zeros(())
+        aux = (aux_loss(router_scores(logits_TN, False), ids_TK, moe.aux_loss_coef, check=False)
+               if moe.aux_loss_coef and len(ids_TK) else zero)
+        z = z_loss(logits_TN, moe.z_loss_coef) if moe.z_loss_coef and len(ids_TK) else zero
+        out.append(dataclasses.replace(st, aux_loss=aux, z_loss=z))
+    return out
 
 
 def pick_cache(cache: Any, past_key_values: Any) -> Any:

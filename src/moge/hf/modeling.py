@@ -38,7 +38,7 @@ from ..model import MoGEModel, head_forward, init_module, make_lm_head
 from ..mtp import make_predictors
 from .config import PanGuMoEConfig, PanguProMoEConfig
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
-                      run_backbone, set_attention_kernels)
+                      exclude_padding, run_backbone, set_attention_kernels)
 from .loading import backbone_path, load, to_checkpoint_names, to_model_names
 
 __all__ = ["PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEForCausalLM", "PanguProMoEModel",
@@ -256,6 +256,8 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
             check_router_loss_trainable(self)
         out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
                            inputs_embeds, use_cache, output_hidden_states, output_attentions)
+        if self.config.output_router_logits if output_router_logits is None else output_router_logits:
+            out.stats = exclude_padding(out.stats, attention_mask, self.model)
         logits, loss, aux = head_forward(self.lm_head, out.h_BSH, out.stats, None if shift_labels is not None
                                          else labels, logits_to_keep, num_items_in_batch)
         if shift_labels is not None:
