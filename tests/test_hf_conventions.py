@@ -217,3 +217,32 @@ def test_balance_loss_counts_real_tokens_only():
         counted = lm(input_ids=padded, output_router_logits=True).aux_loss  # no mask: pads are tokens
     torch.testing.assert_close(with_pad, alone, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(counted, alone)
+
+
+def test_decoder_layers_are_transformers_checkpointing_layers_and_recompute(lm):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert all(isinstance(layer, GradientCheckpointingLayer) for layer in lm.model.layers)
+    lm.train()
+    reference = lm(input_ids=IDS, labels=IDS, output_router_logits=True)
+    reference.loss.backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad()
+    calls = []
+    hook = lm.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    lm.gradient_checkpointing_enable()
+    assert lm.is_activation_checkpointing
+    assert all(m.gradient_checkpointing for m in lm.modules() if hasattr(m, "gradient_checkpointing"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # use_cache switched off while checkpointing
+        out = lm(input_ids=IDS, labels=IDS, output_router_logits=True)
+    calls.clear()
+    out.loss.backward()
+    hook.remove()
+    assert calls, "the layer was not recomputed in the backward"
+    torch.testing.assert_close(out.loss, reference.loss)
+    for n, p in lm.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    lm.gradient_checkpointing_disable()
+    assert not any(m.gradient_checkpointing for m in lm.modules() if hasattr(m, "gradient_checkpointing"))

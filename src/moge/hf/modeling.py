@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
@@ -34,7 +35,7 @@ from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint.hf_files import GENERATION_CONFIG_NAME
 from ..checkpoint.io import write_json
 from ..checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
-from ..model import MoGEModel, head_forward, init_module, make_lm_head
+from ..model import DecoderLayer, MoGEModel, head_forward, init_module, make_lm_head
 from ..mtp import make_predictors
 from .config import PanGuMoEConfig, PanguProMoEConfig
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
@@ -74,6 +75,12 @@ def _backbone_fsdp_plan(prefix: str) -> dict[str, str]:
             f"{prefix}norm": "keep_full_weight"}
 
 
+class PanguProMoEDecoderLayer(GradientCheckpointingLayer, DecoderLayer):
+    """:class:`moge.model.DecoderLayer` as transformers' ``GradientCheckpointingLayer``:
+    ``gradient_checkpointing_enable()`` makes each layer recompute itself in the backward, as
+    transformers' own decoder layers do (the backbone then passes it no cache)."""
+
+
 class PanguProMoEPreTrainedModel(PreTrainedModel):
     """What every Pangu Pro MoE class shares: config class, initialisation, loading and saving."""
 
@@ -81,7 +88,7 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ["PanguProMoEDecoderLayer"]
     _supports_sdpa = True
     _tied_weights_keys: dict[str, str] = {}
 
@@ -160,7 +167,7 @@ class PanguProMoEModel(PanguProMoEPreTrainedModel):
 
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
-        self.model = MoGEModel(config.to_moge_config())
+        self.model = MoGEModel(config.to_moge_config(), PanguProMoEDecoderLayer)
         self.post_init()
         set_attention_kernels(self.model, config._attn_implementation)
 
@@ -199,7 +206,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
         self.moge_config = config.to_moge_config()
-        self.model = MoGEModel(self.moge_config)
+        self.model = MoGEModel(self.moge_config, PanguProMoEDecoderLayer)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
         self.mtp = make_predictors(self.moge_config)
