@@ -37,7 +37,7 @@ from ..checkpoint.io import write_json
 from ..checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
 from ..model import DecoderLayer, MoGEModel, head_forward, init_module, make_lm_head
 from ..mtp import make_predictors
-from .config import PanGuMoEConfig, PanguProMoEConfig
+from .config import PanGuMoEConfig, PanguProMoEConfig, backbone_tp_plan
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
                       exclude_padding, run_backbone, set_attention_kernels)
 from .loading import backbone_path, load, to_checkpoint_names, to_model_names
@@ -56,17 +56,6 @@ _HARMLESS_SAVE_KWARGS = {"safe_serialization", "save_function", "save_original_f
 # passes `past_key_values`, so there the old name is the current one and stays silent.
 _old_cache_name = (deprecate_kwarg("past_key_values", "5.40.0", new_name="cache") if _CACHE_FIELD == "cache"
                    else (lambda forward: forward))
-
-
-def _backbone_plan(prefix: str) -> dict[str, str]:
-    """Tensor-parallel plan of the backbone's modules under ``prefix``: attention heads and the shared (or
-    dense) MLP split Megatron-style, column then row; the router and the routed experts stay replicated
-    (each rank computes every expert it routes to; expert parallelism is :mod:`moge.parallel`'s job)."""
-    plan = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-            "self_attn.o_proj": "rowwise"}
-    for mlp in ("mlp.shared_expert", "mlp"):
-        plan |= {f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise", f"{mlp}.down_proj": "rowwise"}
-    return {f"{prefix}layers.*.{k}": v for k, v in plan.items()}
 
 
 def _backbone_fsdp_plan(prefix: str) -> dict[str, str]:
@@ -162,7 +151,7 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
 class PanguProMoEModel(PanguProMoEPreTrainedModel):
     """The base model (``AutoModel``): :class:`MoGEModel` as ``model``; returns the final hidden states."""
 
-    _tp_plan = _backbone_plan("model.")
+    _tp_plan = backbone_tp_plan("model.")
     _fsdp_plan = _backbone_fsdp_plan("model.")
 
     def __init__(self, config: PanguProMoEConfig):
@@ -200,7 +189,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
     ``generate`` ignore them (speculative decoding with them: :func:`moge.generate.generate`).
     """
 
-    _tp_plan = {**_backbone_plan("model."), "lm_head": "colwise_gather_output"}
+    _tp_plan = {**backbone_tp_plan("model."), "lm_head": "colwise_gather_output"}
     _fsdp_plan = {**_backbone_fsdp_plan("model."), "lm_head": "keep_full_weight"}
 
     def __init__(self, config: PanguProMoEConfig):
