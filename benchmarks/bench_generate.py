@@ -98,8 +98,7 @@ def build_moge(router: str, dtype, device) -> MoGEForCausalLM:
 
 def build_wrapper(native: MoGEForCausalLM):
     """The transformers wrapper around the same weights (tensors shared, not copied)."""
-    from moge.hf import PanguProMoEForCausalLM
-    from moge.hf_config import PanguProMoEConfig
+    from moge.hf import PanguProMoEConfig, PanguProMoEForCausalLM
     with torch.device("meta"):
         w = PanguProMoEForCausalLM(PanguProMoEConfig.from_moge_config(native.config))
     w.load_state_dict(native.state_dict(), assign=True)

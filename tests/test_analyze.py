@@ -79,7 +79,7 @@ def test_extra_layers_beyond_num_hidden_layers_are_ignored():
 
 
 def test_transformers_path_gives_the_same_routing(tmp_path):
-    import moge  # noqa: F401  (registers the model type with transformers)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     from moge.checkpoint import save_model
     from transformers import AutoModelForCausalLM
 

@@ -135,7 +135,7 @@ def test_mtp_layers_need_the_config_key(tmp_path):
 
 
 def test_transformers_wrapper_loads_ignores_and_saves_predictors(tmp_path):
-    import moge  # noqa: F401  (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     from transformers import AutoModelForCausalLM
 
     m = _model().float()

@@ -74,7 +74,7 @@ def test_load_pretrained_any_spelling(home, at, reference, where, path):
 def test_auto_model_relative(home, at, where, path):
     from transformers import AutoModelForCausalLM
 
-    import moge  # noqa: F401 (registers the classes)
+    import moge.hf  # noqa: F401 (registers the classes)
     at(where)
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[5, 6, 7, 8]])

@@ -249,7 +249,7 @@ def test_speculative_sampling_is_reproducible_and_stops_at_eos():
 def test_transformers_wrapper_decodes_speculatively(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import moge  # noqa: F401  (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     from moge.checkpoint import save_model
     save_model(copy.deepcopy(trained(1)).float(), tmp_path / "c")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()

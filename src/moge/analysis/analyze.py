@@ -67,7 +67,7 @@ def moe_layers(model: torch.nn.Module):
     cfg = getattr(model, "moge_config", None) or getattr(model, "config", None)
     if not isinstance(cfg, MoGEConfig):
         raise AnalysisError(f"{type(model).__name__} carries no MoGEConfig (.config / .moge_config); "
-                            f"load it with moge.checkpoint.load_pretrained or AutoModelForCausalLM after import moge")
+                            f"load it with moge.checkpoint.load_pretrained or AutoModelForCausalLM after import moge.hf")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or len(layers) < cfg.num_hidden_layers:
         raise AnalysisError(f"{type(model).__name__}.model.layers is missing or shorter than num_hidden_layers="

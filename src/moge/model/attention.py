@@ -19,7 +19,8 @@ from ..config import MoGEConfig
 from ..experts.linear import Linear
 
 
-__all__ = ["Attention", "RotaryEmbedding", "apply_rope", "gather_rows", "rotate_half"]
+__all__ = ["ATTENTION_KERNELS", "Attention", "RotaryEmbedding", "apply_rope", "eager_attention", "gather_rows",
+           "rotate_half", "sdpa_attention"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -46,8 +47,40 @@ def apply_rope(x_BhSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
     return x_BhSD * cos_BSD.unsqueeze(1) + rotate_half(x_BhSD) * sin_BSD.unsqueeze(1)
 
 
+def sdpa_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: Tensor | None, causal: bool,
+                   dropout_p: float) -> Tensor:
+    """Attention output ``[B,h,S,D]`` through PyTorch SDPA (grouped heads; ``mask`` boolean, True = attend)."""
+    return F.scaled_dot_product_attention(q_BhSD, k_BgLD, v_BgLD, attn_mask=mask_B1SL, is_causal=causal,
+                                          dropout_p=dropout_p, enable_gqa=q_BhSD.shape[1] != k_BgLD.shape[1])
+
+
+def eager_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: Tensor | None, causal: bool,
+                    dropout_p: float) -> tuple[Tensor, Tensor]:
+    """The same attention written out: output ``[B,h,S,D]`` and the softmax probabilities ``[B,h,S,L]``
+    (scores and softmax in float32), which the output is computed from, so they carry its gradient."""
+    groups = q_BhSD.shape[1] // k_BgLD.shape[1]
+    k_BhLD, v_BhLD = k_BgLD.repeat_interleave(groups, 1), v_BgLD.repeat_interleave(groups, 1)
+    scores_BhSL = (q_BhSD @ k_BhLD.transpose(-1, -2)).float() * q_BhSD.shape[-1] ** -0.5
+    if mask_B1SL is None and causal:  # SDPA's is_causal: queries and keys start together
+        mask_B1SL = torch.ones(scores_BhSL.shape[-2:], dtype=torch.bool, device=q_BhSD.device).tril()
+    if mask_B1SL is not None:
+        scores_BhSL = scores_BhSL.masked_fill(~mask_B1SL, float("-inf"))
+    probs_BhSL = scores_BhSL.softmax(-1).to(q_BhSD.dtype)
+    return F.dropout(probs_BhSL, dropout_p) @ v_BhLD, probs_BhSL
+
+
+def _eager_output(*args) -> Tensor:
+    return eager_attention(*args)[0]
+
+
+# Attention kernels by name (transformers' ``attn_implementation`` names), each ``(q, k, v, mask, causal,
+# dropout_p) -> [B,h,S,D]``; an Attention module holds its own in ``attention_kernel``.
+ATTENTION_KERNELS = {"sdpa": sdpa_attention, "eager": _eager_output}
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with q/k/v/o biases and RoPE, through ``F.scaled_dot_product_attention``."""
+    """Grouped-query self-attention with q/k/v/o biases and RoPE; the attention itself is ``attention_kernel``
+    (one of :data:`ATTENTION_KERNELS`, SDPA by default)."""
 
     def __init__(self, config: MoGEConfig, layer_idx: int):
         super().__init__()
@@ -60,6 +93,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
         self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=True)
+        self.attention_kernel = sdpa_attention
 
     def forward(self, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
                 cache=None, cache_kwargs: dict | None = None, rows_BR: Tensor | None = None) -> Tensor:
@@ -68,8 +102,8 @@ class Attention(nn.Module):
         selected ones are queried (a speculative drafter needs one output of a window it must cache)."""
         b, s, _ = x_BSH.shape
         cos_BSD, sin_BSD = cos_sin
-        k = self.k_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSH).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSH).reshape(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSH).reshape(b, s, -1, self.head_dim).transpose(1, 2)
         k = apply_rope(k, cos_BSD, sin_BSD)
         if rows_BR is not None:
             if mask_B1SL is None:
@@ -79,7 +113,8 @@ class Attention(nn.Module):
             x_BSH, cos_BSD, sin_BSD = (gather_rows(t, rows_BR) for t in (x_BSH, cos_BSD, sin_BSD))
             mask_B1SL = mask_B1SL.gather(2, rows_BR.view(b, 1, r, 1).expand(b, 1, r, mask_B1SL.shape[-1]))
             s = r
-        q = self.q_proj(x_BSH).reshape(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        # Heads counted from the projections (-1): under tensor parallelism each rank holds a share of them.
+        q = self.q_proj(x_BSH).reshape(b, s, -1, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos_BSD, sin_BSD)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
@@ -88,10 +123,8 @@ class Attention(nn.Module):
                 k, v = k[:, :, :mask_B1SL.shape[-1]], v[:, :, :mask_B1SL.shape[-1]]
         # Without a mask, causal masking is implicit: only valid when queries and keys start together.
         causal = mask_B1SL is None and s > 1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SL, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        o = self.attention_kernel(q, k, v, mask_B1SL, causal, self.dropout if self.training else 0.0)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
 def gather_rows(x_BS_: Tensor, rows_BR: Tensor) -> Tensor:

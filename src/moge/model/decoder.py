@@ -112,10 +112,12 @@ class MoGEModel(nn.Module):
                 raise V.InvalidArgumentError(f"position_ids must be [B, S] = [{b}, {s}] (or [1, S]), got "
                                              f"{tuple(position_ids.shape)}")
 
-    def __init__(self, config: MoGEConfig):
+    def __init__(self, config: MoGEConfig, layer_class: type[DecoderLayer] = DecoderLayer):
+        """``layer_class``: a :class:`DecoderLayer` subclass the transformers wrapper passes (transformers'
+        checkpointing layer); a layer with its own ``gradient_checkpointing`` flag checkpoints itself."""
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
         # This model's measured CPU kernel choices (moge.experts.choice): owned here, not by the process.
@@ -157,7 +159,9 @@ class MoGEModel(nn.Module):
                      and past_key_values is None)
         checkpoint = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
         for layer in self.layers:
-            if recompute:
+            if recompute and getattr(layer, "gradient_checkpointing", None) is not None:
+                x_BSH, st = layer(x_BSH, cos_sin, mask, None)  # the layer checkpoints itself
+            elif recompute:
                 x_BSH, st = checkpoint(layer, x_BSH, cos_sin, mask, None)
             else:
                 x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values, cache_kwargs, router_stats)

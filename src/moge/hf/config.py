@@ -2,18 +2,27 @@
 
 ``PanguProMoEConfig`` is ``model_type: "PanguProMoE"``, the released name (docs/design.md section 5);
 ``PanGuMoEConfig`` reads a pre-release draft's (and moge 0.1's) ``"PanGuMoE"`` configs and writes the
-released name back. Kept apart from :mod:`moge.hf` because it needs only
-``transformers.configuration_utils``: registering it with ``AutoConfig`` must not pull in
-transformers' modeling stack (see ``moge/__init__.py``).
+released name back.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers.configuration_utils import PreTrainedConfig
 
-from .config import MoGEConfig
+from ..config import MoGEConfig
+
+
+def backbone_tp_plan(prefix: str) -> dict[str, str]:
+    """Tensor-parallel plan of the backbone's modules under ``prefix``: attention heads and the shared (or
+    dense) MLP split Megatron-style, column then row; the router and the routed experts stay replicated
+    (each rank computes every expert it routes to; expert parallelism is :mod:`moge.parallel`'s job)."""
+    plan = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+            "self_attn.o_proj": "rowwise"}
+    for mlp in ("mlp.shared_expert", "mlp"):
+        plan |= {f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise", f"{mlp}.down_proj": "rowwise"}
+    return {f"{prefix}layers.*.{k}": v for k, v in plan.items()}
 
 
 class PanguProMoEConfig(PreTrainedConfig):
@@ -26,6 +35,8 @@ class PanguProMoEConfig(PreTrainedConfig):
 
     model_type = "PanguProMoE"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Relative to the backbone (transformers' convention); the model classes carry it under their prefix.
+    base_model_tp_plan: ClassVar[dict[str, str]] = backbone_tp_plan("")
 
     vocab_size: int = 32000
     hidden_size: int = 256

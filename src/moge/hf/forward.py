@@ -1,4 +1,4 @@
-"""The transformers wrapper's forward around :class:`~moge.model.decoder.MoGEModel`: inputs as transformers
+"""The transformers wrapper's forward around :class:`~moge.model.MoGEModel`: inputs as transformers
 passes them, outputs as transformers' decoder models return them.
 
 Inputs. The cache comes as a ``DynamicCache`` (or moge's ``KVCache``) or as a transformers static
@@ -9,30 +9,35 @@ hands the model only the filled positions, so the model's own 2-D padding masks 
 
 Outputs. ``output_hidden_states`` (True, or the indices to keep) gives transformers' tuple of
 ``num_hidden_layers + 1`` states: the embeddings, each decoder layer's output, the last one after the
-final norm. ``output_attentions`` gives each layer's attention probabilities ``[B,Hq,S,L]``,
-computed eagerly from the same queries, keys and mask the SDPA call used (the model itself always
-runs SDPA). Both are recorded by forward hooks installed for one call only, so nothing is paid
-when they are not asked for.
+final norm. ``output_attentions`` gives each layer's attention probabilities ``[B,Hq,S,L]``: for
+that call the attention runs eagerly (:func:`moge.attention.eager_attention`) and the probabilities
+are the ones the output is computed from (with their gradient). Both are recorded by hooks installed
+for one call only, so nothing is paid when they are not asked for. ``attn_implementation="eager"``
+makes every call eager (:func:`set_attention_kernels`).
 
 Shape legend (the package's)
     B batch   S new positions   L key/value positions (past + S)   H hidden   Hq / Hkv query / key-value
-    heads (``h`` / ``g`` in suffixes, as in :mod:`moge.model.decoder`)   D head dim
+    heads (``h`` / ``g`` in suffixes, as in :mod:`moge.model`)   D head dim
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
-from .errors import MoGEError
-from .model.moe import RouterStats
-from .model.attention import apply_rope
-from .model import MoGEModel
+from ..model.attention import ATTENTION_KERNELS, eager_attention
+from ..errors import MoGEError
+from ..model.moe import RouterStats
+from ..routing import aux_loss, router_scores, z_loss
+from ..model import MoGEModel
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):
@@ -77,7 +82,7 @@ def bool_mask(mask_B1SL: Tensor, past: int) -> Tensor:
 
     Boolean masks are taken as they are; float masks are additive (0 = attend). Columns past the filled
     positions of a static cache are dropped, and a query row with nothing to attend (a padded position)
-    attends to itself, as :func:`moge.model.decoder.build_attention_mask` does, so SDPA never sees an empty row.
+    attends to itself, as :func:`moge.model.build_attention_mask` does, so SDPA never sees an empty row.
     """
     allowed = mask_B1SL if mask_B1SL.dtype == torch.bool else mask_B1SL == 0
     s = allowed.shape[-2]
@@ -107,72 +112,47 @@ class Recorded:
     attentions: list[Tensor] = field(default_factory=list)
 
 
-class _KeyRecorder:
-    """Stands in for an attention module's cache for one call: forwards ``update`` to the real cache
-    (or returns the new keys as they are when there is none) and keeps the keys the attention used."""
-
-    def __init__(self, cache: Any):
-        self.cache, self.keys = cache, None
-
-    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if self.cache is not None:
-            k, v = self.cache.update(k, v, layer_idx, *args, **kwargs)
-        self.keys = k
-        return k, v
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.cache, name)
-
-
-def attention_probs(attn: torch.nn.Module, x_BSH: Tensor, cos_sin: tuple[Tensor, Tensor], mask_B1SL: Tensor | None,
-                    k_BgLD: Tensor) -> Tensor:
-    """Softmax probabilities ``[B,Hq,S,L]`` of one attention call, from its input, RoPE tables, mask and
-    the keys it attended to (the eager form of the model's SDPA call; float32 softmax)."""
-    b, s, _ = x_BSH.shape
-    q_BhSD = apply_rope(attn.q_proj(x_BSH).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2), *cos_sin)
-    k_BhLD = k_BgLD.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
-    scores_BhSL = (q_BhSD @ k_BhLD.transpose(-1, -2)).float() * attn.head_dim ** -0.5
-    L = k_BhLD.shape[2]
-    if mask_B1SL is None:  # the model's implicit masks: causal from position 0, or one query seeing all
-        allowed = torch.ones(s, L, dtype=torch.bool, device=x_BSH.device)
-        mask_B1SL = allowed.tril() if s > 1 else allowed
-    return scores_BhSL.masked_fill(~mask_B1SL, float("-inf")).softmax(-1).to(x_BSH.dtype)
-
-
 @contextlib.contextmanager
 def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
     """Record hidden states (the kept ``hidden`` indices) and/or attention probabilities during one
-    forward of ``backbone``; the hooks are removed on exit (so a recompute under activation
-    checkpointing records nothing). Attention probabilities carry no gradient."""
+    forward of ``backbone``; everything installed is removed on exit (so a recompute under activation
+    checkpointing records nothing). Attention is recorded by running each layer's attention through
+    :func:`moge.attention.eager_attention` for this call: the probabilities returned are the ones the
+    output was computed from, gradient included."""
     rec = Recorded()
     handles = []
 
     def keep(t: Tensor) -> None:
         rec.hidden_states.append(t if len(rec.hidden_states) in hidden else None)
 
+    def recording_kernel(*args) -> Tensor:
+        o, probs = eager_attention(*args)
+        rec.attentions.append(probs)
+        return o
+
     if hidden is not None:
         handles.append(backbone.layers[0].register_forward_pre_hook(lambda mod, args: keep(args[0])))
         for layer in backbone.layers:
             handles.append(layer.register_forward_hook(lambda mod, args, out: keep(out[0])))
+    kernels = [layer.self_attn.attention_kernel for layer in backbone.layers]
     if attentions:
         for layer in backbone.layers:
-            attn = layer.self_attn
-
-            def pre(mod, args):
-                x, cos_sin, mask, cache, *rest = args
-                return (x, cos_sin, mask, _KeyRecorder(cache), *rest)
-
-            def post(mod, args, out):
-                x, cos_sin, mask, recorder, *_ = args
-                with torch.no_grad():
-                    rec.attentions.append(attention_probs(mod, x, cos_sin, mask, recorder.keys))
-
-            handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
+            layer.self_attn.attention_kernel = recording_kernel
     try:
         yield rec
     finally:
         for h in handles:
             h.remove()
+        for layer, kernel in zip(backbone.layers, kernels):
+            layer.self_attn.attention_kernel = kernel
+
+
+def set_attention_kernels(backbone: MoGEModel, implementation: str | None) -> None:
+    """Give every attention layer the kernel transformers' ``attn_implementation`` names (``eager`` or
+    ``sdpa``; None or anything else transformers accepted for this model: SDPA)."""
+    kernel = ATTENTION_KERNELS.get(implementation or "sdpa", ATTENTION_KERNELS["sdpa"])
+    for layer in backbone.layers:
+        layer.self_attn.attention_kernel = kernel
 
 
 @dataclass
@@ -183,6 +163,30 @@ class BackboneOutput:
     cache: Any
     hidden_states: tuple[Tensor | None, ...] | None
     attentions: tuple[Tensor, ...] | None
+
+
+def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: MoGEModel
+                    ) -> list[RouterStats | None]:
+    """The layers' balance and z losses over the real tokens of a 2-D padding mask only, as transformers'
+    MoE losses count them (padding would otherwise pull the balance towards whatever the pad token
+    routes to). Each layer's own formula and coefficients (:meth:`moge.layer.MoGELayer.stats`); only the
+    tokens counted differ."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return stats
+    out = []
+    for st, layer in zip(stats, backbone.layers):
+        if st is None or st.router_logits is None:
+            out.append(st)
+            continue
+        moe = layer.mlp
+        keep_T = attention_mask[:, -st.num_tokens // attention_mask.shape[0]:].reshape(-1).bool()
+        logits_TN, ids_TK = st.router_logits[keep_T], st.expert_ids[keep_T]
+        zero = logits_TN.new_zeros(())
+        aux = (aux_loss(router_scores(logits_TN, False), ids_TK, moe.aux_loss_coef, check=False)
+               if moe.aux_loss_coef and len(ids_TK) else zero)
+        z = z_loss(logits_TN, moe.z_loss_coef) if moe.z_loss_coef and len(ids_TK) else zero
+        out.append(dataclasses.replace(st, aux_loss=aux, z_loss=z))
+    return out
 
 
 def pick_cache(cache: Any, past_key_values: Any) -> Any:
@@ -213,15 +217,12 @@ def run_backbone(wrapper: Any, input_ids: Tensor | None, attention_mask: Tensor 
     ``use_cache`` defaults to the config's, and is switched off (with a warning, as transformers' models
     do) while activation checkpointing trains; a missing cache is a new ``DynamicCache``.
     """
-    from transformers.cache_utils import DynamicCache
-
     config, backbone = wrapper.config, wrapper.model
     if isinstance(attention_mask, dict):
         raise UnsupportedArgumentError("attention_mask must be a tensor (2-D padding mask or 4-D mask), not a dict "
                                        "of per-layer-type masks")
     use_cache = config.use_cache if use_cache is None else use_cache
     if use_cache and backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled():
-        import warnings
         warnings.warn("use_cache=True is incompatible with gradient checkpointing; running with use_cache=False",
                       stacklevel=3)
         use_cache = False
