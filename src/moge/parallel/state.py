@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .comm import rank_and_world
-from .expert_parallel import ExpertParallelError, ExpertParallelMoGELayer
+from .expert_parallel import ExpertParallelError, is_expert_parallel
 
 _SHARDED = re.compile(r"(^|\.)experts\.(gate_up_proj|down_proj)($|\.)")
 
@@ -31,7 +31,7 @@ def is_expert_sharded(name: str) -> bool:
 def _sharded_param_names(model: nn.Module) -> set[str]:
     names = set()
     for prefix, m in model.named_modules():
-        if isinstance(m, ExpertParallelMoGELayer):
+        if is_expert_parallel(m):
             pre = f"{prefix}." if prefix else ""
             names |= {f"{pre}experts.{p}" for p, _ in m.experts.named_parameters()}
     return names
@@ -49,8 +49,7 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
     _, world = rank_and_world(group)
     if world == 1:
         return
-    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoGELayer)
-               for p in m.experts.parameters()}
+    sharded = {id(p) for m in model.modules() if is_expert_parallel(m) for p in m.experts.parameters()}
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -85,8 +84,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     params = [p for p in model.parameters() if p.grad is not None]
     if world == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoGELayer)
-               for p in m.experts.parameters()}
+    sharded = {id(p) for m in model.modules() if is_expert_parallel(m) for p in m.experts.parameters()}
     device = params[0].grad.device if params else torch.device("cpu")
     shard_sq = torch.zeros((), dtype=torch.float32, device=device)
     repl_sq = torch.zeros((), dtype=torch.float32, device=device)

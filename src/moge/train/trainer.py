@@ -162,7 +162,7 @@ class Trainer(CheckpointMixin):
         else:
             self.model = build_model(self.model_config, cfg.seed, self.device)
         if self.dist.world_size > 1:
-            from ..parallel import ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent
+            from ..parallel import apply_expert_parallel, check_config_consistent, is_expert_parallel
 
             check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
                                      "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
@@ -170,7 +170,7 @@ class Trainer(CheckpointMixin):
             # Same seed / same checkpoint on every rank; each keeps its block of expert groups.
             self.model = apply_expert_parallel(self.model, self.dist.group)
             # Logged in the start line: every MoGE layer, the MTP predictors' included, must be here.
-            self.sharded_layers = [n for n, m in self.model.named_modules() if isinstance(m, ExpertParallelMoGELayer)]
+            self.sharded_layers = [n for n, m in self.model.named_modules() if is_expert_parallel(m)]
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
         self.step = 0
