@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .errors import InvalidArgumentError
 from .linear import Linear
@@ -239,6 +240,12 @@ def grouped_mm_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH:
     return out_PH[inv_P].view(t, k, out_PH.shape[-1]).sum(1)
 
 
+def _local(w: Any) -> Any:
+    """This rank's expert block of an expert-parallel DTensor weight (``Shard(0)`` over the ep ranks;
+    differentiable), or the weight itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 class StackedExperts(nn.Module):
     """N SwiGLU experts whose ``gate_up_proj [N,2F,H]`` / ``down_proj [N,H,F]`` weights are of one kind
     (float here, int8 in :class:`moge.quant.QuantizedExperts`), computed by a registered backend: the
@@ -252,7 +259,7 @@ class StackedExperts(nn.Module):
 
     def forward(self, x_TH: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
         fn = get_experts_backend(backend or self.backend, x_TH.device)
-        return fn(x_TH, expert_ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
+        return fn(x_TH, expert_ids_TK, weights_TK, _local(self.gate_up_proj), _local(self.down_proj))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "

@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingConfigError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"ep"}
+    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"dp_shard", "ep"}
     explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                 if f.name != "out" and getattr(args, f.name, None) is not None}
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1 and cfg.dp_shard == 1:
         Trainer(cfg, resume=args.resume, resume_overrides=overrides, explicit=explicit).train()
         return 0
     from ..parallel import fault_guard, init_distributed
