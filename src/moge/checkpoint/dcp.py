@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ def save_sharded(path: str | Path, state: dict[str, Any]) -> None:
     A collective when a process group is initialised: every rank calls it with its own shards.
     """
     writer = dcp.FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True)
-    dcp.save(state, storage_writer=writer)
+    with warnings.catch_warnings():  # one process without a process group is a supported use, not a mistake
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save(state, storage_writer=writer)
 
 
 def load_sharded(path: str | Path, state: dict[str, Any]) -> None:
@@ -108,7 +111,9 @@ def load_sharded(path: str | Path, state: dict[str, Any]) -> None:
     md = read_metadata(path)
     _check_against(md, state, path)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorsOnlyLoadPlanner())
     except CheckpointCorruptError:
         raise
     except Exception as e:  # DCP wraps per-rank failures in CheckpointException
