@@ -120,6 +120,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: str = "none
         layer.experts.set_gradient_divide_factor(float(mesh.size()))  # see the module docstring
     for block in decoder_blocks(model):
         fully_shard(block, mesh=world_mesh, mp_policy=policy)
+    if not model.config.tie_word_embeddings:
+        # Their own units: else the root gathers both [V,H] matrices at once and keeps them all step.
+        fully_shard(model.model.embed_tokens, mesh=world_mesh, mp_policy=policy)
+        fully_shard(model.lm_head, mesh=world_mesh, mp_policy=policy)
     fully_shard(model, mesh=world_mesh, mp_policy=policy)
     if torch.distributed.get_backend(world_mesh.get_group()) == "gloo":
         _sum_then_divide(model, mesh)
