@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_CONFIG, single_thread, write_published_checkpoint  # noqa: F401
 from moge.checkpoint import load_pretrained
 from moge.config import MoGEConfig
-from moge.engine.cache import RowSubsetCache, StaticKVCache
+from moge.model.cache import RowSubsetCache, StaticKVCache
 from moge.engine.sampling import sample_next, sample_rows
 from moge.engine.request import AdmissionError, QueueFullError, SamplingParams
 from moge.engine.scheduler import Scheduler

@@ -27,7 +27,7 @@ from moge.cli import build_parser
 from moge.cli import main as cli_main
 from moge.engine.scheduler import Scheduler
 from moge.generate import generate
-from moge.serve.cli import build
+from moge.cli.serve import build
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MODEL = "tiny"

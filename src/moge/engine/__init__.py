@@ -13,7 +13,8 @@
   aborts) over one static cache, what ``moge serve`` runs.
 """
 
-from .cache import CacheError, DynamicKVCache, StaticKVCache
+from ..model.cache import CacheError, DynamicKVCache, StaticKVCache
 from .sampling import sample_next
+
 
 __all__ = ["CacheError", "DynamicKVCache", "StaticKVCache", "sample_next"]

@@ -5,14 +5,14 @@ Shape legend
     W  a prefill's width (its longest chunk, others left-padded)     V  vocabulary     H  hidden
 
 Iteration-level scheduling, as vLLM and SGLang do it, on moge's engine pieces. One
-:class:`~moge.engine.cache.StaticKVCache` of ``max_batch`` rows holds every running request, one
+:class:`~moge.model.cache.StaticKVCache` of ``max_batch`` rows holds every running request, one
 request per row. Each :meth:`Scheduler.step`:
 
 1. handles aborts (a waiting request leaves the queue, a running one frees its row), then admits
    waiting requests first come, first served into free rows (the lowest free row first);
 2. prefills: the next chunk of every request still reading its prompt (``prefill_chunk`` tokens in
    all, oldest first), left-padded into one forward through a
-   :class:`~moge.engine.cache.RowSubsetCache` of their rows (one pass over the weights for all new
+   :class:`~moge.model.cache.RowSubsetCache` of their rows (one pass over the weights for all new
    requests, wherever their rows are); a long prompt is read over several steps while the other
    rows keep decoding (chunked prefill, interleaved with decode); a row whose prompt is done samples
    its first token;
@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cache import RowSubsetCache, StaticKVCache
+from ..model.cache import RowSubsetCache, StaticKVCache
 from .graphs import GraphCaptureError, GraphedStep, batch_bucket
 from .request import AdmissionError, Event, QueueFullError, Request, SamplingParams
 from .sampling import sample_rows
