@@ -19,6 +19,7 @@ __all__ = ["ChatRequest", "CompletionRequest", "DetokenizeRequest", "ServeError"
            "error_body", "sampling_params"]
 
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request (lm-evaluation-harness batches prompts this way)
 MAX_LOGPROBS = 20
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -83,8 +84,8 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if (isinstance(p, str) and not p) or (isinstance(p, list) and (not p or any(not x for x in p))):
             raise ValueError("prompt is empty: give a non-empty string or at least one token id")
-        if isinstance(p, list) and len(p) > MAX_N and not isinstance(p[0], int):
-            raise ValueError(f"at most {MAX_N} prompts per request")
+        if isinstance(p, list) and len(p) > MAX_CHOICES and not isinstance(p[0], int):
+            raise ValueError(f"at most {MAX_CHOICES} prompts per request")
         return self
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from ..engine.request import AdmissionError, QueueFullError
 from .choices import Choice, chat_logprobs, collect, completion_logprobs, merged
 from .engine import AsyncEngine
-from .protocol import MAX_N, ChatRequest, CompletionRequest, ServeError, error_body, sampling_params
+from .protocol import MAX_CHOICES, ChatRequest, CompletionRequest, ServeError, error_body, sampling_params
 from .text import ServeTokenizer
 
 __all__ = ["OpenAIRoutes"]
@@ -72,8 +72,8 @@ class OpenAIRoutes:
         return [list(p) for p in prompt]
 
     def _submit(self, req, prompts: list[list[int]], max_tokens: list[int], logprobs, prompt_logprobs) -> list[Choice]:
-        if len(prompts) * req.n > MAX_N:
-            raise ServeError(400, f"prompts x n = {len(prompts) * req.n} is over this server's {MAX_N} choices "
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ServeError(400, f"prompts x n = {len(prompts) * req.n} is over this server's {MAX_CHOICES} choices "
                              "per request", "n")
         params = [sampling_params(req, mt, j, logprobs, prompt_logprobs) for mt in max_tokens for j in range(req.n)]
         try:
