@@ -6,6 +6,7 @@ serving; an engine failure fails its request alone; nothing is left behind; SIGT
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import json
 import os
@@ -22,8 +23,10 @@ import torch
 from helpers import single_thread  # noqa: F401
 from moge.checkpoint import load_pretrained
 from moge.cli import main as cli_main
+from moge.engine.request import Request
 from moge.engine.scheduler import Scheduler
 from moge.generate import generate
+from moge.serve.engine import Stream
 from serve_helpers import MODEL, Server, ckpt, free_port  # noqa: F401 (ckpt: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -264,6 +267,8 @@ def test_many_requests_leave_no_row_or_queue_entry(server):
     sched = server.engine.scheduler
     assert sched.num_running == 0 and sched.num_waiting == 0 and not sched.has_work()
     assert sched._rows == [None] * sched.max_batch and not sched._aborts
+    gc.collect()  # and no request or stream object outlives its HTTP request
+    assert not [o for o in gc.get_objects() if type(o) in (Request, Stream)]
 
 
 def test_api_key_and_queue_bound(ckpt):
