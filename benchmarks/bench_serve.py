@@ -172,7 +172,9 @@ def start_server(ckpt: Path, port: int, max_batch: int, threads: int, peer: str 
                "--max-model-len", "512", "--threads", str(threads), "--served-model-name", "small"]
     else:  # transformers serve, its continuous batching on, same thread count
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(ckpt), "--continuous-batching",
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--log-level", "warning"]
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--log-level", "warning",
+               # its paged KV cache, sized: by default it takes a share of the machine's memory (OOM here)
+               "--cb-block-size", "32", "--cb-num-blocks", "256"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env)

@@ -6,7 +6,7 @@ isolation, and no row left behind."""
 import pytest
 import torch
 
-from helpers import TINY_CONFIG, single_thread, write_published_checkpoint  # noqa: F401
+from helpers import single_thread, write_published_checkpoint  # noqa: F401
 from moge.checkpoint import load_pretrained
 from moge.config import MoGEConfig
 from moge.model.cache import RowSubsetCache, StaticKVCache

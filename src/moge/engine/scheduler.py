@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 
