@@ -43,7 +43,8 @@ def _records(out, kind: str) -> list[dict]:
 
 
 def _losses(out) -> dict[int, float]:
-    return {r["step"]: r["last_loss"] for r in _records(out, "train")}
+    """Each step's main-head loss and its MTP predictor's loss."""
+    return {r["step"]: (r["last_loss"], r["mtp"][0]["last_loss"]) for r in _records(out, "train")}
 
 
 def _weights(directory):
@@ -74,8 +75,8 @@ def test_fsdp_ep_training_equals_one_process_kill_mid_save_and_resume_4_2_4(tmp_
          "--out", "runs/x", kill_at_save=2, ok=False)
     full_run = _losses(out)
     assert sorted(full_run) == list(range(1, 21))
-    for step, loss in ref.items():
-        assert full_run[step] == pytest.approx(loss, abs=TOL), (step, full_run[step], loss)
+    for step, losses in ref.items():
+        assert full_run[step] == pytest.approx(losses, abs=TOL), (step, full_run[step], losses)
     start = _records(out, "start")[0]["mesh"]
     assert start == {"dp_shard": 2, "ep": 2,
                      "sharded_layers": ["model.layers.0.mlp", "model.layers.1.mlp", "mtp.0.mlp"]}
