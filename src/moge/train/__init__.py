@@ -6,7 +6,10 @@ weights, loadable by ``moge.checkpoint.load_pretrained`` and transformers' Auto 
 ``special_tokens_map.json`` that transformers' tools read, the optimizer state
 (``optimizer.safetensors``, tensors keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``) and
 ``moge_training_state.json`` (step, schedule, data position, RNG states, per-file checksums). No
-pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`.
+pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`. Under torchrun
+(``--dp-shard D --ep E``, :mod:`moge.parallel.fsdp`) the weights and AdamW moments are DCP shards in
+``DIR/dcp/`` instead (``moge convert`` makes the released layout); ``--dry-run`` prints the per-rank
+memory plan (:mod:`moge.parallel.plan`) and exits.
 
 Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line): ``type: "train"`` lines with the loss,
 auxiliary loss, learning rate, tokens/s and, for every layer, the Imbalance Score with devices = groups,
