@@ -98,8 +98,7 @@ def build_moge(router: str, dtype, device) -> MoGEForCausalLM:
 
 def build_wrapper(native: MoGEForCausalLM):
     """The transformers wrapper around the same weights (tensors shared, not copied)."""
-    from moge.hf import PanguProMoEForCausalLM
-    from moge.hf_config import PanguProMoEConfig
+    from moge.hf import PanguProMoEConfig, PanguProMoEForCausalLM
     with torch.device("meta"):
         w = PanguProMoEForCausalLM(PanguProMoEConfig.from_moge_config(native.config))
     w.load_state_dict(native.state_dict(), assign=True)
@@ -404,7 +403,7 @@ def speculative(args, n_new: int, device) -> list[dict]:
     """Plain vs MTP-speculative decode rows on a checkpoint with predictors (see bench_speculative.py)."""
     import bench_speculative as bs
     from moge.checkpoint import load_pretrained
-    from moge.tokenizer import load_tokenizer
+    from moge.data.tokenizer import load_tokenizer
 
     ckpt = Path(args.speculative)
     model = load_pretrained(ckpt, dtype="float32", device=device).eval()

@@ -508,7 +508,7 @@ def _integrity_probes() -> list[Probe]:
                 return res
             try:
                 if how == "auto":
-                    import moge  # noqa: F401
+                    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
                     from transformers import AutoModelForCausalLM
                     AutoModelForCausalLM.from_pretrained(ck)
                 else:

@@ -172,7 +172,7 @@ def test_engine_is_reusable_across_calls_and_batch_sizes(model):
 def test_transformers_wrapper_uses_the_engine_too(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import moge  # noqa: F401  (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     hf = AutoModelForCausalLM.from_pretrained(write_published_checkpoint(tmp_path / "c"))
     ids, mask = left_pad(ROWS[:3])
     assert torch.equal(generate(hf, ids, mask, max_new_tokens=6), generate(hf, ids, mask, max_new_tokens=6,

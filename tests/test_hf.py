@@ -1,4 +1,4 @@
-"""transformers integration: AutoConfig / AutoModelForCausalLM after `import moge`, generate, save."""
+"""transformers integration: AutoConfig / AutoModelForCausalLM after `import moge.hf`, generate, save."""
 
 import json
 import subprocess
@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import moge  # noqa: F401  (registers PanguProMoE with transformers)
+import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
 from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
 from moge.generate import generate
 
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+NEW_CACHE_NAME = "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 96], [1, 44, 3, 3, 18, 61, 90, 7]])
 
@@ -67,7 +70,7 @@ def test_hf_generate_greedy_equals_ours_with_left_padding(hf_model):
 
 
 def test_hf_generate_decodes_in_inference_mode_where_the_fast_kernels_apply(hf_model):
-    """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.linear's and the
+    """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.experts.linear's and the
     experts' few-rows kernels apply there only), with the tokens of transformers' ``no_grad`` loop."""
     seen = []
     hook = hf_model.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
@@ -122,11 +125,16 @@ def test_bad_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_fresh_process_import_moge_is_enough(ckpt):
-    """`import moge` alone (transformers not imported yet) makes the Auto classes work, lazily."""
+def test_fresh_process_import_moge_hf_registers_without_an_import_hook(ckpt):
+    """`import moge` stays light (no transformers, no import hook); `import moge.hf` registers the Auto classes."""
     code = f"""
-import sys, torch, moge
+import sys, torch
+hooks = list(sys.meta_path)
+import moge
 assert "transformers" not in sys.modules, "import moge must not import transformers"
+assert sys.meta_path == hooks, "import moge must not install an import hook"
+import moge.hf
+assert not [f for f in sys.meta_path if type(f).__module__.startswith("moge")], "moge installed an import hook"
 from transformers import AutoConfig, AutoModelForCausalLM
 assert AutoConfig.from_pretrained({str(ckpt)!r}).model_type == "PanguProMoE"
 m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, torch_dtype=torch.bfloat16)
@@ -145,7 +153,7 @@ def test_hf_config_declares_the_same_fields_and_defaults_as_moge_config():
     import dataclasses
 
     from moge.config import MoGEConfig
-    from moge.hf_config import PanguProMoEConfig
+    from moge.hf.config import PanguProMoEConfig
 
     hf = PanguProMoEConfig()
     native = MoGEConfig()
@@ -191,8 +199,27 @@ def test_cache_is_accepted_under_both_names_and_unknown_kwargs_are_refused(hf_mo
             hf_model(input_ids=IDS, bogus=1)
         with pytest.raises(UnsupportedArgumentError, match="cu_seq_lens_q"):
             hf_model(input_ids=IDS, cu_seq_lens_q=torch.tensor([0, 8]))
-        with pytest.raises(TypeError, match="not both"):
-            hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+        if NEW_CACHE_NAME:  # transformers' rule for both names: the new one wins, with a warning
+            with pytest.warns(FutureWarning, match="past_key_values"):
+                hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+        else:
+            with pytest.raises(TypeError, match="not both"):
+                hf_model(input_ids=IDS, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+@pytest.mark.skipif(not NEW_CACHE_NAME, reason="transformers before 5.24 names the cache past_key_values")
+def test_old_cache_name_warns_like_transformers_models_and_gives_the_same_cache(hf_model):
+    """From 5.24 the cache is `cache`; `past_key_values` still works on every class, with a FutureWarning."""
+    from transformers.cache_utils import DynamicCache
+
+    with torch.no_grad():
+        new, old = DynamicCache(config=hf_model.config), DynamicCache(config=hf_model.config)
+        a = hf_model(input_ids=IDS[:, :5], cache=new, use_cache=True)
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            b = hf_model(input_ids=IDS[:, :5], past_key_values=old, use_cache=True)
+    assert a.cache.get_seq_length() == b.cache.get_seq_length() == 5
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(new.layers[0].keys, old.layers[0].keys, rtol=0, atol=0)
 
 
 def test_num_items_in_batch_makes_the_loss_a_sum_over_that_count(hf_model):

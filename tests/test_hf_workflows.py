@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import single_thread  # noqa: F401 (fixture)
 
-import moge  # noqa: F401  (registers PanguProMoE with transformers)
+import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
 from moge.train import TrainConfig, Trainer as MogeTrainer
 
 import transformers

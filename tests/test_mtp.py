@@ -1,4 +1,4 @@
-"""MTP predictors (moge.mtp): the forward against a reference written from the spec, training signal,
+"""MTP predictors (moge.model.mtp): the forward against a reference written from the spec, training signal,
 checkpoint round trip in the published naming, and the transformers wrapper."""
 
 import json
@@ -135,7 +135,7 @@ def test_mtp_layers_need_the_config_key(tmp_path):
 
 
 def test_transformers_wrapper_loads_ignores_and_saves_predictors(tmp_path):
-    import moge  # noqa: F401  (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     from transformers import AutoModelForCausalLM
 
     m = _model().float()

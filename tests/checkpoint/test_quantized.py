@@ -93,7 +93,7 @@ def test_round_trip_is_exact_through_moge_and_transformers(saved, tmp_path):
     assert torch.equal(logits(back), logits(q))
     from transformers import AutoModelForCausalLM
 
-    import moge  # noqa: F401 (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     hf = AutoModelForCausalLM.from_pretrained(d)
     assert torch.equal(logits(hf), logits(q))
     hf.save_pretrained(tmp_path / "again")

@@ -1,4 +1,4 @@
-"""The released Pangu Pro MoE layout both ways (spec section 5): a directory written exactly as released
+"""The released Pangu Pro MoE layout both ways (docs/design.md section 5): a directory written exactly as released
 loads through transformers and natively, matches an independent float64 forward and generates; what we
 write is what the released loaders read; draft and moge-0.1 checkpoints keep loading."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY_CONFIG, published_tensors, reference_logits, write_published_checkpoint, single_thread  # noqa: F401 (fixture)
-import moge  # noqa: F401  (registers the model types with transformers)
+import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
 from moge.checkpoint import CheckpointError, load_pretrained, read_config, released_config_dict, save_model
 from moge.checkpoint.layout import config_from_dict, special_token_ids
 from moge.config import get_config

@@ -46,7 +46,7 @@ def test_flipped_byte_is_refused_by_every_loader_and_skipped_on_request(with_man
         load_pretrained(with_manifest)
     assert cli_main(["generate", str(with_manifest), "--prompt-ids", "1 2", "--max-new-tokens", "1"]) == 2
     assert "SHA-256" in capsys.readouterr().err
-    import moge  # noqa: F401  (registers the model type)
+    import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
     from transformers import AutoModelForCausalLM
     with pytest.raises(CheckpointCorruptError, match="SHA-256"):
         AutoModelForCausalLM.from_pretrained(with_manifest)

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moge.layer import MoGELayer
+from moge.model.moe import MoGELayer
 from moge.parallel import (ConfigMismatchError, apply_expert_parallel, check_config_consistent, fault_guard,
                            init_distributed)
 

@@ -4,15 +4,15 @@
 safetensors shards), a DCP checkpoint directory (a multi-process ``moge train`` run's output, or
 ``--to dcp``'s), or a single state-dict file of :class:`MoGEForCausalLM` (``.safetensors``, or ``.pt``
 read with ``torch.load(weights_only=True)``; stacked or per-expert names) together with ``--config`` /
-``--preset``. DST is written in the released layout (spec section 5), or with ``--to dcp`` as
+``--preset``. DST is written in the released layout (docs/design.md section 5), or with ``--to dcp`` as
 ``config.json`` + ``tokenizer.json`` + ``dcp/`` (the model's tensors as one DCP checkpoint, which any
 mesh can read).
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
+
 from pathlib import Path
 
 import torch
@@ -23,24 +23,9 @@ from .dcp import DCP_DIR, METADATA_NAME, load_sharded, save_sharded
 from .hf_files import write_generation_config, write_tokenizer_config
 from .io import CheckpointError, atomic_write, confined, writable_dir, write_json, writing
 from .layout import IGNORED_RE, PER_EXPERT_RE, check_names_and_shapes, from_published_state_dict, released_config_dict
-from .pretrained import (CONFIG_NAME, TOKENIZER_NAME, build_on_meta, check_tokenizer_file, load_pretrained,
-                         normalise_names, read_config, refuse_non_finite, resolve_dtype, save_model)
+from .pretrained import build_on_meta, load_pretrained, normalise_names, read_config, save_model
+from .reading import CONFIG_NAME, TOKENIZER_NAME, check_tokenizer_file, refuse_non_finite, resolve_dtype
 from .training_state import has_checkpoint, verify_checkpoint, verify_files
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint directory, or a state-dict file (.safetensors / .pt) with --config/--preset")
-    p.add_argument("dst", help="output directory (released layout)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
-                   help="dtype of the written weights (default: as stored)")
-    p.add_argument("--config", help="config.json for a state-dict SRC")
-    p.add_argument("--preset", help="preset name for a state-dict SRC (instead of --config)")
-    p.add_argument("--tokenizer", help="tokenizer.json to copy into DST (default: SRC's, if any)")
-    p.add_argument("--to", choices=["released", "dcp"], default="released",
-                   help="layout of DST: the released single-directory layout (default) or a DCP directory")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking SRC against its manifest (SHA-256) and refusing NaN/inf weights")
 
 
 def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
@@ -76,7 +61,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     """
     if to not in ("released", "dcp"):
         raise CheckpointError(f"--to must be 'released' or 'dcp', got {to!r}")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise CheckpointError(f"source {src} does not exist")
     if dst.exists() and not dst.is_dir():
@@ -165,18 +150,3 @@ def save_dcp_model(model, dst: str | Path, tokenizer_file: str | Path | None = N
     return dst
 
 
-def run(args: argparse.Namespace) -> int:
-    config = None
-    if args.config and args.preset:
-        raise CheckpointError("give --config or --preset, not both")
-    if args.config:
-        config = read_config(args.config)
-    elif args.preset:
-        from ..config import get_config
-        config = get_config(args.preset)
-    out = convert(args.src, args.dst, args.max_shard_size, None if args.dtype == "auto" else args.dtype, config,
-                  args.tokenizer, progress=True, verify=args.verify, to=args.to)
-    files = sorted(p.name for p in out.iterdir() if p.is_file()) + ([f"{DCP_DIR}/"] if (out / DCP_DIR).is_dir() else [])
-    size = sum(p.stat().st_size for p in [*out.glob("*.safetensors"), *out.glob(f"{DCP_DIR}/*.distcp")])
-    print(f"wrote {out}: {', '.join(files)} ({size / 1e6:.1f} MB of weights)")
-    return 0

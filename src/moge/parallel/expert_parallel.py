@@ -1,4 +1,4 @@
-"""Expert parallelism for :class:`moge.layer.MoGELayer`: whole expert groups per rank, as dispatchers.
+"""Expert parallelism for :class:`moge.model.moe.MoGELayer`: whole expert groups per rank, as dispatchers.
 
 Shape legend
     T  local tokens on this rank       H  hidden size          E  ranks in the expert-parallel group
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import MoGEError
 from ..experts import sort_pairs
-from ..layer import MoGELayer, Routing
+from ..model.moe import MoGELayer, Routing
 from .comm import all_to_all, rank_and_world
 
 DISPATCHERS = ("auto", "fixed", "variable")

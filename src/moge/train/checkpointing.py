@@ -19,7 +19,7 @@ from ..checkpoint.dcp import DCP_DIR, load_sharded, save_sharded
 from ..checkpoint.io import read_safetensors, writing
 from ..checkpoint.training_state import (FORMAT_DCP, OPTIMIZER_FILE, RNG_FILE, STAGING_DIR, commit_checkpoint,
                                          open_staging, read_training_tensors, restore_rng_state, state_path)
-from ..tokenizer import TOKENIZER_FILE, save_tokenizer
+from ..data.tokenizer import TOKENIZER_FILE, save_tokenizer
 from .options import METRICS_FILE
 
 

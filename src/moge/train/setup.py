@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from ..config import MoGEConfig, get_config
+from ..data.corpus import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
+from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
 from ..parallel.plan import format_plan, memory_plan
-from ..data import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
-from ..tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
 from .options import TrainConfig, TrainingConfigError
 
 
 def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
-    """A freshly initialised :class:`moge.model.MoGEForCausalLM` (float32 master weights) on ``device``."""
+    """A freshly initialised :class:`moge.model.decoder.MoGEForCausalLM` (float32 master weights) on ``device``."""
     from ..model import MoGEForCausalLM
 
     torch.manual_seed(seed)
