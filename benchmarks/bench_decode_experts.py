@@ -24,9 +24,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from moge import linear as ml  # noqa: E402
+from moge.experts import KernelChoices, use_kernels  # noqa: E402
+from moge.experts import linear as ml  # noqa: E402
 from moge.config import get_config  # noqa: E402
-from moge.layer import MoGELayer  # noqa: E402
+from moge.model.moe import MoGELayer  # noqa: E402
 from results_md import machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 LAYERS = 12
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg = get_config("small")
     layers = [MoGELayer.from_config(cfg).eval() for _ in range(LAYERS)]
+    kernels = KernelChoices()  # one owner for all layers, as a model's
+    for layer in layers:
+        use_kernels(layer, kernels)
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # gate, up, down; float32
     print(f"{machine()}; {LAYERS} small-preset layers, float32")
     with torch.inference_mode():
@@ -69,9 +73,9 @@ def main(argv=None) -> int:
             for name in ("gemv", "grouped_mm", "sorted"):
                 rows[name] = best_ms(run(name), args.repeats)
             for kernel in ml.KERNELS:
-                ml.set_few_rows_kernel(kernel)
+                kernels.pin("few_rows", kernel)
                 rows[f"gemv, few-rows kernel forced to {kernel}"] = best_ms(run("gemv"), args.repeats)
-            ml.set_few_rows_kernel(None)
+            kernels.pin("few_rows", None)
             ref = next(iter(rows.values()))
             print(f"\nT={t}: {touched:.1f} distinct experts per layer, {stream / 1e6:.0f} MB of expert weights per round")
             for name, ms in rows.items():

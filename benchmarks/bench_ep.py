@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moge.experts import get_experts_backend
-from moge.layer import MoGELayer
+from moge.model.moe import MoGELayer
 from moge.parallel import apply_expert_parallel
 
 VARIANTS = [("moge", "fixed"), ("moge", "variable"), ("topk", "variable")]

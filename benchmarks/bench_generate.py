@@ -403,7 +403,7 @@ def speculative(args, n_new: int, device) -> list[dict]:
     """Plain vs MTP-speculative decode rows on a checkpoint with predictors (see bench_speculative.py)."""
     import bench_speculative as bs
     from moge.checkpoint import load_pretrained
-    from moge.tokenizer import load_tokenizer
+    from moge.data.tokenizer import load_tokenizer
 
     ckpt = Path(args.speculative)
     model = load_pretrained(ckpt, dtype="float32", device=device).eval()

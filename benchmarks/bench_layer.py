@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from moge.experts import available_backends, default_backend  # noqa: E402
-from moge.layer import MoGELayer  # noqa: E402
+from moge.model.moe import MoGELayer  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 H, N, M, K, F_EXP, F_SHARED = 1024, 64, 8, 8, 256, 256

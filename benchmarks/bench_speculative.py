@@ -1,8 +1,9 @@
 """Benchmark speculative decoding with the MTP predictor(s) against plain decoding on the static engine.
 
-Model: a trained checkpoint with MTP predictors (default ``/work/runs/mtp/mtp1``, the demo-sized
-``tiny`` preset trained with ``moge train --mtp 1``). Prompts: the first ``--prompt-len`` tokens
-(``<bos>`` first) of documents of the built-in corpus's validation split, domains interleaved.
+Model: a trained checkpoint with MTP predictors (default ``runs/mtp/mtp1`` under the repository root,
+the demo-sized ``tiny`` preset trained with ``moge train --mtp 1``, see docs/mtp.md). Prompts: the
+first ``--prompt-len`` tokens (``<bos>`` first) of documents of the built-in corpus's validation split,
+domains interleaved.
 Greedy decoding of ``--new-tokens`` tokens, no EOS stop, so both paths generate the same count.
 
 Batch b decodes ``max(batches) // b`` disjoint prompt batches (batch 1: 8 prompts one at a time,
@@ -39,14 +40,24 @@ from moge.generate import generate  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Speculative decoding (MTP)"
-DEFAULT_CKPT = "/work/runs/mtp/mtp1"
+DEFAULT_CKPT = "runs/mtp/mtp1"  # relative to the repository root (runs/ is where docs/mtp.md trains it)
+REPO = HERE.parent
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as the recorded command shows it: relative to the repository root when it lies inside
+    it, else only its last component (a results file names no directory of the machine it ran on)."""
+    try:
+        return str(path.resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return f"<outside the repository>/{path.resolve().name}"
 
 
 def corpus_prompts(tokenizer, batch: int, prompt_len: int) -> torch.Tensor:
     """``[batch, prompt_len]``: ``<bos>`` + the first tokens of validation documents long enough,
     taking the domains in turn (code, prose, math, code, ...)."""
-    from moge.data import builtin_corpus, split_documents
-    from moge.tokenizer import BOS_ID, encode_batch
+    from moge.data.corpus import builtin_corpus, split_documents
+    from moge.data.tokenizer import BOS_ID, encode_batch
 
     _, val = split_documents(builtin_corpus())
     by_domain: dict[str, list[list[int]]] = {}
@@ -95,7 +106,7 @@ def speculative_rows(model: torch.nn.Module, prompts_BP: torch.Tensor, batches=(
         steps, row_steps, accepted, identical = 0, 0, None, True
         for ids in sets:
             stats: dict = {}
-            spec_out = spec_dec.generate(ids, None, new_tokens, stats=stats)
+            spec_out = spec_dec.decode(ids, None, new_tokens, stats=stats)
             identical &= bool(torch.equal(spec_out, run("plain", new_tokens, ids)))
             steps += stats["steps"]
             row_steps += stats["row_steps"]
@@ -161,7 +172,7 @@ def cost_analysis(model: torch.nn.Module, prompts_BP: torch.Tensor, new_tokens: 
             distinct.clear()
             for i in range(prompts_BP.shape[0]):
                 stats: dict = {}
-                dec.generate(prompts_BP[i:i + 1], None, new_tokens, stats=stats)
+                dec.decode(prompts_BP[i:i + 1], None, new_tokens, stats=stats)
                 steps += stats["steps"]
             for k in best:
                 best[k] = min(best[k], 1e3 * times[k] / steps)
@@ -240,7 +251,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_section(path: Path, rows: list[dict], args, png_name: str, model_note: str,
-                  analysis: dict | None = None) -> None:
+                  analysis: dict | None = None, checkpoint: str = DEFAULT_CKPT) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     body = [SECTION, "",
             f"Machine: {machine()}, {args.dtype}. Model: {model_note}. Prompts: {rows[0]['prompt_len']} tokens from "
@@ -250,8 +261,8 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
             f"{args.repeats} interleaved rounds; tokens/s = rows x (N-1) / decode time; ms/step = decode time / "
             "steps (speculative: verify steps; a batch steps until its slowest row is done). accept@i = share of row-steps that kept draft i; identical = "
             "speculative output equals plain greedy token for token.",
-            f"Command: `flock -x /tmp/moge-cpu.lock env PYTHONPATH=src python benchmarks/bench_speculative.py "
-            f"--checkpoint {args.checkpoint} --threads {args.threads} --new-tokens {args.new_tokens} "
+            f"Command: `env PYTHONPATH=src python benchmarks/bench_speculative.py "
+            f"--checkpoint {checkpoint} --threads {args.threads} --new-tokens {args.new_tokens} "
             f"--repeats {args.repeats}{' --analyze' if getattr(args, 'analyze', False) else ''}`",
             "", *table(rows), "", *analysis_lines(analysis),
             "Other checkpoints (`--mtp 2`, D = 1 and 2), earlier machines and what the numbers mean: docs/mtp.md.",
@@ -261,7 +272,8 @@ def write_section(path: Path, rows: list[dict], args, png_name: str, model_note:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    ap.add_argument("--checkpoint", default=None,
+                    help=f"checkpoint directory (default: {DEFAULT_CKPT} under the repository root)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -276,9 +288,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from moge.checkpoint import load_pretrained
-    from moge.tokenizer import load_tokenizer
+    from moge.data.tokenizer import load_tokenizer
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else REPO / DEFAULT_CKPT
     model = load_pretrained(ckpt, dtype=args.dtype).eval()
     tok = load_tokenizer(ckpt / "tokenizer.json")
     prompts = corpus_prompts(tok, max(args.batches), args.prompt_len)
@@ -300,7 +312,7 @@ def main(argv=None) -> int:
         (HERE / "results_speculative.json").write_text(json.dumps({"model": note, "rows": rows,
                                                                    "analysis": analysis}, indent=1))
         plot(rows, HERE / "results_speculative.png")
-        write_section(Path(args.results), rows, args, "results_speculative.png", note, analysis)
+        write_section(Path(args.results), rows, args, "results_speculative.png", note, analysis, shown_path(ckpt))
     return 0
 
 

@@ -2,7 +2,7 @@
 over domains) of every run, and each MTP predictor's validation top-1 accuracy; prints a Markdown table
 of the final numbers and the wall time of each run.
 
-    python benchmarks/plot_mtp_training.py base=/work/runs/mtp/base mtp1=/work/runs/mtp/mtp1 \
+    python benchmarks/plot_mtp_training.py base=runs/mtp/base mtp1=runs/mtp/mtp1 \
         [base-s1=... mtp1-s1=...] [--out docs/img/mtp_training.png]
 
 A run whose label contains "mtp" is drawn solid, the others dashed; runs with the same seed share a colour.

@@ -31,12 +31,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from moge.checkpoint import load_pretrained  # noqa: E402
-from moge.data import Document, pack_documents  # noqa: E402
+from moge.data.corpus import Document, pack_documents  # noqa: E402
 from moge.quant import calibration_rows, quantize  # noqa: E402
 from moge.quant.calibrate import decoder_layers  # noqa: E402
 from moge.quant.quality import compare  # noqa: E402
-from moge.quantize import texts_for  # noqa: E402
-from moge.tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer  # noqa: E402
+from moge.cli.quantize import texts_for  # noqa: E402
+from moge.data.tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer  # noqa: E402
 
 VARIANTS = [("expert-aware", "static"), ("per-expert", "static"), ("none", "static"), ("expert-aware", "dynamic")]
 # ablation (checkpoint as trained only): smooth only the inputs norms produce, not down-projection / o_proj inputs
@@ -61,6 +61,15 @@ def outlier_twin(model: torch.nn.Module) -> torch.nn.Module:
         for w in readers:
             w[..., ch] /= c
     return m
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as the results file records it: relative to the repository root when it lies inside it,
+    else only its last component (a results file names no directory of the machine it ran on)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent.resolve()))
+    except ValueError:
+        return path.resolve().name
 
 
 def main() -> None:
@@ -101,7 +110,7 @@ def main() -> None:
                                    "starved_experts": sum(len(v) for v in rep.starved.values())}
             print(f"{mname:12s} {key:22s} " + " ".join(f"{d} {100 * v:+.3f}%" for d, v in r.relative_loss().items())
                   + f"  agreement {[round(100 * a, 2) for a in r.agreement.values()]}  ({t_q:.1f} s)", flush=True)
-    meta = {"checkpoint": str(ck), "calib_tokens": int(calib.numel()), "val_tokens": {d: int(v.numel()) for d, v in val.items()},
+    meta = {"checkpoint": shown_path(ck), "calib_tokens": int(calib.numel()), "val_tokens": {d: int(v.numel()) for d, v in val.items()},
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
             "seconds": time.perf_counter() - t_start}
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

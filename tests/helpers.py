@@ -21,7 +21,7 @@ def single_thread():
     yield
     torch.set_num_threads(before)
 
-# Exactly the released config keys (spec section 5), tiny values -- deliberately WITHOUT num_groups:
+# Exactly the released config keys (docs/design.md section 5), tiny values -- deliberately WITHOUT num_groups:
 # groups must read as num_experts_per_tok (one expert per group), like the real Pangu Pro MoE config.
 TINY_CONFIG = {
     "architectures": ["PanguProMoEForCausalLM"],

@@ -1,6 +1,6 @@
 """An independent float64 reference of MoGE routing, the balance loss and the MoE layer forward.
 
-Written from the project spec (``../shared/spec/moge.md``, sections 2 and 4) only: it imports nothing from
+Written from the project spec (``docs/design.md``, sections 2 and 4) only: it imports nothing from
 ``moge`` and uses plain per-token / per-expert Python loops, so a bug in the vectorised library code
 cannot hide in a shared helper. Everything is float64 and differentiable with torch autograd, so the
 tests can also compare gradients.
@@ -67,7 +67,7 @@ def route(logits_TN: Tensor, router: str, k: int, num_groups: int, topk_groups: 
           router_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reference routing: ``(scores [T,N] f64, weights [T,K] f64, ids [T,K] int64)``.
 
-    weight of chosen expert e = s_e * router_scale[e], no renormalisation (spec section 2 step 5).
+    weight of chosen expert e = s_e * router_scale[e], no renormalisation (docs/design.md section 2 step 5).
     """
     scores_TN = softmax64(logits_TN)
     if router == "moge":
@@ -110,7 +110,7 @@ def swiglu(x_H: Tensor, w_gate_FH: Tensor, w_up_FH: Tensor, w_down_HF: Tensor) -
 
 def layer_forward(x_TH: Tensor, params: dict[str, Tensor], router: str, k: int, num_groups: int,
                   topk_groups: int | None = None) -> Tensor:
-    """The MoE layer of spec section 2, token by token.
+    """The MoE layer of docs/design.md section 2, token by token.
 
     ``params``: ``gate [N,H]``, ``router_scale [1,N]``, ``w_gate [N,F,H]``, ``w_up [N,F,H]``,
     ``w_down [N,H,F]`` (per-expert ``[out, in]`` matrices) and optionally ``shared_gate [Fs,H]``,

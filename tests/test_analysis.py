@@ -2,8 +2,8 @@
 
 import torch
 
-from moge.analysis import (busiest_expert_share, coactivation, expert_token_share, share_by_domain,
-                           within_group_share)
+from moge.analysis.stats import (busiest_expert_share, coactivation, expert_token_share, share_by_domain,
+    within_group_share)
 from moge.routing import moge_route, topk_route
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import single_thread  # noqa: F401 (fixture)
-from moge.analysis import busiest_device_share, distance_from_uniform, specialisation_index
-from moge.analyze import AnalysisError, collect_routing, summarize
+from moge.analysis.stats import busiest_device_share, distance_from_uniform, specialisation_index
+from moge.analysis.analyze import AnalysisError, collect_routing, summarize
 from moge.config import get_config
 from moge.model import DecoderLayer, MoGEForCausalLM
 
@@ -104,7 +104,7 @@ def test_dense_only_model_is_refused():
 def test_cli_writes_json_and_figures(tmp_path, capsys):
     from moge.checkpoint import save_model
     from moge.cli import main
-    from moge.tokenizer import save_tokenizer, train_tokenizer
+    from moge.data.tokenizer import save_tokenizer, train_tokenizer
 
     texts = {"alpha": "the quick brown fox jumps over the lazy dog. " * 60,
              "digits": " ".join(f"{i} + {i % 7} = {i + i % 7}" for i in range(400))}

@@ -4,9 +4,9 @@ contents equal a full forward's, for a plain decoder layer and an MTP predictor.
 import pytest
 import torch
 
-from moge.attention import gather_rows
+from moge.model.attention import gather_rows
 from moge.config import get_config
-from moge.engine.cache import StaticKVCache
+from moge.model.cache import StaticKVCache
 from moge.engine.step import causal_slot_mask
 from moge.model import MoGEForCausalLM
 from moge.validate import InvalidArgumentError

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from moge.data import (DataError, Document, SequenceSampler, builtin_corpus, load_user_documents,
-                       pack_documents, split_documents)
+from moge.data.corpus import (DataError, Document, SequenceSampler, builtin_corpus, load_user_documents,
+    pack_documents, split_documents)
 
 
 @pytest.fixture(scope="module")

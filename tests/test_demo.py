@@ -6,15 +6,16 @@ import pytest
 from helpers import single_thread  # noqa: F401 (fixture)
 
 from moge.cli import main as cli_main
-from moge.report import read_metrics, summarize
+from moge.analysis.report import read_metrics, summarize
 
 # One intra-op thread: on a busy 2-core machine two threads mostly wait on each other for toy ops.
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_demo_writes_report_and_plots(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = cli_main(["demo", "--out", str(out), "--preset", "debug", "--steps", "4", "--batch-size", "2",
+def test_demo_writes_report_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the README types it (it once broke every reload)
+    out = tmp_path / "runs" / "demo"
+    rc = cli_main(["demo", "--out", "runs/demo", "--preset", "debug", "--steps", "4", "--batch-size", "2",
                    "--seq-len", "32", "--eval-every", "2", "--log-every", "2", "--warmup", "1",
                    "--vocab-size", "300", "--no-progress"])
     assert rc == 0

@@ -7,7 +7,8 @@ import torch
 
 from moge.experts import (SwiGLUExperts, available_backends, default_backend, eager_experts,
                           get_experts_backend, sort_by_expert)
-from moge.linear import TUNE_REPEATS, MeasuredChoice
+from moge.experts import KernelChoices
+from moge.experts.choice import TUNE_REPEATS
 
 N, H, F = 6, 16, 8
 
@@ -111,7 +112,7 @@ def test_cuda_backend_matches_float64_reference(backend):
 
 
 def test_segments_split_whole_experts():
-    from moge.experts_sorted import _segments
+    from moge.experts.sorted import _segments
     # counts 3, 0, 2, 4 with at most 5 rows a chunk: [e0 e2] then [e3]; an expert is never split
     assert _segments([3, 0, 2, 4], 5) == [(0, 5, [(0, 0, 3), (2, 3, 5)]), (5, 9, [(3, 0, 4)])]
     assert _segments([7, 1], 5) == [(0, 7, [(0, 0, 7)]), (7, 8, [(1, 0, 1)])]
@@ -121,7 +122,7 @@ def test_segments_split_whole_experts():
 @pytest.mark.parametrize("chunk_bytes", [1, 300])
 def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
     import moge.experts as ex
-    import moge.experts_sorted as exs
+    import moge.experts.sorted as exs
     monkeypatch.setattr(exs, "_CHUNK_BYTES", chunk_bytes)  # 1 byte: one expert per chunk
     gu, down = make()
     gen = torch.Generator().manual_seed(8)
@@ -142,12 +143,12 @@ def test_sorted_backend_in_many_chunks_matches_eager(monkeypatch, chunk_bytes):
 @pytest.mark.parametrize("kernel", ["auto", "linear", "wxt"])
 @pytest.mark.parametrize("t", [1, 2, 5, 16])
 def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, monkeypatch):
-    """float32 on CPU takes the few-rows kernels of moge.linear (float64 above takes F.linear): forward
+    """float32 on CPU takes the few-rows kernels of moge.experts.linear (float64 above takes F.linear): forward
     and backward against the eager oracle at decode sizes (T=1 is its own path), and ``auto`` picks
     it there."""
     import moge.experts as ex
-    import moge.linear as ml
-    monkeypatch.setattr(ml, "_forced", None if kernel == "auto" else kernel)  # undone after the test
+    import moge.experts.linear as ml
+    kernels = KernelChoices(few_rows=kernel)
     gu, down = (p.detach().float() for p in make())
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(t, H, generator=gen)
@@ -157,51 +158,44 @@ def test_gemv_backend_float32_fast_path_matches_eager_with_gradients(t, kernel, 
     outs = []
     for fn in (ex.gemv_experts, ex.eager_experts):
         leaves = [p.clone().requires_grad_() for p in (x, w, gu, down)]
-        y = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+        y = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3], kernels=kernels)
         y.backward(gy)
         outs.append([y.detach()] + [p.grad for p in leaves])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    import moge.experts_gemv as eg
+    import moge.experts.gemv as eg
     with torch.inference_mode():  # auto takes gemv or grouped_mm when decoding, whichever measured faster
         for _ in range(len(eg.DECODE_CANDIDATES) * TUNE_REPEATS + 1):  # the trial calls, then the chosen one
-            got = get_experts_backend("auto")(x, ids, w, gu, down)
+            got = get_experts_backend("auto")(x, ids, w, gu, down, kernels=kernels)
             torch.testing.assert_close(got, outs[0][0], rtol=1e-4, atol=1e-5)
-        chosen = eg.decode_backend(x, ids, w, gu, down)
+        chosen = eg.decode_backend(x, ids, gu, down, kernels)
         assert chosen in eg.DECODE_CANDIDATES
         # gemv's own few-rows kernels may still be on trial (they alternate, rounding differently), so
         # settle them before asking auto to give bitwise the chosen backend's result
         for _ in range(len(ml.KERNELS) * TUNE_REPEATS):
-            want = get_experts_backend(chosen)(x, ids, w, gu, down)
-        torch.testing.assert_close(get_experts_backend("auto")(x, ids, w, gu, down), want, rtol=0, atol=0)
+            want = get_experts_backend(chosen)(x, ids, w, gu, down, kernels=kernels)
+        torch.testing.assert_close(get_experts_backend("auto")(x, ids, w, gu, down, kernels=kernels), want,
+                                   rtol=0, atol=0)
 
 
 def test_decode_backend_is_measured_on_the_first_real_calls(monkeypatch):
-    import moge.experts_gemv as eg
-    monkeypatch.setattr(eg, "_decode_choice", MeasuredChoice())  # a fresh choice, undone after the test
+    import moge.experts.gemv as eg
+    kernels = KernelChoices()  # a fresh owner: nothing measured yet
     calls = []
-    for name in eg.DECODE_CANDIDATES:
-        real = ex_backend(name)
-        monkeypatch.setitem(_backends(), name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for name, real in list(eg.DECODE_CANDIDATES.items()):
+        monkeypatch.setitem(eg.DECODE_CANDIDATES, name,
+                            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     gu, down = (p.detach().float() for p in make())
     x, ids, w = torch.randn(2, H), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2)
     want = eager_experts(x, ids, w, gu, down)
     n = TUNE_REPEATS * len(eg.DECODE_CANDIDATES)
     with torch.inference_mode():
         for _ in range(n):  # 3 timed real calls each, alternating; each returns the real result
-            assert eg.decode_backend(x, ids, w, gu, down) is None
-            torch.testing.assert_close(eg.decode_experts(x, ids, w, gu, down), want, rtol=1e-4, atol=1e-5)
-        assert sorted(calls) == sorted(eg.DECODE_CANDIDATES * TUNE_REPEATS)
-        first = eg.decode_backend(x, ids, w, gu, down)
+            assert eg.decode_backend(x, ids, gu, down, kernels) is None
+            torch.testing.assert_close(eg.decode_experts(x, ids, w, gu, down, kernels), want, rtol=1e-4, atol=1e-5)
+        assert sorted(calls) == sorted(list(eg.DECODE_CANDIDATES) * TUNE_REPEATS)
+        first = eg.decode_backend(x, ids, gu, down, kernels)
         assert first in eg.DECODE_CANDIDATES
-        eg.decode_experts(x, ids, w, gu, down)
+        eg.decode_experts(x, ids, w, gu, down, kernels)
         assert calls[n:] == [first]  # kept, not re-measured
-
-
-def ex_backend(name):
-    return _backends()[name]
-
-
-def _backends():
-    import moge.experts as ex
-    return ex._BACKENDS
+        assert eg.decode_backend(x, ids, gu, down, None) == "gemv"  # no owner: no measuring

@@ -70,7 +70,7 @@ def test_hf_generate_greedy_equals_ours_with_left_padding(hf_model):
 
 
 def test_hf_generate_decodes_in_inference_mode_where_the_fast_kernels_apply(hf_model):
-    """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.linear's and the
+    """The wrapper's ``generate`` runs transformers' loop under ``inference_mode`` (moge.experts.linear's and the
     experts' few-rows kernels apply there only), with the tokens of transformers' ``no_grad`` loop."""
     seen = []
     hook = hf_model.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache)
 
 import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
-from moge.attention import ATTENTION_KERNELS, RotaryEmbedding
+from moge.model.attention import ATTENTION_KERNELS, RotaryEmbedding
 from moge.hf import (PanguProMoEConfig, PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
                      PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEModel)
 from moge.hf.loading import MetaDeviceContextError, ShapeMismatchError

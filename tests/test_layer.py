@@ -15,7 +15,7 @@ import torch
 
 import reference as ref
 from moge.experts import available_backends
-from moge.layer import MoGELayer
+from moge.model.moe import MoGELayer
 
 H, N, M, K, F, FS, T = 16, 8, 4, 4, 6, 10, 7
 ROUTERS = ["moge", "topk", "group_limited"]

@@ -1,4 +1,4 @@
-"""MTP predictors (moge.mtp): the forward against a reference written from the spec, training signal,
+"""MTP predictors (moge.model.mtp): the forward against a reference written from the spec, training signal,
 checkpoint round trip in the published naming, and the transformers wrapper."""
 
 import json

@@ -75,7 +75,7 @@ def test_speculative_greedy_equals_plain_greedy(num_mtp, draft):
             assert torch.equal(generate(m, ids, mask, n_new), plain)
             st = {}
             dec = SpeculativeDecoder(m, ids.shape[1] + n_new, draft)
-            assert torch.equal(dec.generate(ids, mask, n_new, stats=st), plain), (seed, n_new)
+            assert torch.equal(dec.decode(ids, mask, n_new, stats=st), plain), (seed, n_new)
             accepted += st["accepted"][0]
             rejected += st["row_steps"] - st["accepted"][0]
         assert torch.equal(generate(m, ids, mask, 23, draft_tokens=draft), plain)
@@ -101,7 +101,7 @@ def test_eos_inside_a_draft_stops_the_row_like_plain_greedy(num_mtp):
     ids, mask = prompts(1)
     w, n_new = ids.shape[1], 20
     st = {}
-    free = SpeculativeDecoder(m, w + n_new).generate(ids, mask, n_new, stats=st)
+    free = SpeculativeDecoder(m, w + n_new).decode(ids, mask, n_new, stats=st)
     drafted = draft_positions(st["trace"], ids.shape[0])
     tried = 0
     for r in range(ids.shape[0]):
@@ -131,7 +131,7 @@ def test_rollback_keeps_exactly_the_accepted_positions(num_mtp):
     w, n_new, b = ids.shape[1], 18, ids.shape[0]
     dec = SpeculativeDecoder(m, w + n_new)
     st = {}
-    out = dec.generate(ids, mask, n_new, stats=st)
+    out = dec.decode(ids, mask, n_new, stats=st)
     cache = dec._slots[b][0]
     L = m.config.num_hidden_layers
     plen = mask.sum(1)
@@ -192,7 +192,7 @@ def test_speculative_sampling_has_the_main_models_distribution(draft, temperatur
     prompt = torch.tensor([[1, 3, 5, 2]])
     st = {}
     dec = SpeculativeDecoder(m, prompt.shape[1] + 3, draft)
-    out = dec.generate(prompt.expand(rows, -1), None, 3, temperature, top_k, top_p,
+    out = dec.decode(prompt.expand(rows, -1), None, 3, temperature, top_k, top_p,
                        generator=torch.Generator().manual_seed(0), stats=st)
     assert 0.1 < st["accepted"][0] / st["row_steps"] < 0.9  # both accept and reject happened often
     t1, t2 = torch.meshgrid(torch.arange(v), torch.arange(v), indexing="ij")
@@ -277,7 +277,7 @@ def test_bad_speculative_requests_are_named_errors():
     with pytest.raises(GenerationError, match="drafts 2"):
         generate(m, ids, mask, 4, draft_tokens=1, engine=SpeculativeDecoder(m, 16))
     with pytest.raises(SpeculativeError, match="capacity"):
-        SpeculativeDecoder(m, 8).generate(ids, mask, 4)
+        SpeculativeDecoder(m, 8).decode(ids, mask, 4)
     with pytest.raises(SpeculativeError, match="draft_tokens"):
         SpeculativeDecoder(m, 16, draft_tokens=5)
 

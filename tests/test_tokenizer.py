@@ -2,8 +2,7 @@
 
 import pytest
 
-from moge.tokenizer import (TokenizerError, decode, encode_batch, load_tokenizer, save_tokenizer,
-                            train_tokenizer)
+from moge.data.tokenizer import TokenizerError, decode, encode_batch, load_tokenizer, save_tokenizer, train_tokenizer
 
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog.", "12 + 7 * 3 = 33"] * 30
 

@@ -16,7 +16,7 @@ from moge.checkpoint import CheckpointCorruptError
 from moge.checkpoint.lock import LOCK_FILE, DirectoryInUseError
 from moge.checkpoint.training_state import STATE_FILE
 from moge.cli import build_parser, main as cli_main
-from moge.data import DataError
+from moge.data.corpus import DataError
 from moge.errors import MoGEError, MoGEWarning
 from moge.train import TrainConfig, Trainer, config_from_args
 

@@ -15,7 +15,7 @@ from moge.checkpoint import CheckpointCorruptError, load_pretrained
 from moge.checkpoint.training_state import STATE_FILE
 from moge.cli import main as cli_main
 from moge.errors import MoGEWarning
-from moge.mtp import MTPOutput
+from moge.model.mtp import MTPOutput
 from moge.train import TrainConfig, Trainer, TrainingConfigError
 from moge.train.mtp import MAX_MTP, mtp_loss_term
 

@@ -7,9 +7,10 @@ expert parallelism, and load-balance / performance simulation.
 
 from .config import PRESETS, ConfigError, MoGEConfig, get_config
 from .errors import MoGEError
-from .layer import MoGELayer, RouterStats, Routing
 from .metrics import device_loads, expert_load_cv, imbalance_score, max_over_mean_load
+from .model.moe import MoGELayer, RouterStats, Routing
 from .routing import aux_loss, group_limited_route, moge_route, topk_route, z_loss
+
 
 __version__ = "0.1.0"
 

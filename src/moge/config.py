@@ -3,7 +3,7 @@
 The field names follow the published Pangu Pro MoE ``config.json`` so a checkpoint's config maps onto
 this class key for key. Fields the published config does not have (``num_groups``, ``router``, ...)
 carry defaults that reproduce the published model: in particular a missing group count means one
-expert per group, i.e. ``num_groups == num_experts_per_tok`` (spec section 2).
+expert per group, i.e. ``num_groups == num_experts_per_tok`` (docs/design.md section 2).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MoGEError
+
 
 ROUTERS = ("moge", "topk", "group_limited")
 
@@ -174,11 +175,8 @@ class MoGEConfig:
         for name in ("router", "hidden_act", "experts_backend"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if self.experts_backend != "auto":
-            from .experts import available_backends  # only here: keeps config (and moge simulate) torch-free
-            if self.experts_backend not in available_backends():
-                raise ConfigError(f"experts_backend must be one of {['auto', *available_backends()]}, got "
-                                  f"{self.experts_backend!r}")
+        # experts_backend names a registered backend: the MoE layer checks it (moge.model.moe) when the
+        # model is built, so this foundation module stays below the kernels and free of torch.
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
@@ -224,7 +222,7 @@ class MoGEConfig:
         return cls.from_dict(read_config_dict(path))
 
 
-# The released name first; "PanGuMoE" is a pre-release draft's (and moge 0.1 wrote it).
+# The released name first; "PanGuMoE" is a pre-release name (and moge 0.1 wrote it).
 MODEL_TYPES = ("PanguProMoE", "PanGuMoE")
 
 
@@ -260,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_key_value_heads=4, max_position_embeddings=4096, num_experts=64,
                   num_experts_per_tok=8, num_groups=8, moe_intermediate_size=256,
                   shared_expert_intermediate_size=1024, rope_theta=1_000_000.0),
-    # the published Pangu Pro MoE (spec section 5)
+    # the published Pangu Pro MoE (docs/design.md section 5)
     "pangu-pro-moe-72b": dict(vocab_size=153376, hidden_size=5120, num_hidden_layers=48,
                               num_attention_heads=40, num_key_value_heads=8, head_dim=128,
                               max_position_embeddings=131072, rms_norm_eps=1e-5,

@@ -1,4 +1,4 @@
-"""Load-balance metrics (spec section 3): device loads, Imbalance Score, max/mean load, expert CV.
+"""Load-balance metrics (docs/design.md section 3): device loads, Imbalance Score, max/mean load, expert CV.
 
 Shape legend: T tokens, K experts per token, N experts, D devices (each owning a contiguous block of
 N/D experts; with one group per device, device g is group g).

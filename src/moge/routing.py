@@ -4,7 +4,7 @@ Shape legend
     T  tokens                  N  routed experts          M  expert groups (one per device)
     G  experts per group (N/M) K' experts chosen per group K  experts chosen per token (M*K' for MoGE)
 
-Every rule takes a global float32 softmax over all N experts first (spec section 2), selects ids, and
+Every rule takes a global float32 softmax over all N experts first (docs/design.md section 2), selects ids, and
 weights each chosen expert by ``score * router_scale[e]`` with no renormalisation. Selected ids come back
 ``[T, K]`` int64; for MoGE they are group-major (group 0's picks first), each group's picks in
 descending score, ties broken toward the lower expert id. The ``*_select`` functions work on scores
@@ -105,7 +105,7 @@ def moge_select(scores_TN: Tensor, num_groups: int, k_per_group: int,
 
 def moge_route(logits_TN: Tensor, num_groups: int, k_per_group: int, router_scale: Tensor | None = None,
                check_finite: bool = True) -> tuple[Tensor, Tensor]:
-    """MoGE routing (spec section 2): global softmax, contiguous groups, top-K' per group.
+    """MoGE routing (docs/design.md section 2): global softmax, contiguous groups, top-K' per group.
 
     Returns ``(weights [T, K], expert_ids [T, K])`` with K = M*K', group-major, weight = score * scale.
     """
@@ -199,7 +199,7 @@ def _check_pairs(scores_TN: Tensor, expert_ids_TK: Tensor) -> None:
 
 
 def aux_loss(scores_TN: Tensor, expert_ids_TK: Tensor, alpha: float = 1.0, check: bool = True) -> Tensor:
-    """Batch-level balance loss ``alpha * sum_i f_i * p_i`` (spec section 4).
+    """Batch-level balance loss ``alpha * sum_i f_i * p_i`` (docs/design.md section 4).
 
     ``f_i = N / (K T) * count_i`` counts the tokens that selected expert i (no gradient), and
     ``p_i`` is the mean *global* softmax score of expert i over the batch (carries the gradient).

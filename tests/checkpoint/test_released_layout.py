@@ -1,4 +1,4 @@
-"""The released Pangu Pro MoE layout both ways (spec section 5): a directory written exactly as released
+"""The released Pangu Pro MoE layout both ways (docs/design.md section 5): a directory written exactly as released
 loads through transformers and natively, matches an independent float64 forward and generates; what we
 write is what the released loaders read; draft and moge-0.1 checkpoints keep loading."""
 

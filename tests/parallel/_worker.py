@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moge.layer import MoGELayer
+from moge.model.moe import MoGELayer
 from moge.parallel import (ConfigMismatchError, ExpertParallelMoGELayer, apply_expert_parallel,
                            check_config_consistent, clip_grad_norm_, fault_guard, full_state_dict, init_distributed,
                            is_expert_sharded, load_full_state_dict, sync_gradients)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moge.errors import MoGEError
-from moge.layer import MoGELayer
+from moge.model.moe import MoGELayer
 from moge.parallel import (ExpertParallelError, apply_expert_parallel, init_distributed, is_expert_sharded,
                            shard_named_tensor)
 

@@ -1,4 +1,4 @@
-"""W8A8 arithmetic and the int8 modules against references written here from the formulas (spec section 7)."""
+"""W8A8 arithmetic and the int8 modules against references written here from the formulas (docs/design.md section 7.4)."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def test_moge_always_exactly_balanced(freqs):
 def test_paper_figure_2b_topk_almost_always_imbalanced():
     s = imbalance_study(64, 8, 8, [16], 5000, seed=0)
     assert s["topk"]["16"]["p_imbalanced"] > 0.99
-    assert 0.4 < s["topk"]["16"]["mean_is"] < 1.0          # spread over roughly 0 to 1.5 (spec s.3)
+    assert 0.4 < s["topk"]["16"]["mean_is"] < 1.0          # spread over roughly 0 to 1.5 (docs/design.md s.3)
     assert s["topk"]["16"]["max_is"] <= 2.0
     assert s["moge"]["16"]["p_imbalanced"] == 0.0
 

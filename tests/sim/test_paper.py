@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import moge.sim.fit as fit_module
 import moge.sim.paper as paper
 from moge.cli import main
 from moge.sim.fit import FIT_PARAMETERS, calibration_points, fit, rounded
@@ -33,7 +34,7 @@ def test_fit_reproduces_the_stored_constants_and_sees_only_calibration_points(mo
         seen.add(p.label)
         return real(p, hw, *a, **kw)
 
-    monkeypatch.setattr(paper, "run_point", spy)
+    monkeypatch.setattr(fit_module, "run_point", spy)  # where fit() looks it up
     values = fit()
     assert seen == {p.label for p in calibration_points()}
     assert rounded(values) == {k: A2_FITTED[k] for k in FIT_PARAMETERS}

@@ -13,12 +13,14 @@ One job per module:
 """
 
 from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (CheckpointCorruptError, CheckpointError, atomic_write, confined, fsync_dir, parse_size,
-                 sha256_file, write_json)
+from .io import (CheckpointCorruptError, CheckpointError, atomic_write, confined, fsync_dir, parse_size, sha256_file,
+                 write_json)
 from .layout import (RELEASED_ARCHITECTURE, RELEASED_MODEL_TYPE, from_published_state_dict, released_config_dict,
                      to_published_state_dict)
-from .pretrained import (CONFIG_NAME, TOKENIZER_NAME, load_into, load_pretrained, load_state_dict, model_config,
-                         read_config, resolve_dtype, save_model, save_pretrained)
+from .pretrained import (load_into, load_pretrained, load_state_dict, model_config, read_config, save_model,
+                         save_pretrained)
+from .reading import CONFIG_NAME, TOKENIZER_NAME, resolve_dtype
+
 
 __all__ = [
     "CONFIG_NAME", "CheckpointCorruptError", "CheckpointError", "RELEASED_ARCHITECTURE", "RELEASED_MODEL_TYPE",

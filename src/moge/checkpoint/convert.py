@@ -3,12 +3,11 @@
 ``moge convert SRC DST``: SRC is a checkpoint directory in the released layout (``config.json`` plus
 safetensors shards) or a single state-dict file of :class:`MoGEForCausalLM` (``.safetensors``, or ``.pt``
 read with ``torch.load(weights_only=True)``; stacked or per-expert names) together with ``--config`` /
-``--preset``. DST is written in the released layout (spec section 5).
+``--preset``. DST is written in the released layout (docs/design.md section 5).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -17,21 +16,9 @@ from torch import Tensor
 from ..config import MoGEConfig
 from .io import CheckpointError, confined
 from .layout import IGNORED_RE, PER_EXPERT_RE, check_names_and_shapes, from_published_state_dict
-from .pretrained import (CONFIG_NAME, TOKENIZER_NAME, build_on_meta, check_tokenizer_file, load_pretrained,
-                         normalise_names, read_config, resolve_dtype, save_model)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint directory, or a state-dict file (.safetensors / .pt) with --config/--preset")
-    p.add_argument("dst", help="output directory (released layout)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
-                   help="dtype of the written weights (default: as stored)")
-    p.add_argument("--config", help="config.json for a state-dict SRC")
-    p.add_argument("--preset", help="preset name for a state-dict SRC (instead of --config)")
-    p.add_argument("--tokenizer", help="tokenizer.json to copy into DST (default: SRC's, if any)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking SRC against its manifest (SHA-256) and refusing NaN/inf weights")
+from .pretrained import build_on_meta, load_pretrained, normalise_names, read_config, save_model
+from .reading import CONFIG_NAME, TOKENIZER_NAME, check_tokenizer_file, resolve_dtype
+from .training_state import verify_files
 
 
 def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
@@ -64,7 +51,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     A file is read as a :class:`MoGEForCausalLM` state dict with stacked or per-expert expert names and
     needs ``config`` (or a ``config.json`` next to it). Tensors are checked against the config.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise CheckpointError(f"source {src} does not exist")
     if dst.exists() and not dst.is_dir():
@@ -81,7 +68,6 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
         own = confined(src, TOKENIZER_NAME)
         if tokenizer_file is None and own.is_file():
             if verify:
-                from .training_state import verify_files
                 verify_files(src, [TOKENIZER_NAME])
             tokenizer_file = check_tokenizer_file(own)
         return save_model(model, dst, max_shard_size, tokenizer_file, progress)
@@ -105,18 +91,3 @@ def convert(src: str | Path, dst: str | Path, max_shard_size: int | str = "2GB",
     return save_model(model, dst, max_shard_size, tokenizer_file, progress)
 
 
-def run(args: argparse.Namespace) -> int:
-    config = None
-    if args.config and args.preset:
-        raise CheckpointError("give --config or --preset, not both")
-    if args.config:
-        config = read_config(args.config)
-    elif args.preset:
-        from ..config import get_config
-        config = get_config(args.preset)
-    out = convert(args.src, args.dst, args.max_shard_size, None if args.dtype == "auto" else args.dtype, config,
-                  args.tokenizer, progress=True, verify=args.verify)
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
-    size = sum((out / f).stat().st_size for f in files if f.endswith(".safetensors"))
-    print(f"wrote {out}: {', '.join(files)} ({size / 1e6:.1f} MB of weights)")
-    return 0

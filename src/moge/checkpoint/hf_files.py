@@ -7,7 +7,7 @@ The generation config names the model's bos/eos/pad ids (plus whatever a transfo
 generation with a decoder-only model needs) and the context length, so ``AutoTokenizer`` and
 ``pipeline(..., batch_size=2)`` work. Whether a prompt starts with ``<bos>`` is ``tokenizer.json``'s
 post-processor's business (transformers reads it there, not from ``add_bos_token``; see
-:func:`moge.tokenizer.with_bos`). All files are written atomically.
+:func:`moge.data.tokenizer.with_bos`). All files are written atomically.
 """
 
 from __future__ import annotations

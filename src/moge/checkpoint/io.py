@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import MoGEError
+from ..progress import progress as progress_bar
+
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -287,9 +289,8 @@ def save_shards(tensors: Mapping[str, Tensor], directory: str | Path, max_shard_
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=sum(t.numel() * t.element_size() for t in tensors.values()), unit="B",
-                   unit_scale=True, desc=f"writing {directory.name}")
+        bar = progress_bar(sum(t.numel() * t.element_size() for t in tensors.values()), f"writing {directory.name}",
+                       "B", unit_scale=True)
     weight_map: dict[str, str] = {}
     total = 0
     for fname, shard in zip(names, plan):

@@ -1,4 +1,4 @@
-"""The released Pangu Pro MoE checkpoint layout: tensor names and ``config.json`` keys (spec section 5).
+"""The released Pangu Pro MoE checkpoint layout: tensor names and ``config.json`` keys (docs/design.md section 5).
 
 Pure functions between our in-memory form and the released one, no file I/O beyond reading small
 metadata files:
@@ -10,12 +10,12 @@ metadata files:
   between the two.
 * MTP predictors (``mtp.{k}.*`` in the model) are stored as the decoder layers after the last one,
   ``model.layers.{L+k}.*``, each with a ``shared_head.head.weight`` copy of the output head (the
-  public layout, spec section 7); :func:`mtp_native_name` and :func:`to_published_state_dict` map
+  public layout, docs/design.md section 7.5); :func:`mtp_native_name` and :func:`to_published_state_dict` map
   between the two, and the copy is checked against the head on load (the model shares one head).
 * Config. :func:`released_config_dict` writes what the released loaders read (``model_type:
   "PanguProMoE"``, ``architectures: ["PanguProMoEForCausalLM"]``, every released key, ``torch_dtype``)
   and our own keys only where they differ from what the released model implies.
-  :func:`config_from_dict` reads a released (or draft ``PanGuMoE``, or older moge) config, filling
+  :func:`config_from_dict` reads a released (or pre-release ``PanGuMoE``, or older moge) config, filling
   pad/bos/eos from the directory's tokenizer when the config lacks them.
 
 Shape legend
@@ -36,6 +36,7 @@ from torch import Tensor
 from ..config import MoGEConfig
 from .io import CheckpointError, confined, listing, read_json
 
+
 RELEASED_MODEL_TYPE = "PanguProMoE"
 RELEASED_ARCHITECTURE = "PanguProMoEForCausalLM"
 QUANT_DESCRIPTION_NAME = "quant_model_description.json"
@@ -43,12 +44,12 @@ QUANT_DESCRIPTION_NAME = "quant_model_description.json"
 # model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
 PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 STACKED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up|down)_proj$")
-# Buffers some exporters write that carry no learned state (spec section 5: ignored on load).
+# Buffers some exporters write that carry no learned state (docs/design.md section 5: ignored on load).
 IGNORED_RE = re.compile(r"(^|\.)(rotary_emb|rotary)\.inv_freq$|(^|\.)inv_freq$")
 
 SPECIAL_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # When neither config.json nor a tokenizer names the special tokens: the public configs of the
-# 153,376-token Pangu tokenizer family (spec section 5, not verified for this model), else moge's own.
+# 153,376-token Pangu tokenizer family (docs/design.md section 5, not verified for this model), else moge's own.
 _PANGU_VOCAB, _PANGU_SPECIALS = 153376, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 45892}
 _MOGE_SPECIALS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -135,7 +136,7 @@ def published_shapes(native_shapes: Mapping[str, tuple[int, ...]], config: MoGEC
 
 def check_shared_heads(copies: Mapping[str, Tensor], head_VH: Tensor, where: str) -> None:
     """Warn when a stored predictor head copy differs from the output head: the model has one head,
-    shared by the main model and every predictor (spec section 7), and uses the main one."""
+    shared by the main model and every predictor (docs/design.md section 7.5), and uses the main one."""
     differ = [n for n, t in copies.items()
               if tuple(t.shape) != tuple(head_VH.shape) or not torch.equal(t.to(head_VH.device, head_VH.dtype), head_VH)]
     if differ:
@@ -231,7 +232,7 @@ def check_names_and_shapes(where: str, want: Mapping[str, tuple[int, ...]], foun
 
 def released_config_dict(config: MoGEConfig, dtype: torch.dtype | None = None,
                          overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of ``config`` as the released loaders read it (spec section 5).
+    """The ``config.json`` of ``config`` as the released loaders read it (docs/design.md section 5).
 
     Every key of the released ``PanguProMoEConfig`` in its order, then pad/bos/eos where set, then our
     own keys only where the value differs from what the released model implies (a group count other
@@ -312,7 +313,7 @@ def special_token_ids(directory: str | Path) -> dict[str, int]:
 
 
 def config_from_dict(d: Mapping[str, Any], directory: str | Path | None = None) -> MoGEConfig:
-    """A :class:`MoGEConfig` from a ``config.json`` object (released, draft or moge-written).
+    """A :class:`MoGEConfig` from a ``config.json`` object (released, pre-release or moge-written).
 
     A config without a group count reads groups = ``num_experts_per_tok``. Missing pad/bos/eos are
     taken from ``directory``'s tokenizer files when they name them; otherwise assumed, with a warning

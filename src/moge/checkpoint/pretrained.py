@@ -18,75 +18,16 @@ from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
 from ..errors import ArgumentTypeError
+from ..model import MoGEForCausalLM
 from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (INDEX_NAME, CheckpointCorruptError, CheckpointError, atomic_write, confined, header_shapes, listing,
-                 open_shards, save_shards, to_dtype_device, weight_files, writable_dir, write_json, writing)
-from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, config_from_dict, group_expert_names,
-                     check_shared_heads, mtp_native_name, published_shapes, quantization_format,
-                     released_config_dict, shared_head_names, stack_experts,
-                     to_published_state_dict)
-
-CONFIG_NAME = "config.json"
-TOKENIZER_NAME = "tokenizer.json"
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-# Integer tensors that mark a quantized checkpoint (Ascend W8A8 stores int8 weights and int32 biases).
-_QUANT_DTYPES = ("I8", "U8", "int8", "uint8")
-# What a float checkpoint may store (safetensors' dtype names).
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``None``/``"auto"`` -> None (keep the stored dtype); a floating name or ``torch.dtype`` -> that dtype."""
-    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
-        return None
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise DtypeArgumentError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}, the matching torch "
-                             f"dtypes, or 'auto'")
-
-
-class DtypeArgumentError(CheckpointError, ValueError):
-    """A ``dtype`` argument that is not a floating dtype moge loads weights in."""
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device`` that exists here; :class:`CheckpointError` (a ``ValueError``)
-    naming it otherwise, before anything is read."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DtypeArgumentError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise DtypeArgumentError(f"device {device!r}: " + ("CUDA is not available" if not torch.cuda.is_available()
-                                 else f"only {torch.cuda.device_count()} CUDA device(s)"))
-    return dev
-
-
-def verify_against_manifest(directory: Path, files) -> bool:
-    """When ``directory`` has a training manifest, check ``config.json``, the index and ``files``
-    (paths of shards) against it, streaming each file through SHA-256; False when it has none."""
-    from .training_state import verify_files
-
-    names = [CONFIG_NAME] + ([INDEX_NAME] if (directory / INDEX_NAME).is_file() else []) + sorted(
-        {str(Path(f).relative_to(directory)) if Path(f).is_absolute() else str(f) for f in files})
-    return verify_files(directory, names)
-
-
-def refuse_non_finite(name: str, t: Tensor, where: str) -> None:
-    """:class:`CheckpointCorruptError` naming the tensor when a floating tensor holds NaN or inf."""
-    # Fast path: NaN/inf propagate through a sum (one streaming pass, ~0.06 s/GB on one core against
-    # ~1.5 s/GB for isfinite). A non-finite sum may also be an overflow (float16), so it is confirmed.
-    if not (t.is_floating_point() and t.numel()) or torch.isfinite(t.sum()):
-        return
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise CheckpointCorruptError(f"tensor {name} in {where} holds {bad} non-finite value(s) (NaN or inf) out "
-                                     f"of {t.numel()}; refusing to load it (verify=False / --no-verify skips "
-                                     f"this check)")
+from .io import (CheckpointError, atomic_write, confined, header_shapes, listing, open_shards, save_shards,
+                 to_dtype_device, weight_files, writable_dir, write_json, writing)
+from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, check_shared_heads, config_from_dict,
+                     group_expert_names, mtp_native_name, published_shapes, quantization_format, released_config_dict,
+                     shared_head_names, stack_experts, to_published_state_dict)
+from .quantized import load_quantized_into, save_quantized
+from .reading import (CONFIG_NAME, FLOAT_DTYPES, QUANT_DTYPES, TOKENIZER_NAME, assign_loaded, check_tokenizer_file,
+                      resolve_device, resolve_dtype, tensor_reader, verify_against_manifest)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -129,7 +70,7 @@ def read_config(directory: str | Path) -> MoGEConfig:
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"checkpoint path must be a str or Path, got {type(directory).__name__}")
-    path = Path(directory)
+    path = Path(directory).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_dir():
@@ -156,7 +97,7 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     it (SHA-256, streamed) before anything is read, and every tensor is refused, by name, if it holds
     NaN or inf; see ``docs/checkpoints.md`` for the cost.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     refuse_quantized(directory)
@@ -171,12 +112,12 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     out: dict[str, Tensor] = {}
     with open_shards(sorted(set(wanted.values()))) as handles:
         shapes = header_shapes(wanted, handles)  # validate everything before materialising anything
-        quant = [n for n, p in wanted.items() if handles[p].get_slice(n).get_dtype() in _QUANT_DTYPES]
+        quant = [n for n, p in wanted.items() if handles[p].get_slice(n).get_dtype() in QUANT_DTYPES]
         if quant:
             raise CheckpointError(f"{directory} holds integer (quantized) weights, e.g. {sorted(quant)[0]}, but no "
                                   f"{QUANT_DESCRIPTION_NAME} saying how they are quantized")
         others = sorted(f"{n} ({handles[p].get_slice(n).get_dtype()})" for n, p in wanted.items()
-                        if handles[p].get_slice(n).get_dtype() not in _FLOAT_DTYPES)
+                        if handles[p].get_slice(n).get_dtype() not in FLOAT_DTYPES)
         if others:
             raise CheckpointError(listing(f"{directory} holds tensors that are not floating point (moge loads "
                                           f"F32/F16/BF16/F64 weights)", others, limit=4))
@@ -199,23 +140,8 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     return {mtp_native_name(k, config.num_hidden_layers): v for k, v in out.items()}
 
 
-def tensor_reader(handles: Mapping[Path, Any], files: Mapping[str, Path], verify: bool):
-    """``read(name) -> Tensor`` over open shard ``handles``: unreadable tensors named, and with
-    ``verify`` NaN/inf refused by name (:func:`refuse_non_finite`)."""
-    def read(name: str) -> Tensor:
-        try:
-            t = handles[files[name]].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {files[name]}: {e}") from None
-        if verify:
-            refuse_non_finite(name, t, str(files[name]))
-        return t
-    return read
-
-
 def build_on_meta(config: MoGEConfig):
     """A :class:`~moge.model.MoGEForCausalLM` on the meta device (no memory), to load weights into."""
-    from ..model import MoGEForCausalLM
     with torch.device("meta"):
         return MoGEForCausalLM(config)
 
@@ -228,7 +154,6 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
     ``verify``: see :func:`load_state_dict`. An Ascend W8A8 directory installs its int8 modules first
     (:func:`.quantized.load_quantized_into`)."""
     if quantization_format(directory) is not None:
-        from .quantized import load_quantized_into
         return load_quantized_into(module, directory, config, resolve_dtype(dtype), device, verify)
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -236,25 +161,9 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
     return assign_loaded(module, sd, config, device)
 
 
-def assign_loaded(module: torch.nn.Module, sd: dict[str, Tensor], config: MoGEConfig,
-                  device: str | torch.device) -> torch.nn.Module:
-    """Assign a complete loaded state dict (our names) to a meta-device model: ties the head to the
-    embedding when the config says so and rebuilds the RoPE buffer on ``device``."""
-    from ..model import RotaryEmbedding
-
-    if config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    module.load_state_dict(sd, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        module.lm_head.weight = module.model.embed_tokens.weight
-    # Non-persistent buffer: rebuilt from the config on the target device, always float32.
-    module.model.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta).to(device)
-    return module
-
-
 def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", verify: bool = True):
-    """Load a released-layout checkpoint directory into a :class:`~moge.model.MoGEForCausalLM`.
+    """Load a released-layout checkpoint directory into a :class:`~moge.model.decoder.MoGEForCausalLM`.
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
@@ -265,7 +174,7 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"load_pretrained(directory) must be a str or Path, got {type(directory).__name__}")
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist" if not directory.exists()
                               else f"{directory} is not a directory")
@@ -311,7 +220,6 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
         check_tokenizer_file(tokenizer_file)  # before anything is written
     state_dict = normalise_names(state_dict)
     if any(t.dtype == torch.int8 for t in state_dict.values()):  # int8 modules: the Ascend W8A8 layout
-        from .quantized import save_quantized
         return save_quantized(directory, config, state_dict, max_shard_size, tokenizer_file, progress,
                               config_overrides)
     writable_dir(directory, "checkpoint directory")
@@ -333,25 +241,9 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     return directory
 
 
-def check_tokenizer_file(path: str | Path) -> Path:
-    """``path`` if it is a tokenizer file that ``tokenizers`` can load; :class:`CheckpointError` otherwise,
-    so that no other file is ever copied into a checkpoint as its ``tokenizer.json``."""
-    src = Path(path)
-    if not src.is_file():
-        raise CheckpointError(f"tokenizer file {src} does not exist" if not src.exists() else
-                              f"tokenizer file {src} is not a regular file")
-    from tokenizers import Tokenizer
-    try:
-        Tokenizer.from_file(str(src))
-    except Exception as e:  # tokenizers raises a bare Exception on anything it cannot parse
-        raise CheckpointError(f"{src} is not a tokenizer file (tokenizers cannot load it: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
-    return src
-
-
 def save_model(model: Any, directory: str | Path, max_shard_size: int | str = "2GB",
                tokenizer_file: str | Path | None = None, progress: bool = False) -> Path:
-    """:func:`save_pretrained` of a model object: :class:`~moge.model.MoGEForCausalLM` or the
+    """:func:`save_pretrained` of a model object: :class:`~moge.model.decoder.MoGEForCausalLM` or the
     transformers wrapper, also inside ``torch.compile`` / DDP wrappers."""
     model = unwrap_model(model)
     overrides = None

@@ -1,4 +1,4 @@
-"""The Ascend W8A8 checkpoint layout (spec section 7), as the public Ascend loaders read it.
+"""The Ascend W8A8 checkpoint layout (docs/design.md section 7.4), as the public Ascend loaders read it.
 
 A quantized checkpoint is a released-layout directory (``config.json``, safetensors shards, one entry per
 routed expert matrix) plus ``quant_model_description.json``, which maps every tensor name to ``"W8A8"``
@@ -37,10 +37,14 @@ import torch
 from torch import Tensor
 
 from ..config import MoGEConfig
+from ..quant import QuantError, install_quantized
+from .hf_files import write_generation_config, write_tokenizer_config
 from .io import (CheckpointError, atomic_write, header_shapes, listing, open_shards, read_json, save_shards,
                  to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
                      stack_experts, to_published_state_dict)
+from .reading import assign_loaded, check_tokenizer_file, resolve_device, tensor_reader, verify_against_manifest
+
 
 ASCEND_TYPES = {"static": "W8A8", "dynamic": "W8A8_DYNAMIC"}
 ACT_OF_TYPE = {v: k for k, v in ASCEND_TYPES.items()}
@@ -278,8 +282,6 @@ def load_quantized_into(module: torch.nn.Module, directory: str | Path, config: 
     modules its description names are installed first, every tensor name, shape and dtype is checked
     before data is read, then the tensors are assigned. ``verify`` as for float checkpoints: a training
     manifest, if any, is checked, and float tensors holding NaN/inf are refused by name."""
-    from ..quant import QuantError, install_quantized
-    from .pretrained import assign_loaded, resolve_device, tensor_reader, verify_against_manifest
 
     directory = Path(directory)
     dev = resolve_device(device)
@@ -318,8 +320,6 @@ def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mappin
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a quantized state dict in the Ascend W8A8 layout: shards, then the description (and moge's
     calibration notes in ``moge_quantization.json`` when given), then ``config.json``; each file atomic."""
-    from .hf_files import write_generation_config, write_tokenizer_config
-    from .pretrained import check_tokenizer_file
 
     directory = Path(directory)
     tensors, desc = to_ascend_state_dict(state_dict, config)  # refuses what the layout cannot hold, first

@@ -213,20 +213,22 @@ def read_manifest(out: Path) -> tuple[Path, dict[str, Any]] | None:
     return path, state
 
 
-def verify_files(out: Path, paths) -> bool:
-    """Check ``paths`` (files inside ``out``) against ``out``'s manifest; False when there is none.
+def verify_files(out: Path, names) -> bool:
+    """Check ``names`` (paths relative to the checkpoint ``out``) against ``out``'s manifest; False when
+    there is none.
 
-    Every path must be listed (a checkpoint with a manifest covers every file a loader reads) and
+    Every name must be listed (a checkpoint with a manifest covers every file a loader reads) and
     match its size and SHA-256; raises :class:`CheckpointCorruptError` naming the first that does not.
+    Names are always relative to ``out``, never to the working directory, so ``out`` itself may be
+    given relative, absolute or through a symbolic link.
     """
     out = Path(out)
     found = read_manifest(out)
     if found is None:
         return False
     path, state = found
-    root = out.resolve()
-    for p in paths:
-        rel = Path(p).resolve().relative_to(root).as_posix() if Path(p).is_absolute() else Path(p).as_posix()
+    for name in names:
+        rel = Path(name).as_posix()
         if rel not in state["files"]:
             raise CheckpointCorruptError(f"{out / rel} is not listed in the manifest of {path}; the checkpoint "
                                          f"was altered after it was written")

@@ -11,7 +11,8 @@
 * :mod:`.decode`: the generation loop on those pieces.
 """
 
-from .cache import CacheError, DynamicKVCache, StaticKVCache
+from ..model.cache import CacheError, DynamicKVCache, StaticKVCache
 from .sampling import sample_next
+
 
 __all__ = ["CacheError", "DynamicKVCache", "StaticKVCache", "sample_next"]

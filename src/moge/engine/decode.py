@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .cache import CacheError, StaticKVCache
+from ..model.cache import CacheError, StaticKVCache
 from .graphs import GraphCaptureError, GraphedStep, batch_bucket
 from .sampling import sample_next
 from .step import DecodeStep, attended_slots, prefill
+
 
 __all__ = ["DecodeEngine"]
 
@@ -31,7 +32,7 @@ class DecodeEngine:
     graphs) one :class:`StaticKVCache` of ``capacity`` positions per row, its :class:`DecodeStep`,
     and with ``cuda_graphs`` the step captured as a CUDA graph (default: on when the model is on CUDA).
 
-    ``generate`` takes arguments already checked by :func:`moge.generate.generate`, the public front.
+    ``decode`` takes arguments already checked by :func:`moge.generate.generate`, the public front.
     """
 
     def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool | None = None, check_every: int = 8):
@@ -57,9 +58,9 @@ class DecodeEngine:
         return self._slots[batch]
 
     @torch.inference_mode()
-    def generate(self, ids_BW: Tensor, mask_BW: Tensor | None, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, eos: Sequence[int] = (), pad_token_id: int = 0,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def decode(self, ids_BW: Tensor, mask_BW: Tensor | None, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, eos: Sequence[int] = (), pad_token_id: int = 0,
+               generator: torch.Generator | None = None) -> Tensor:
         """``[b, W + n]``: the prompts and up to ``max_new_tokens`` new tokens (see moge.generate)."""
         b, width = ids_BW.shape
         if width + max_new_tokens > self.capacity:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import validate as V
+
+
 __all__ = ["race_sample", "sample_next", "sampling_probs"]
 
 
@@ -22,7 +25,6 @@ def sampling_probs(logits_V: Tensor, temperature: float, top_k: int = 0, top_p: 
     """The distribution :func:`sample_next` samples from at ``temperature > 0``: the temperature-scaled,
     top-k and nucleus (top-p) filtered softmax over the last dimension, in float32, any leading shape.
     Speculative decoding scores the main model's and the drafter's tokens under exactly this rule."""
-    from .. import validate as V
 
     V.tensor("logits", logits_V, "float", nonempty=True)
     V.number("temperature", temperature, 0.0, lo_open=True)
@@ -58,7 +60,6 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top
     """Pick one token per row: argmax at temperature 0, else sample from the temperature-scaled,
     top-k and nucleus (top-p) filtered softmax. Computed in float32; returns ``[B]`` int64.
     Bad arguments are named errors (metadata and Python numbers only: no host sync)."""
-    from .. import validate as V
 
     V.tensor("logits", logits_BV, "float", dims=2, nonempty=True)
     V.number("temperature", temperature, 0.0)

@@ -1,11 +1,11 @@
-"""Speculative decoding with the model's own MTP predictors (:mod:`moge.mtp`) on the static KV cache.
+"""Speculative decoding with the model's own MTP predictors (:mod:`moge.model.mtp`) on the static KV cache.
 
 Shape legend
     B  batch     W  prompt width (left-padded)     N  max new tokens     V  vocabulary     H  hidden
     D  drafts per step (<= num_mtp_layers)         S = 1 + D  positions verified per step
     T = N + 1  output buffer columns (the last one takes writes that must not land)
 
-One :class:`~moge.engine.cache.StaticKVCache` holds L + D layers: the main model's 0..L-1 and predictor
+One :class:`~moge.model.cache.StaticKVCache` holds L + D layers: the main model's 0..L-1 and predictor
 k's at L+k-1 (its attention's ``layer_idx``). Main model and predictors share the per-row lengths:
 when a row's main cache holds positions ``0..p-1``, so does each predictor's (predictor 1's slot t
 was computed from ``h_t`` and token t+1). A step, for a row whose last emitted token ``c`` sits at
@@ -25,7 +25,7 @@ position p and whose drafts are ``d_1..d_D``:
 Tokens are written into a ``[B, T]`` buffer at per-row offsets (a scatter); tokens after a row's
 first EOS, or past ``max_new_tokens``, are not written (the buffer holds pad there). The host reads
 two numbers per step (every row done? the longest row, for the attended length), nothing else.
-The result equals :meth:`~moge.engine.decode.DecodeEngine.generate`'s (greedy: token for token, up to
+The result equals :meth:`~moge.engine.decode.DecodeEngine.decode`'s (greedy: token for token, up to
 floating-point ties between a 1-token and a (1+D)-token forward). The step runs eagerly, also on CUDA
 (no CUDA graph: the attended length and the gathers vary per step).
 
@@ -41,10 +41,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import validate as V
 from ..errors import MoGEError
-from .cache import StaticKVCache
+from ..model.cache import StaticKVCache
 from .sampling import _filtered_probs, race_sample, sample_next
-from .step import DecodeStep, _parts, attended_slots, causal_slot_mask, prefill
+from .step import DecodeStep, _parts, attended_slots, causal_slot_mask, prefill, slot_positions
+
 
 __all__ = ["SpeculativeDecoder", "SpeculativeError", "accept_drafts", "mtp_predictors"]
 
@@ -96,18 +98,45 @@ def mtp_predictors(model: nn.Module) -> nn.ModuleList:
     return mtp
 
 
+def _verify(logits_BSV: Tensor, ver_BS: Tensor, q_BDV: Tensor | None, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``(n_B, z_BS)`` of one verify step: how many drafts each row keeps, and the main model's tokens
+    (the kept drafts, then the correction or bonus token at index n)."""
+    b, D = ver_BS.shape[0], ver_BS.shape[1] - 1
+    if temperature == 0:
+        z_BS = logits_BSV.float().argmax(-1)  # as sample_next picks
+        return (ver_BS[:, 1:] == z_BS[:, :D]).long().cumprod(-1).sum(-1), z_BS
+    p_BSV = _filtered_probs(logits_BSV.float(), temperature, top_k, top_p)
+    n_B, c_B = accept_drafts(p_BSV, q_BDV, ver_BS[:, 1:], generator)
+    return n_B, ver_BS.roll(-1, 1).scatter_(1, n_B.view(b, 1), c_B.view(b, 1))
+
+
+def _emit(z_BS: Tensor, n_B: Tensor, out_BT: Tensor, cnt_B: Tensor, finished_B: Tensor, eos_E: Tensor,
+          offsets_1S: Tensor) -> Tensor:
+    """Write ``z[0..n]`` into ``out`` at each row's count, up to its first EOS and the last column
+    (``cnt_B`` and ``finished_B`` are updated in place); returns which tokens were written ``[B, S]``."""
+    b, N = out_BT.shape[0], out_BT.shape[1] - 1
+    idx_BS = cnt_B.view(b, 1) + offsets_1S
+    write_BS = (offsets_1S <= n_B.view(b, 1)) & (idx_BS < N) & ~finished_B.view(b, 1)
+    if eos_E.numel():
+        eos_BS = torch.isin(z_BS, eos_E) & write_BS
+        write_BS &= (eos_BS.long().cumsum(1) - eos_BS.long()) == 0
+        finished_B |= eos_BS.any(1)
+    out_BT.scatter_(1, torch.where(write_BS, idx_BS, N), z_BS)
+    cnt_B += write_BS.sum(1)
+    return write_BS
+
+
 class SpeculativeDecoder:
     """Speculative generation state for one model: per batch size a :class:`StaticKVCache` with the
     main layers and ``draft_tokens`` predictor layers, its verify :class:`DecodeStep` (S = 1 + D) and
     the per-step buffers; reusable across calls whose prompt width + new tokens fit ``capacity``.
 
     ``draft_tokens`` (default: every predictor) is D; predictor k drafts the k-th token ahead.
-    ``generate`` takes arguments already checked by :func:`moge.generate.generate`, the public front.
+    ``decode`` takes arguments already checked by :func:`moge.generate.generate`, the public front.
     """
 
     def __init__(self, model: nn.Module, capacity: int, draft_tokens: int | None = None):
-        from .. import validate as V
-
         self.model = model
         self.base, self.head = _parts(model)
         mtp = mtp_predictors(model)
@@ -138,9 +167,9 @@ class SpeculativeDecoder:
         return self._slots[batch]
 
     @torch.inference_mode()
-    def generate(self, ids_BW: Tensor, mask_BW: Tensor | None, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, eos: Sequence[int] = (), pad_token_id: int = 0,
-                 generator: torch.Generator | None = None, stats: dict | None = None) -> Tensor:
+    def decode(self, ids_BW: Tensor, mask_BW: Tensor | None, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, eos: Sequence[int] = (), pad_token_id: int = 0,
+               generator: torch.Generator | None = None, stats: dict | None = None) -> Tensor:
         """``[b, W + n]``: the prompts and up to ``max_new_tokens`` new tokens, as plain generation
         returns them (see moge.generate). ``stats`` (a dict), when given, receives ``steps`` (verify
         steps run), ``row_steps`` (rows still generating, summed over steps) and ``accepted`` (a ``[D]``
@@ -153,7 +182,6 @@ class SpeculativeDecoder:
             raise SpeculativeError(f"prompt width {width} + {N} new tokens exceed the decoder's capacity "
                                    f"{self.capacity}")
         dev = ids_BW.device
-        greedy = temperature == 0
         mask_BW = torch.ones_like(ids_BW) if mask_BW is None else mask_BW.to(dev, torch.long)
         cache, step = self._slot(b)
         cache.reset()
@@ -170,10 +198,10 @@ class SpeculativeDecoder:
             return torch.cat([ids_BW, out_BT[:, :1]], dim=1)
 
         ver_BS = torch.empty(b, S, dtype=torch.long, device=dev)  # [last token, drafts] to verify
-        q_BDV = None if greedy else torch.empty(b, D, self.head.out_features, dtype=torch.float32, device=dev)
+        q_BDV = None if temperature == 0 else torch.empty(b, D, self.head.out_features, dtype=torch.float32, device=dev)
         # First drafts: the predictors over the prompt (positions as prefill stored them), tokens shifted.
         real_BW = mask_BW.bool()
-        pos_BW = (real_BW.long().cumsum(-1) - 1).masked_fill(~real_BW, -1)
+        pos_BW = slot_positions(real_BW)
         last_B = torch.full((b,), width - 1, dtype=torch.long, device=dev)
         z_BW = torch.cat([ids_BW[:, 1:], c_B.view(b, 1)], dim=1)
         self._draft(h_BWH, z_BW, pos_BW, causal_slot_mask(pos_BW, width), cache, last_B, ver_BS, q_BDV,
@@ -181,7 +209,7 @@ class SpeculativeDecoder:
         ver_BS[:, 0] = c_B
 
         offsets_1S = torch.arange(S, device=dev).view(1, S)
-        slot_1111L = torch.arange(cache.slots, device=dev).view(1, 1, 1, cache.slots)
+        slots_L = torch.arange(cache.slots, device=dev)
         masks: dict[int, Tensor] = {}
         accepted_D = torch.zeros(D, dtype=torch.long, device=dev)
         row_steps = torch.zeros((), dtype=torch.long, device=dev)
@@ -194,29 +222,14 @@ class SpeculativeDecoder:
             pos_BS = cache.lengths_B.view(b, 1) + offsets_1S
             if kv_len not in masks:
                 masks[kv_len] = torch.empty(b, 1, S, kv_len, dtype=torch.bool, device=dev)
-            mask_B1SL = torch.le(slot_1111L[..., :kv_len], pos_BS.view(b, 1, S, 1), out=masks[kv_len])
+            mask_B1SL = causal_slot_mask(pos_BS, kv_len, out=masks[kv_len], slots_L=slots_L)
             logits_BSV, h_BSH = step(ver_BS, kv_len=kv_len)
             steps += 1
-            if greedy:
-                z_BS = logits_BSV.float().argmax(-1)  # as sample_next picks: the main model's choices: drafts where kept, then the correction
-                n_B = (ver_BS[:, 1:] == z_BS[:, :D]).long().cumprod(-1).sum(-1)
-            else:
-                p_BSV = _filtered_probs(logits_BSV.float(), temperature, top_k, top_p)
-                n_B, c_B = accept_drafts(p_BSV, q_BDV, ver_BS[:, 1:], generator)
-                z_BS = ver_BS.roll(-1, 1).scatter_(1, n_B.view(b, 1), c_B.view(b, 1))
-            # Emit z[0..n] at each row's offset, up to its first EOS and the N-th token.
-            live_BS = offsets_1S <= n_B.view(b, 1)
-            idx_BS = cnt_B.view(b, 1) + offsets_1S
-            write_BS = live_BS & (idx_BS < N) & ~finished_B.view(b, 1)
-            if len(eos):
-                eos_BS = torch.isin(z_BS, eos_E) & write_BS
-                write_BS &= (eos_BS.long().cumsum(1) - eos_BS.long()) == 0
-                finished_B |= eos_BS.any(1)
+            n_B, z_BS = _verify(logits_BSV, ver_BS, q_BDV, temperature, top_k, top_p, generator)
+            write_BS = _emit(z_BS, n_B, out_BT, cnt_B, finished_B, eos_E, offsets_1S)
             if stats is not None:  # rows still generating at this step (their first token is written)
                 accepted_D += ((offsets_1S[:, :D] < n_B.view(b, 1)) & write_BS[:, :1]).sum(0)
                 row_steps += write_BS[:, 0].sum()
-            out_BT.scatter_(1, torch.where(write_BS, idx_BS, N), z_BS)
-            cnt_B += write_BS.sum(1)
             done_B = finished_B | (cnt_B >= N)
             # A done row keeps nothing more (its positions stay put: the cache never outgrows capacity).
             keep_B = torch.where(done_B, 0, n_B + 1)
@@ -233,10 +246,7 @@ class SpeculativeDecoder:
                         generator)
             ver_BS[:, 0] = z_BS.gather(1, n_B.view(b, 1)).squeeze(1)
         if stats is not None:
-            stats["steps"] = steps
-            stats["accepted"] = accepted_D.tolist()
-            stats["row_steps"] = int(row_steps)
-            stats["trace"] = trace
+            stats.update(steps=steps, accepted=accepted_D.tolist(), row_steps=int(row_steps), trace=trace)
         n = N
         if len(eos) and bool(finished_B.all()):  # stop where the plain loop would: the last row's first EOS
             n = int(cnt_B.max())

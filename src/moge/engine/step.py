@@ -1,4 +1,4 @@
-"""Prefill and the fixed-shape decode step against a :class:`~moge.engine.cache.StaticKVCache`.
+"""Prefill and the fixed-shape decode step against a :class:`~moge.model.cache.StaticKVCache`.
 
 Shape legend
     B  batch     S  new positions per row (1 when decoding, 1 + drafts when verifying)
@@ -6,7 +6,7 @@ Shape legend
 
 Positions come from the cache's per-row lengths on the device (``pos = lengths + [0..S-1]``), and the
 attention mask is one comparison, ``slot <= pos`` (a row's tokens sit at slots equal to their
-positions, see :mod:`moge.engine.cache`), written into a buffer the step owns. Nothing reads a tensor
+positions, see :mod:`moge.model.cache`), written into a buffer the step owns. Nothing reads a tensor
 on the host, shapes do not depend on the data, and the router skips its statistics, so with a
 sync-free experts backend (``grouped_mm``, CUDA's ``auto``) the whole step can be captured as one
 CUDA graph (:mod:`moge.engine.graphs`). On CUDA the step pins SDPA to the memory-efficient kernel
@@ -14,7 +14,7 @@ CUDA graph (:mod:`moge.engine.graphs`). On CUDA the step pins SDPA to the memory
 build a plan per key length.
 
 The step takes any S, so speculative decoding can score ``1 + drafts`` tokens per row in one call
-(logits for every position come back) and then :meth:`~moge.engine.cache.StaticKVCache.rollback`
+(logits for every position come back) and then :meth:`~moge.model.cache.StaticKVCache.rollback`
 each row by its rejected count.
 """
 
@@ -25,9 +25,10 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .cache import CacheError, StaticKVCache
+from ..model.cache import CacheError, StaticKVCache
 
-__all__ = ["DecodeStep", "KV_BUCKET", "attended_slots", "causal_slot_mask", "prefill"]
+
+__all__ = ["DecodeStep", "KV_BUCKET", "attended_slots", "causal_slot_mask", "prefill", "slot_positions"]
 
 # Eager CPU steps attend to the slots in use rounded up to this many (less attention work early on,
 # and few distinct mask shapes).
@@ -40,12 +41,22 @@ def attended_slots(in_use: int, capacity: int) -> int:
     return min(capacity, -(-in_use // KV_BUCKET) * KV_BUCKET)
 
 
-def causal_slot_mask(pos_BS: Tensor, kv_len: int, out: Tensor | None = None) -> Tensor:
+def slot_positions(real_BS: Tensor, start_B: Tensor | None = None) -> Tensor:
+    """Slot (= RoPE position) of each real token of a left-padded chunk written after ``start_B`` tokens
+    per row (none by default), -1 at padding: ``[B, S]``. A row's tokens sit at consecutive slots."""
+    pos_BS = real_BS.long().cumsum(-1) - 1
+    if start_B is not None:
+        pos_BS = pos_BS + start_B.view(-1, 1)
+    return pos_BS.masked_fill(~real_BS, -1)
+
+
+def causal_slot_mask(pos_BS: Tensor, kv_len: int, out: Tensor | None = None, slots_L: Tensor | None = None) -> Tensor:
     """Boolean ``[B,1,S,L]`` mask, True where slot ``l <= pos[b,s]``: a query sees its row's tokens up to
-    its own position. Padding queries (negative positions) see slot 0 only, so no row is all-False."""
+    its own position. Padding queries (negative positions) see slot 0 only, so no row is all-False.
+    ``slots_L`` (``arange`` of at least ``kv_len``), given once, spares a captured step the arange."""
     b, s = pos_BS.shape
-    slot_1111L = torch.arange(kv_len, device=pos_BS.device).view(1, 1, 1, kv_len)
-    return torch.le(slot_1111L, pos_BS.clamp(min=0).view(b, 1, s, 1), out=out)
+    slots_L = torch.arange(kv_len, device=pos_BS.device) if slots_L is None else slots_L[:kv_len]
+    return torch.le(slots_L.view(1, 1, 1, kv_len), pos_BS.clamp(min=0).view(b, 1, s, 1), out=out)
 
 
 def _attention_kernels(device: torch.device):
@@ -57,7 +68,7 @@ def _attention_kernels(device: torch.device):
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a :class:`~moge.model.MoGEForCausalLM` or the transformers wrapper."""
+    """``(decoder, lm_head)`` of a :class:`~moge.model.decoder.MoGEForCausalLM` or the transformers wrapper."""
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if base is None or head is None or not hasattr(base, "layers"):
         raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs .model.layers and .lm_head)")
@@ -85,7 +96,7 @@ def prefill(model: nn.Module, cache: StaticKVCache, input_ids_BS: Tensor, attent
         real_BS = torch.ones(b, s, dtype=torch.bool, device=input_ids_BS.device)
     else:
         real_BS = attention_mask_BS.to(input_ids_BS.device).bool()
-    pos_BS = (cache.lengths_B.view(b, 1) + real_BS.long().cumsum(-1) - 1).masked_fill(~real_BS, -1)
+    pos_BS = slot_positions(real_BS, cache.lengths_B)
     mask_B1SL = causal_slot_mask(pos_BS, kv_len)
     h_BSH, _ = base(input_ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS, past_key_values=cache,
                     router_stats=False)
@@ -112,7 +123,7 @@ class DecodeStep:
                              f"<= capacity={cache.capacity}")
         dev, b = cache.lengths_B.device, cache.batch_size
         self.offsets_1S = torch.arange(num_new, device=dev).view(1, num_new)
-        self.slot_1111L = torch.arange(self.kv_len, device=dev).view(1, 1, 1, self.kv_len)
+        self.slots_L = torch.arange(self.kv_len, device=dev)
         self.pos_BS = torch.zeros(b, num_new, dtype=torch.long, device=dev)
         # One contiguous mask buffer per attended length (a strided view of a longer one sends CPU
         # SDPA down its slow math path); a CUDA graph uses the full length only.
@@ -130,7 +141,7 @@ class DecodeStep:
         if L not in self._masks:
             self._masks[L] = torch.zeros(b, 1, s, L, dtype=torch.bool, device=self.pos_BS.device)
         mask_B1SL = self._masks[L]
-        torch.le(self.slot_1111L[..., :L], self.pos_BS.view(b, 1, s, 1), out=mask_B1SL)
+        causal_slot_mask(self.pos_BS, L, out=mask_B1SL, slots_L=self.slots_L)
         with _attention_kernels(ids_BS.device):
             # check_ids=False: the step feeds back ids the model sampled (generate checks the prompt once);
             # reading them to check would be the host sync the step exists to avoid.

@@ -1,6 +1,6 @@
 """The transformers configuration classes of Pangu Pro MoE checkpoints.
 
-``PanguProMoEConfig`` is ``model_type: "PanguProMoE"``, the released name (spec section 5);
+``PanguProMoEConfig`` is ``model_type: "PanguProMoE"``, the released name (docs/design.md section 5);
 ``PanGuMoEConfig`` reads a pre-release draft's (and moge 0.1's) ``"PanGuMoE"`` configs and writes the
 released name back.
 """

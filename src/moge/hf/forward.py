@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from ..attention import ATTENTION_KERNELS, eager_attention
+from ..model.attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
-from ..layer import RouterStats
+from ..model.moe import RouterStats
 from ..routing import aux_loss, router_scores, z_loss
 from ..model import MoGEModel
 

@@ -30,13 +30,13 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import validate as V
-from ..attention import RotaryEmbedding
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint.hf_files import GENERATION_CONFIG_NAME
 from ..checkpoint.io import write_json
 from ..checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
-from ..model import DecoderLayer, MoGEModel, head_forward, init_module, make_lm_head
-from ..mtp import make_predictors
+from ..experts import use_kernels
+from ..model import DecoderLayer, MoGEModel, RotaryEmbedding, head_forward, init_module, make_lm_head
+from ..model.mtp import make_predictors
 from .config import PanGuMoEConfig, PanguProMoEConfig, backbone_tp_plan
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
                       exclude_padding, run_backbone, set_attention_kernels)
@@ -199,6 +199,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
         self.mtp = make_predictors(self.moge_config)
+        use_kernels(self, self.model.kernels)  # the head and predictors share the backbone's kernel choices
         self.post_init()
         set_attention_kernels(self.model, config._attn_implementation)
 

@@ -1,4 +1,4 @@
-"""Expert parallelism for :class:`moge.layer.MoGELayer`: whole expert groups per rank, two dispatchers.
+"""Expert parallelism for :class:`moge.model.moe.MoGELayer`: whole expert groups per rank, two dispatchers.
 
 Shape legend
     T  local tokens on this rank       H  hidden size          E  ranks in the expert-parallel group
@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from ..errors import MoGEError
 from ..experts import ExpertsBackend, SwiGLUExperts, get_experts_backend, sort_pairs
-from ..layer import MoGELayer, RouterStats
+from ..model.moe import MoGELayer, RouterStats
 from .comm import all_to_all, rank_and_world
+
 
 DISPATCHERS = ("auto", "fixed", "variable")
 

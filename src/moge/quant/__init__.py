@@ -12,7 +12,7 @@ One job per module:
 * :mod:`.convert` -- the pipeline (:func:`quantize`) and empty int8 modules for loading.
 * :mod:`.quality` -- per-domain loss, routing agreement and routing KL against full precision.
 
-The Ascend W8A8 checkpoint layout is :mod:`moge.checkpoint.quantized`; ``moge quantize`` is :mod:`moge.quantize`.
+The Ascend W8A8 checkpoint layout is :mod:`moge.checkpoint.quantized`; ``moge quantize`` is :mod:`moge.cli.quantize`.
 """
 
 from .calibrate import Calibration, MoEStats, calibrate, calibration_rows
@@ -20,6 +20,7 @@ from .convert import QuantizeReport, install_quantized, quantize, quantize_modul
 from .int8 import int8_available, quantize_input, quantize_weight
 from .modules import ACTS, Int8Linear, QuantError, QuantizedExperts, is_quantized, set_compute
 from .smoothing import SMOOTHINGS, apply_smoothing, expert_aware_scale, per_expert_scales, smooth_scale
+
 
 __all__ = [
     "ACTS", "Calibration", "Int8Linear", "MoEStats", "QuantError", "QuantizeReport", "QuantizedExperts", "SMOOTHINGS",

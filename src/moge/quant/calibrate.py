@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer import MoGELayer
-from .modules import QuantError
+from ..data.corpus import Document, pack_documents
+from ..model.moe import MoGELayer
+from ..progress import progress as progress_bar
+from .modules import QuantError, is_quantized
 
 
 @dataclass
@@ -129,7 +131,6 @@ def calibrate(model: nn.Module, rows_RS: Tensor, batch_size: int = 8, min_expert
     Rows go through in batches of ``batch_size`` with a progress bar; hooks are removed afterwards even on
     error. Raises :class:`QuantError` for no tokens or an already quantized model.
     """
-    from .modules import is_quantized
 
     if is_quantized(model):
         raise QuantError("the model is already quantized; calibrate the float model it was made from")
@@ -152,8 +153,7 @@ def calibrate(model: nn.Module, rows_RS: Tensor, batch_size: int = 8, min_expert
             handles.append(layer.register_forward_pre_hook(hook))
         was_training = model.training
         model.eval()
-        from tqdm import tqdm
-        with tqdm(total=n_batches, desc="calibrating", unit="batch", disable=not progress) as bar:
+        with progress_bar(n_batches, "calibrating", "batch", disable=not progress) as bar:
             for b in range(n_batches):
                 model(input_ids=rows_RS[b * batch_size:(b + 1) * batch_size].to(device))
                 bar.update(1)
@@ -170,7 +170,6 @@ def calibration_rows(texts: Sequence[str], encode: Callable[[list[str]], list[li
                      tokens: int, bos_id: int, eos_id: int) -> Tensor:
     """``[R, seq_len]`` calibration rows: the texts packed as ``<bos> text <eos>`` and cut into rows, the
     first ``ceil(tokens / seq_len)`` kept. :class:`QuantError` if that leaves no row."""
-    from ..data import Document, pack_documents
 
     if tokens < 1:
         raise QuantError(f"--calib-tokens must be >= 1, got {tokens}")

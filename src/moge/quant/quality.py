@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..progress import progress as progress_bar
+
 
 @dataclass
 class Quality:
@@ -75,8 +77,6 @@ def routing_kl(logits_p_TN: Tensor, logits_q_TN: Tensor) -> Tensor:
 def compare(fp_model: nn.Module, q_model: nn.Module, val_rows: Mapping[str, Tensor], batch_size: int = 8,
             progress: bool = False) -> Quality:
     """Run both models over every domain's rows ``[R, S]`` and measure (see the module docstring)."""
-    from tqdm import tqdm
-
     device = next(fp_model.parameters()).device
     out = Quality()
     agree: dict[int, float] = {}
@@ -86,7 +86,9 @@ def compare(fp_model: nn.Module, q_model: nn.Module, val_rows: Mapping[str, Tens
     sums: dict[str, list[float]] = {d: [0.0, 0.0, 0] for d in val_rows}
     for m in (fp_model, q_model):
         m.eval()
-    for domain, x_BS in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+    bar = progress_bar(len(batches), "evaluating", "batch", disable=not progress)
+    for domain, x_BS in batches:
+        bar.update(1)
         x_BS = x_BS.to(device)
         a = fp_model(input_ids=x_BS, labels=x_BS)
         b = q_model(input_ids=x_BS, labels=x_BS)
@@ -101,6 +103,7 @@ def compare(fp_model: nn.Module, q_model: nn.Module, val_rows: Mapping[str, Tens
             agree[i] = agree.get(i, 0.0) + float(routing_agreement(sa.expert_ids, sb.expert_ids).sum())
             kl[i] = kl.get(i, 0.0) + float(routing_kl(sa.router_logits, sb.router_logits).sum())
         n_tok += x_BS.numel()
+    bar.close()
     for d, (la, lb, n) in sums.items():
         out.loss_fp[d], out.loss_q[d] = (la / n, lb / n) if n else (math.nan, math.nan)
     out.agreement = {i: v / n_tok for i, v in agree.items()}

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..layer import MoGELayer
+from ..model.moe import MoGELayer
 from .calibrate import Calibration, decoder_layers
 from .modules import QuantError
+
 
 SMOOTHINGS = ("expert-aware", "per-expert", "none")
 _FLOOR = 1e-5  # SmoothQuant's clamp: no zero maxima or scales

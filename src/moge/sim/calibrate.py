@@ -16,7 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import get_config
+from ..engine.step import DecodeStep, attended_slots, prefill
+from ..experts import get_experts_backend
+from ..model import MoGEForCausalLM
+from ..model.cache import StaticKVCache
 from .hardware import PROFILES, HardwareError, HardwareProfile, default_calibration_path
+from .perf import simulate
+
 
 # (M, K, N) GEMMs: from decode-sized to large; the rate is interpolated by FLOPs between them
 MATMUL_SIZES = [(1, 64, 64), (4, 64, 128), (4, 128, 512), (16, 256, 256), (64, 128, 384), (256, 128, 384), (256, 512, 512),
@@ -73,7 +80,6 @@ def measure(repeats: int = 5) -> dict:
         attn_curve.append((4.0 * b * nh * sq * keys * hd, 4.0 * b * nh * sq * keys * hd / sec / 1e9))
     # routed experts through the backend the model uses on a CPU (sort, per-expert matmuls, scatter-add):
     # (tokens T, hidden H, width F, experts N, K) -> achieved GFLOP/s of the expert matmuls
-    from ..experts import get_experts_backend
     backend = get_experts_backend("auto", torch.device("cpu"))
     experts_curve = []
     for t, h, f, n, k in EXPERT_SIZES:
@@ -155,12 +161,9 @@ def _count_ops(fn) -> int | None:
 def compare(hw: HardwareProfile, presets: list[str], prefill_tokens: int, decode_batch: int,
             decode_context: int, repeats: int) -> list[dict]:
     """Time prefill (plain forward) and the engine's decode step (what ``moge.generate`` runs) of the
-    real ``moge.model``, and the simulator's predictions."""
+    real ``moge.model.decoder``, and the simulator's predictions."""
     import torch
 
-    from ..config import get_config
-    from ..model import MoGEForCausalLM
-    from .perf import simulate
 
     rows = []
     torch.manual_seed(0)
@@ -198,8 +201,6 @@ def _engine_decode(model, ctx_ids, nxt, repeats: int) -> tuple[float, int | None
     one token per step; the prediction uses the mean context of the timed steps."""
     import torch
 
-    from ..engine.cache import StaticKVCache
-    from ..engine.step import DecodeStep, attended_slots, prefill
 
     b, ctx = ctx_ids.shape
     n_steps = max(16, 4 * repeats)
@@ -214,7 +215,7 @@ def _engine_decode(model, ctx_ids, nxt, repeats: int) -> tuple[float, int | None
             stored[0] += 1
             return step(nxt, kv_len=attended_slots(stored[0], capacity))
 
-        one()  # warm-up (and the few-rows kernel choice of moge.linear)
+        one()  # warm-up (and the few-rows kernel choice of moge.experts.linear)
         dec_ops = _count_ops(one)
         cache.rollback(2)
         stored[0] = ctx
@@ -231,8 +232,6 @@ def fit_decode_overhead(hw: HardwareProfile, rows: list[dict], preset: str) -> f
     of ``preset`` (one of ``rows``); the prediction is linear in it, so two evaluations solve it."""
     import dataclasses
 
-    from ..config import get_config
-    from .perf import simulate
 
     row = next((r for r in rows if r["preset"] == preset and r["phase"] == "decode"), None)
     if row is None:
@@ -289,8 +288,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def _repredict(hw: HardwareProfile, rows: list[dict], fitted: str) -> list[dict]:
     """The comparison rows predicted again with ``hw``, each marked fit / held-out."""
-    from ..config import get_config
-    from .perf import simulate
 
     out = []
     for r in rows:

@@ -14,6 +14,8 @@ import dataclasses
 import math
 
 from .hardware import A2_FITTED, PROFILES, HardwareProfile
+from .paper import PAPER_MTP, PAPER_POINTS, WEIGHT_READ_SHARE, run_point
+
 
 # name -> (lower bound, upper bound, start, what it is)
 FIT_PARAMETERS: dict[str, tuple[float, float, float, str]] = {
@@ -26,15 +28,11 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def calibration_points():
-    from .paper import PAPER_POINTS
-
     return [p for p in PAPER_POINTS if p.role == "fit"]
 
 
 def objective(hw: HardwareProfile, points) -> float:
     """Sum over ``points`` of log(predicted / paper)^2."""
-    from .paper import run_point
-
     total = 0.0
     for p in points:
         total += math.log(p.predicted(run_point(p, hw)) / p.value) ** 2
@@ -80,8 +78,6 @@ def rounded(values: dict[str, float]) -> dict[str, float]:
 
 def describe_fit(profiles: dict | None = None) -> str:
     """One paragraph: every fitted number, what it is, and what it was fitted to."""
-    from .paper import PAPER_POINTS
-
     pts = ", ".join(p.label.replace("800I A2 ", "") for p in PAPER_POINTS if p.role == "fit")
     lines = [f"FITTED on the 800I A2 calibration points only ({pts}):"]
     hw = (profiles or {}).get("ascend-800i-a2") or PROFILES["ascend-800i-a2"]
@@ -92,3 +88,24 @@ def describe_fit(profiles: dict | None = None) -> str:
                  "efficiencies 0.95 / 0.89; 300I Duo: everything (the paper's 95% / 89% memory efficiencies, "
                  "the 800I A2's fitted GEMM efficiencies, 25 us per PCIe step).")
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict], profiles: dict[str, HardwareProfile] | None = None) -> str:
+    """Markdown tables of :func:`paper_comparison`: calibration points, then held-out points."""
+    out = [describe_fit(profiles), ""]
+    for role, title in (("fit", "Calibration points (the fitted figures were set on these)"),
+                        ("held-out", "Held-out points (predicted with no further fitting)")):
+        sel = [r for r in rows if r["role"] == role]
+        out += [f"### {title}", "", "| point | cards (chips) | metric | paper | simulator | error |",
+                "|---|---:|---|---:|---:|---:|"]
+        for r in sel:
+            out.append(f"| {r['label']} | {r['cards']} ({r['chips']}) | {r['metric']} | {r['paper']:,.2f} | "
+                       f"{r['predicted']:,.2f} | {r['error']:+.1%} |")
+        errs = [abs(r["error"]) for r in sel]
+        out += ["", f"largest |error| {max(errs):.1%}, mean |error| {sum(errs) / len(errs):.1%} over {len(sel)} points", ""]
+    first = next(r for r in rows if r["label"].startswith("800I A2 MoE decode, batch 456"))
+    out.append(f"Check (not fitted): weight reading is {first['weight_read_share']:.0%} of the simulated batch-456 "
+               f"MoE decode step; the paper says about {WEIGHT_READ_SHARE:.0%}.")
+    out.append(f"MTP: depth {PAPER_MTP.depth}, acceptance {PAPER_MTP.acceptance} (ASSUMPTION: DeepSeek-V3's "
+               f"reported 85-90% second-token acceptance, lower end; the paper gives none).")
+    return "\n".join(out)

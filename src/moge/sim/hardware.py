@@ -17,7 +17,7 @@ kind (``attn_mem_eff``) or all (``mem_eff``). ``matmul_eff`` is the achievable f
 ``op_overhead_us`` is a fixed cost per operator launch; ``eager`` profiles count every PyTorch op of an
 eager forward pass, fused ones one launch per simulator operator.
 
-Every number is marked with where it comes from: a vendor sheet, the paper (spec section 7), FITTED
+Every number is marked with where it comes from: a vendor sheet, the paper (docs/design.md section 7), FITTED
 (by :mod:`moge.sim.fit`, to the points named there), or ASSUMPTION.
 """
 
@@ -41,7 +41,7 @@ KERNEL_KINDS = ("gemm", "attention", "vector")
 # memory technology -> ({kernel kind: achievable fraction of peak bandwidth}, source)
 MEMORY_EFFICIENCY: dict[str, tuple[dict[str, float], str]] = {
     "lpddr4x": ({"gemm": 0.95, "attention": 0.89, "vector": 0.89},
-                "paper (spec s.7): the 300I Duo kernels reach up to 95% (grouped matmul) and above 89% "
+                "paper (docs/design.md s.7.2): the 300I Duo kernels reach up to 95% (grouped matmul) and above 89% "
                 "(attention) of the memory bandwidth; vector ops ASSUMED at the attention figure"),
     "hbm": ({"gemm": 0.95, "attention": 0.89, "vector": 0.89},
             "ASSUMPTION: the paper's kernels (same team, same fused-operator design) reach on HBM the "
@@ -229,8 +229,8 @@ PROFILES: dict[str, HardwareProfile] = {
                             chips_per_host=8, host_link_gbs=0.7 * 300.0, host_link_us=10.0, host_full_mesh=True,
                             cross_link_gbs=0.8 * 25.0, cross_link_us=20.0, matmul_eff=0.6, op_overhead_us=5.0,
                             source="NVIDIA A100 datasheet; efficiencies and latencies assumed"),
-    # Huawei Atlas 800I A2: one NPU per card, 8 per server, 64 GB HBM each (spec s.7). No public compute
-    # or bandwidth figures (spec s.7): peak 256 TFLOPS FP16 / 512 TOPS INT8 is the figure the paper
+    # Huawei Atlas 800I A2: one NPU per card, 8 per server, 64 GB HBM each (docs/design.md s.7.2). No
+    # public compute or bandwidth figures: peak 256 TFLOPS FP16 / 512 TOPS INT8 is the figure the paper
     # quotes (it belongs to the 800T A2 training card) and is ASSUMED, as is 1.6 TB/s HBM (the figure
     # commonly reported for the 910B; the calibration points cannot tell it apart from the attention
     # efficiency, see docs/simulator.md); the GEMM, grouped-matmul and attention-memory efficiencies are
@@ -242,10 +242,10 @@ PROFILES: dict[str, HardwareProfile] = {
                                       chips_per_card=1, chips_per_host=8, host_link_gbs=0.7 * 196.0,
                                       host_link_us=15.0, host_full_mesh=True, cross_link_gbs=0.8 * 25.0,
                                       cross_link_us=60.0, **A2_FITTED, **_ASCEND_EVENTS,
-                                      source="spec s.7 (peak as quoted by the paper, assumed); HBM 1.6 TB/s "
+                                      source="docs/design.md s.7.2 (peak as quoted by the paper, assumed); HBM 1.6 TB/s "
                                              "assumed; GEMM, grouped-matmul and attention-memory efficiencies fitted"),
-    # Huawei Atlas 300I Duo (spec s.7, public reports): two chips per card, 48 GB LPDDR4X and ~204 GB/s
-    # per chip (96 GB, ~408 GB/s per card), 280 TOPS INT8 per card (140 per chip; FP16 half of it),
+    # Huawei Atlas 300I Duo (docs/design.md s.7.2, public reports): two chips per card, 48 GB LPDDR4X and
+    # ~204 GB/s per chip (96 GB, ~408 GB/s per card), 280 TOPS INT8 per card (140 per chip; FP16 half of it),
     # one PCIe 4.0 x16 port per card shared by both chips, no chip-to-chip fabric; one host CPU drives
     # four chips (the paper's reason for attention DP2). PCIe 4.0 x16: 31.5 GB/s per direction nominal,
     # ASSUMED 0.8 achievable (25 GB/s); between CPU domains the same PCIe port plus the CPU-to-CPU link,
@@ -258,7 +258,7 @@ PROFILES: dict[str, HardwareProfile] = {
                                        host_full_mesh=False, cross_link_gbs=25.0, cross_link_us=60.0,
                                        matmul_eff=A2_FITTED["matmul_eff"], gmm_eff=A2_FITTED["gmm_eff"],
                                        **_ASCEND_EVENTS,
-                                       source="spec s.7 (public reports); memory efficiencies from the paper; "
+                                       source="docs/design.md s.7.2 (public reports); memory efficiencies from the paper; "
                                               "GEMM efficiencies carried over from the 800I A2 fit"),
     # Fallback for this machine when no calibration file exists: deliberately conservative guesses
     # (ASSUMPTIONS) for a small shared 2-core VM. Run `moge simulate calibrate` to measure real numbers.

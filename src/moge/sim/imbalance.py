@@ -1,4 +1,4 @@
-"""Monte Carlo (and exact) study of device load imbalance under top-K and MoGE routing (spec section 3).
+"""Monte Carlo (and exact) study of device load imbalance under top-K and MoGE routing (docs/design.md section 3).
 
 Shape legend: C trials (random batches), T tokens per batch, N experts, K experts per token, D devices
 (= MoGE groups; device d owns the contiguous expert block ``d*G ... d*G + G - 1``, G = N / D),

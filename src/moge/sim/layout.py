@@ -70,8 +70,9 @@ class Layout:
 def default_layout(config: MoGEConfig, ranks: int, attn_tp: int | None = None, expert_ep: int | None = None,
                    shared_tp: int | None = None) -> Layout:
     """Paper-like defaults over ``ranks`` chips: attention TP up to 4 (DP over the rest), EP over
-    up to 4 ranks holding whole groups (expert TP over the rest), shared expert TP over every rank (spec
-    s.7 at 8 ranks: attention DP2 x TP4, experts TP2 x EP4, shared TP8). Explicit values override."""
+    up to 4 ranks holding whole groups (expert TP over the rest), shared expert TP over every rank
+    (docs/design.md section 7.3, at 8 ranks: attention DP2 x TP4, experts TP2 x EP4, shared TP8).
+    Explicit values override."""
     if ranks < 1:
         raise PerfError(f"the rank count must be >= 1, got {ranks}")
     for flag, v in (("--attn-tp", attn_tp), ("--expert-ep", expert_ep), ("--shared-tp", shared_tp)):

@@ -2,7 +2,7 @@
 
 Compute operators: ``max(flops / achievable rate of their kernel kind, bytes / achievable bandwidth of
 their kernel kind) + launches x per-op overhead``. Communication: :mod:`moge.sim.collectives`. The
-MoE block follows the project's dispatchers (spec sections 7-8): under MoGE with whole groups per EP
+MoE block follows the project's dispatchers (docs/design.md sections 7-8): under MoGE with whole groups per EP
 rank every token goes to every EP rank, so the dispatch is an all-gather of tokens and the combine a
 reduce-scatter (exact sizes, no count exchange), shared with the shared expert when it is TP over the
 same ranks; under top-K it is a pair of all-to-alls sized by the expected busiest rank.
@@ -19,8 +19,9 @@ from .hardware import HardwareProfile
 from .imbalance import expected_max_over_mean
 from .layout import Layout
 
+
 # Eager PyTorch (aten) ops per simulator operator, as dispatched by this package's single-device model
-# (``moge.model``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
+# (``moge.model.decoder``, counted with a dispatch hook per submodule): RMSNorm 6; q/k/v projections 12 (Linear on
 # 3-D input = t + addmm + 2 views); RoPE with the head views/transposes 14; KV-cache concat + SDPA + output
 # reshapes 13; o_proj 4; router plus its inference-time statistics (counts, aux loss) 30; shared SwiGLU 8;
 # embedding + RoPE tables 7. Used only by ``eager`` profiles (the local CPU); fused profiles count one

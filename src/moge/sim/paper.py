@@ -1,4 +1,4 @@
-"""The simulator against the paper's inference numbers (spec section 7): calibration and held-out points.
+"""The simulator against the paper's inference numbers (docs/design.md section 7.1): calibration and held-out points.
 
 Every point: W8A8 (int8 weights and GEMMs), int8 KV cache, 2K-token context, the default H2P layout over
 chips. Calibration (``fit``) points are the 800I A2 decode points at large batch and the three 2-card
@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from .hardware import HardwareProfile, get_profile
 from .perf import MTP, PerfResult, resolve_model, simulate
 
+
 CONTEXT = 2048
 # Multi-token prediction: the paper gives no acceptance rate. ASSUMPTION 0.85, the lower end of the
 # 85-90% second-token acceptance DeepSeek-V3 reports for the same MTP design; depth 1 (one predictor).
 PAPER_MTP = MTP(depth=1, acceptance=0.85)
 
-_SPEC = "spec s.7"
-_ISSUE = "issue 13 (the paper's 800I A2 decode table)"
-_DUO = ("/work/shared/seeds (a summary of the paper's Table 7: latency and tokens/s per card); cards = "
-        "tokens / latency / (tokens/s per card), consistent with spec s.7's 4 decode cards")
+_SPEC = "paper (arXiv 2505.21411), docs/design.md section 7.1"
+_ISSUE = "paper (arXiv 2505.21411), its 800I A2 decode table; docs/design.md section 7.1"
+_DUO = ("paper (arXiv 2505.21411), Table 7: latency and tokens/s per card; cards = tokens / latency / "
+        "(tokens/s per card), consistent with the 4 decode cards of docs/design.md section 7.2")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ PAPER_POINTS: list[PaperPoint] = [
     PaperPoint("300I Duo MoE decode, batch 80", DUO, MOE, "decode", 80, 4, 99.5, "ms", "held-out", _DUO),
     PaperPoint("300I Duo MoE decode + MTP, batch 128", DUO, MOE, "decode", 128, 4, 99.7, "ms", "held-out", _DUO, True),
 ]
-# The paper: weight reading is about 29% of the 99.3 ms decode step (spec s.7); checked, not fitted.
+# The paper: weight reading is about 29% of the 99.3 ms decode step (docs/design.md section 7.1); checked, not fitted.
 WEIGHT_READ_SHARE = 0.29
 
 
@@ -98,29 +99,6 @@ def paper_comparison(profiles: dict[str, HardwareProfile] | None = None, mtp: MT
 def weight_read_share(res: PerfResult) -> float:
     """Fraction of the step the busiest chip spends streaming weights (weight bytes at the GEMM bandwidth)."""
     return sum(o.count * o.weight_ms for o in res.ops) / res.step_ms
-
-
-def format_table(rows: list[dict], profiles: dict[str, HardwareProfile] | None = None) -> str:
-    """Markdown tables of :func:`paper_comparison`: calibration points, then held-out points."""
-    from .fit import describe_fit
-
-    out = [describe_fit(profiles), ""]
-    for role, title in (("fit", "Calibration points (the fitted figures were set on these)"),
-                        ("held-out", "Held-out points (predicted with no further fitting)")):
-        sel = [r for r in rows if r["role"] == role]
-        out += [f"### {title}", "", "| point | cards (chips) | metric | paper | simulator | error |",
-                "|---|---:|---|---:|---:|---:|"]
-        for r in sel:
-            out.append(f"| {r['label']} | {r['cards']} ({r['chips']}) | {r['metric']} | {r['paper']:,.2f} | "
-                       f"{r['predicted']:,.2f} | {r['error']:+.1%} |")
-        errs = [abs(r["error"]) for r in sel]
-        out += ["", f"largest |error| {max(errs):.1%}, mean |error| {sum(errs) / len(errs):.1%} over {len(sel)} points", ""]
-    first = next(r for r in rows if r["label"].startswith("800I A2 MoE decode, batch 456"))
-    out.append(f"Check (not fitted): weight reading is {first['weight_read_share']:.0%} of the simulated batch-456 "
-               f"MoE decode step; the paper says about {WEIGHT_READ_SHARE:.0%}.")
-    out.append(f"MTP: depth {PAPER_MTP.depth}, acceptance {PAPER_MTP.acceptance} (ASSUMPTION: DeepSeek-V3's "
-               f"reported 85-90% second-token acceptance, lower end; the paper gives none).")
-    return "\n".join(out)
 
 
 def plot_comparison(rows: list[dict], path: str) -> None:

@@ -7,7 +7,7 @@ overhead``; collectives as in :mod:`moge.sim.collectives` (latency by algorithm 
 bandwidth by message size). Operators run back to back (no compute/communication overlap), so the
 step time is ``layers x layer + embedding + LM head``.
 
-Parallel layout (H2P, spec section 7), over ranks: attention DP x TP (tokens of a DP rank are
+Parallel layout (H2P, docs/design.md section 7.3), over ranks: attention DP x TP (tokens of a DP rank are
 sequence-split between attention TP ranks around the projections, so the attention all-reduce is a
 reduce-scatter + all-gather pair); routed experts TP x EP (each EP rank owns whole groups); the shared
 expert (or the dense MLP of a dense layer) TP over ``shared_tp`` ranks. Under top-K routing the busiest
@@ -29,10 +29,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..config import MoGEConfig
+from ..config import PRESETS, ConfigError, MoGEConfig, resolve_config
 from .hardware import HardwareProfile
-from .layout import Layout, PerfError, check_layout, default_layout, param_counts  # noqa: F401 (re-exported)
-from .ops import (EAGER_LAUNCHES, Coster, OpCost, Step, eager_launches, layer_ops)  # noqa: F401 (re-exported)
+from .layout import Layout, PerfError, check_layout, default_layout, param_counts
+from .ops import EAGER_LAUNCHES, Coster, OpCost, Step, eager_launches, layer_ops
+
 
 WEIGHT_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
 KV_BYTES = {"bf16": 2, "int8": 1, "fp32": 4}
@@ -266,7 +267,6 @@ SIM_MODELS: dict[str, dict] = {
 
 def resolve_model(name: str) -> MoGEConfig:
     """A config from a preset name (:data:`moge.config.PRESETS` or :data:`SIM_MODELS`), a checkpoint directory or a config.json path."""
-    from ..config import PRESETS, ConfigError, resolve_config
 
     if name in SIM_MODELS:
         return MoGEConfig(**SIM_MODELS[name])

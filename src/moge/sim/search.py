@@ -1,4 +1,4 @@
-"""Model-configuration search (spec section 7): sweep MoGE shapes, keep those within a total-parameter
+"""Model-configuration search (docs/design.md section 7.6): sweep MoGE shapes, keep those within a total-parameter
 range, find for each the decode batch that maximises throughput per card under a per-token latency limit
 and memory capacity, and rank by that throughput.
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from dataclasses import dataclass
 
 from ..config import ConfigError, MoGEConfig
+from ..progress import progress
 from .hardware import HardwareProfile, get_profile
 from .perf import MemoryFitError, PerfError, default_kv_cache, param_counts, simulate
+
 
 DEFAULT_LATENCY_MS = {"ascend-800i-a2": 50.0, "ascend-300i-duo": 100.0}
 
@@ -88,8 +89,6 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
 
 def run_search(args: argparse.Namespace) -> int:
     """CLI entry of ``moge simulate search``."""
-    from tqdm import tqdm
-
     for flag, v, low in (("--cards", args.cards, 1), ("--context", args.context, 1), ("--max-batch", args.max_batch, 1),
                          ("--top", args.top, 1)):
         if v < low:
@@ -105,7 +104,9 @@ def run_search(args: argparse.Namespace) -> int:
     if not cands:
         raise PerfError(f"no shape in the sweep has {args.params_min}-{args.params_max}B total parameters")
     feasible = []
-    for cand in tqdm(cands, desc="search", unit="shape", file=sys.stderr, mininterval=0.5, leave=False):
+    bar = progress(len(cands), "search", "shape", mininterval=0.5, leave=False)
+    for cand in cands:
+        bar.update(1)
         try:
             b, ms, tps = best_batch(cand.config, hw, args.cards, args.context, latency, args.weights,
                                     args.kv_cache, args.router, args.max_batch)
@@ -114,6 +115,7 @@ def run_search(args: argparse.Namespace) -> int:
         if b:
             cand.batch, cand.step_ms, cand.tokens_per_s_per_card = b, ms, tps
             feasible.append(cand)
+    bar.close()
     feasible.sort(key=lambda c: -c.tokens_per_s_per_card)
     top = feasible[:args.top]
     if args.json:

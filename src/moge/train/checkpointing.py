@@ -12,10 +12,10 @@ import torch
 
 from ..checkpoint import CheckpointCorruptError, atomic_write, confined, save_pretrained, write_tokenizer_config
 from ..checkpoint.io import writing
-from ..checkpoint.training_state import (OPTIMIZER_FILE, commit_checkpoint, read_training_tensors,
-                                         restore_rng_state, state_path)
+from ..checkpoint.training_state import (OPTIMIZER_FILE, commit_checkpoint, read_training_tensors, restore_rng_state,
+                                         state_path)
+from ..data.tokenizer import TOKENIZER_FILE, save_tokenizer
 from ..parallel import full_state_dict, gather_named_tensor, shard_named_tensor
-from ..tokenizer import TOKENIZER_FILE, save_tokenizer
 from .options import METRICS_FILE
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..metrics import balance_from_counts
 from ..parallel import all_reduce_mean
 
+
 DEFAULT_MTP_COEF = 0.3
 MAX_MTP = 16  # predictors this far ahead are rarely accepted; also bounds what a typo can allocate
 
@@ -68,7 +69,7 @@ class MTPStep:
         self.micro = 0
 
     def add(self, mtp_outputs: list) -> None:
-        """Accumulate one micro-batch's :class:`moge.mtp.MTPOutput` list."""
+        """Accumulate one micro-batch's :class:`moge.model.mtp.MTPOutput` list."""
         if not mtp_outputs:
             return
         loss_D = torch.stack([o.loss.detach().float() for o in mtp_outputs])

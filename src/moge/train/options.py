@@ -11,9 +11,10 @@ import torch
 
 from .. import validate as V
 from ..config import ROUTERS
-from ..data import DEFAULT_VAL_FRACTION
+from ..data.corpus import DEFAULT_VAL_FRACTION
 from ..errors import MoGEError
 from .mtp import DEFAULT_MTP_COEF, MAX_MTP
+
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from ..config import MoGEConfig
-from ..data import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
-from ..tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
+from ..data.corpus import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
+from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
 from .options import TrainConfig
 
 
 def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
-    """A freshly initialised :class:`moge.model.MoGEForCausalLM` (float32 master weights) on ``device``."""
+    """A freshly initialised :class:`moge.model.decoder.MoGEForCausalLM` (float32 master weights) on ``device``."""
     from ..model import MoGEForCausalLM
 
     torch.manual_seed(seed)

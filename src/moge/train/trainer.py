@@ -21,19 +21,19 @@ import torch
 from ..checkpoint import CheckpointCorruptError, confined, load_pretrained
 from ..checkpoint.io import writable_dir, writing
 from ..checkpoint.lock import DirectoryLock
-from ..checkpoint.pretrained import refuse_non_finite
+from ..checkpoint.reading import refuse_non_finite
 from ..checkpoint.training_state import has_checkpoint, recover_checkpoint_dir, state_path, verify_checkpoint
 from ..config import get_config
-from ..data import SequenceSampler
+from ..data.corpus import SequenceSampler
+from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
 from ..parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
-from ..tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from ..progress import progress
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
 from .mtp import MTPEval, MTPInterval, MTPStep, layer_records, mtp_loss_term
-from .options import (RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError, TrainingDivergedError, lr_at,
-                      resolve_device)
+from .options import RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError, TrainingDivergedError, lr_at, resolve_device
 from .setup import (_check_same_data, _ignored_flags, _param_counts, build_model, build_optimizer,
                     estimate_training_bytes, prepare_data)
 
@@ -50,7 +50,7 @@ class Trainer(CheckpointMixin):
         from ..parallel import DistInfo
 
         self.bar_position = bar_position
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out).expanduser()
         self._lock = DirectoryLock(self.out)
         # Expert parallelism: rank / world / group / device of this process (one process: world 1).
         self.dist = dist if dist is not None else DistInfo(0, 1, 0, None, torch.device("cpu"))
@@ -314,8 +314,6 @@ class Trainer(CheckpointMixin):
 
     def train(self) -> dict[str, Any]:
         """Run until ``cfg.steps``; log, evaluate and checkpoint on schedule. Returns the final evaluation."""
-        from tqdm.auto import tqdm
-
         c = self.cfg
         if self.step >= c.steps and self.dist.is_main:
             print(f"{self.out}: already trained to step {self.step} of --steps {c.steps}; raise --steps to "
@@ -326,9 +324,8 @@ class Trainer(CheckpointMixin):
                        "parameters": _param_counts(self.model_config),
                        **({"expert_parallel": {"ranks": self.dist.world_size, "sharded_layers": self.sharded_layers}}
                           if self.dist.world_size > 1 else {})})
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not self.dist.is_main,
-                   desc=f"train {c.router}", unit="step", dynamic_ncols=True, position=self.bar_position,
-                   mininterval=1.0)
+        bar = progress(c.steps, f"train {c.router}", "step", initial=self.step, position=self.bar_position,
+                       disable=not c.progress or not self.dist.is_main, mininterval=1.0)
         interval_loss, interval_aux, balances, interval_time, interval_tokens = [], [], [], 0.0, 0
         mtp = MTPInterval(self.model_config.num_hidden_layers, self.model_config.groups)
         last_eval: dict[str, Any] | None = None

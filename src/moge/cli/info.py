@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config import resolve_config
+from ..model import count_parameters
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="preset name, checkpoint directory or config.json")
@@ -16,9 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import resolve_config
-    from .model import count_parameters
-
     cfg = resolve_config(args.model)
     counts = count_parameters(cfg)
     if args.json:

@@ -15,12 +15,17 @@ import copy
 import time
 from pathlib import Path
 
-from .errors import MoGEError
+from ..checkpoint import CheckpointError, load_pretrained, write_json
+from ..checkpoint.layout import quantization_format
+from ..checkpoint.quantized import save_quantized
+from ..data.corpus import Document, load_documents, pack_documents, shuffled, split_documents
+from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch, load_tokenizer
+from ..errors import MoGEError
+from ..quant import ACTS, SMOOTHINGS, QuantError, calibration_rows, quantize
+from ..quant.quality import compare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .quant import ACTS, SMOOTHINGS
-
     p.add_argument("checkpoint", help="float checkpoint directory (released layout, with tokenizer.json)")
     p.add_argument("--out", help="output directory (Ascend W8A8 layout); optional with --eval")
     p.add_argument("--calib-data", nargs="*", default=None,
@@ -52,7 +57,6 @@ class QuantizeCommandError(MoGEError, ValueError):
 def texts_for(data: list[str] | None, seed: int, split: str, budget_chars: int | None = None):
     """``{domain: [texts]}`` of the calibration (``split="train"``) or validation source, documents in a
     seeded order; with ``budget_chars`` only about that many characters are kept (encoding is the cost)."""
-    from .data import load_documents, shuffled, split_documents
 
     train, val = split_documents(load_documents(data))
     docs = shuffled(train if split == "train" else val, seed)
@@ -69,8 +73,6 @@ def texts_for(data: list[str] | None, seed: int, split: str, budget_chars: int |
 def calib_rows_for(tokenizer, data: list[str] | None, tokens: int, seq_len: int, seed: int = 0):
     """Calibration rows ``[R, seq_len]`` of ``tokens`` tokens from ``data``'s training split (None: the
     built-in corpus)."""
-    from .quant import calibration_rows
-    from .tokenizer import BOS_ID, EOS_ID, encode_batch
 
     texts = texts_for(data, seed, "train", budget_chars=16 * tokens)  # ~4 chars a token: 4x margin
     return calibration_rows([t for ts in texts.values() for t in ts], lambda b: encode_batch(tokenizer, b), seq_len,
@@ -79,8 +81,6 @@ def calib_rows_for(tokenizer, data: list[str] | None, tokens: int, seq_len: int,
 
 def val_rows_for(tokenizer, data: list[str] | None, seq_len: int, max_rows: int | None = None):
     """``{domain: rows [R, seq_len]}`` of ``data``'s validation split (None: the built-in corpus)."""
-    from .data import Document, pack_documents
-    from .tokenizer import BOS_ID, EOS_ID, encode_batch
 
     out = {}
     for domain, ts in sorted(texts_for(data, 0, "val").items()):
@@ -97,9 +97,6 @@ def w8a8_quality(checkpoint: str | Path, tokenizer, seq_len: int, calib_tokens: 
     split (every row of ``seq_len``): returns ``(Quality, QuantizeReport, seconds)``. The demo's W8A8 row."""
     import torch
 
-    from .checkpoint import load_pretrained
-    from .quant import quantize
-    from .quant.quality import compare
 
     t0 = time.perf_counter()
     fp = load_pretrained(checkpoint, dtype=torch.float32)
@@ -113,13 +110,8 @@ def w8a8_quality(checkpoint: str | Path, tokenizer, seq_len: int, calib_tokens: 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, load_pretrained, write_json
-    from .checkpoint.layout import quantization_format
-    from .checkpoint.quantized import save_quantized
-    from .quant import QuantError, quantize
-    from .tokenizer import load_tokenizer
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt} does not exist" if not ckpt.exists()
                               else f"{ckpt} is not a checkpoint directory")
@@ -169,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         print(f"wrote {out} ({size / 1e6:.1f} MB of weights, Ascend W8A8 layout)")
     if args.eval:
-        from .quant.quality import compare
-
         val = val_rows_for(tokenizer, args.calib_data, args.calib_seq_len, args.eval_rows)
         if not val:
             raise QuantizeCommandError(f"--eval: the validation split has no full row of {args.calib_seq_len} tokens")

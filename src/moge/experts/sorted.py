@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .experts import expert_linear, is_float_weight, register_experts_backend, sort_pairs
+from .eager import expert_linear, is_float_weight, sort_pairs
+from .registry import register_experts_backend
+
 
 __all__ = ["sorted_experts"]
 
@@ -164,7 +166,8 @@ class _SortedExperts(torch.autograd.Function):
 
 
 @register_experts_backend("sorted", host_sync=True)
-def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any) -> Tensor:
+def sorted_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any,
+                   kernels: Any = None) -> Tensor:
     """Per-expert GEMMs on contiguous sorted segments with a fused hand-written backward.
 
     One host sync (the per-expert counts) per call; the fastest choice on CPU at both prefill and

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import MoGEError
+from ..metrics import balance_from_counts
+from ..routing import expert_counts, group_limited_route, moge_route, topk_route
+from ..validate import check_memory
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=64, help="routed experts N")
@@ -21,12 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .metrics import balance_from_counts
-    from .routing import expert_counts, group_limited_route, moge_route, topk_route
-
-    from .errors import MoGEError
-
-    from .validate import check_memory
 
     n, k, m = args.experts, args.k, args.groups
     if min(n, k, m, args.tokens, args.batches) < 1:

@@ -4,7 +4,7 @@ Shape legend
     T  tokens (all leading dims flattened)   H  hidden size    N  routed experts    M  groups
     K  experts per token                     K' experts per group (MoGE)
 
-``y = sum_{e chosen} s_e * router_scale[e] * Expert_e(x) + SharedExpert(x)`` (spec section 2). The
+``y = sum_{e chosen} s_e * router_scale[e] * Expert_e(x) + SharedExpert(x)`` (docs/design.md section 2). The
 layer is single-device code; :mod:`moge.parallel` wraps it for expert parallelism by reusing
 :meth:`MoGELayer.route` and the expert parameters. It keeps no global state: routing statistics are
 returned with the output.
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import validate as V
-from .config import ROUTERS, MoGEConfig
-from .experts import SwiGLU, SwiGLUExperts, available_backends
-from .routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
+from .. import validate as V
+from ..config import ROUTERS, MoGEConfig
+from ..experts import SwiGLU, SwiGLUExperts, available_backends
+from ..routing import aux_loss, expert_counts, group_limited_select, moge_select, router_scores, topk_select, z_loss
 
 
 @dataclass
@@ -104,7 +104,7 @@ class MoGELayer(nn.Module):
     def route(self, x_TH: Tensor, check_finite: bool = False) -> Routing:
         """Router logits (float32), global softmax, and the configured selection rule."""
         # Autocast (bf16 training) would silently run this matmul in low precision and can flip the
-        # per-group argmax; the spec computes router logits in float32.
+        # per-group argmax; docs/design.md section 2 computes router logits in float32.
         with torch.autocast(x_TH.device.type, enabled=False):
             logits_TN = nn.functional.linear(x_TH.float(), self.gate.weight.float())
         scores_TN = router_scores(logits_TN, check_finite)
@@ -153,7 +153,7 @@ class MoGELayer(nn.Module):
         r = self.route(x_TH)
         y_TH = self.experts(x_TH, r.expert_ids, r.weights, backend=backend)
         if self.shared_expert is not None:
-            y_TH = y_TH + self.shared_expert(x_TH)  # ungated (spec section 2)
+            y_TH = y_TH + self.shared_expert(x_TH)  # ungated (docs/design.md section 2)
         return y_TH.view(shape), self.stats(r) if with_stats else None
 
     def extra_repr(self) -> str:

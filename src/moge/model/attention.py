@@ -1,11 +1,11 @@
-"""Grouped-query attention with rotate-half RoPE (spec section 5), single-device.
+"""Grouped-query attention with rotate-half RoPE (docs/design.md section 5), single-device.
 
 Shape legend
     B  batch        S  new positions in this call     R  positions selected for output (``rows_BR``)
     L  key/value slots attended     h  query heads     g  key/value heads     D  head dim     H  hidden
 
 q, k, v and o carry biases; attention is PyTorch SDPA with grouped heads. A cache (``DynamicKVCache``
-or ``StaticKVCache`` of :mod:`moge.engine.cache`) receives every position's key and value.
+or ``StaticKVCache`` of :mod:`moge.model.cache`) receives every position's key and value.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import validate as V
-from .config import MoGEConfig
-from .linear import Linear
+from .. import validate as V
+from ..config import MoGEConfig
+from ..experts.linear import Linear
+
 
 __all__ = ["ATTENTION_KERNELS", "Attention", "RotaryEmbedding", "apply_rope", "eager_attention", "gather_rows",
            "rotate_half", "sdpa_attention"]
@@ -28,7 +29,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        # Not persistent: recomputed from the config, and ignored in checkpoints (spec section 5).
+        # Not persistent: recomputed from the config, and ignored in checkpoints (docs/design.md section 5).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

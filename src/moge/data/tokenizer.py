@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .errors import MoGEError
+from ..errors import MoGEError
+
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

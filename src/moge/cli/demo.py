@@ -15,13 +15,27 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import resource
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import MoGEError
+import torch
+
+from .. import validate as V
+from ..analysis.report import read_metrics, summary_table, write_report
+from ..checkpoint import load_pretrained
+from ..checkpoint.io import writable_dir
+from ..config import ROUTERS, get_config
+from ..data.corpus import load_documents, split_documents
+from ..data.tokenizer import BOS_ID, EOS_ID, decode, save_tokenizer, train_tokenizer
+from ..errors import MoGEError
+from ..generate import generate
+from ..train import TrainConfig, Trainer, resolve_device
+from .quantize import w8a8_quality
+
 
 PROMPTS = ["def ", "The ", "12 + 7 * 3 ="]
 
@@ -50,27 +64,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
 def _train_one(cfg, position: int) -> None:
     """Train one run in a worker process (its progress bar on line ``position``)."""
-    from .train import Trainer
-
     Trainer(replace(cfg), bar_position=position).train()
 
 
 def generate_samples(run_dir: Path, tokenizer, prompts: list[str], max_new_tokens: int = 40,
                      seed: int = 0) -> list[tuple[str, str]]:
     """Sampled continuations (temperature 0.8, top-k 40, fixed seed) of ``prompts`` from a checkpoint."""
-    import torch
-
-    from .checkpoint import load_pretrained
-    from .generate import generate
-    from .tokenizer import BOS_ID, EOS_ID, decode
-
     model = load_pretrained(run_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -88,20 +92,9 @@ def generate_samples(run_dir: Path, tokenizer, prompts: list[str], max_new_token
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``moge demo``."""
-    from .config import get_config
-    from .data import load_documents, split_documents
-    from .report import summary_table, write_report
-    from .tokenizer import save_tokenizer, train_tokenizer
-    from .train import TrainConfig, Trainer, resolve_device
-
-    from . import validate as V
-    from .checkpoint.io import writable_dir
-    from .config import ROUTERS
-
-    t_start = time.perf_counter()
-    out = Path(args.out)
+def _check(args: argparse.Namespace, out: Path) -> list[str]:
+    """The routers to train; every run's options are checked before the tokenizer is trained (minutes
+    for a large vocabulary)."""
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     if not routers:
         raise MoGEError("--routers is empty")
@@ -111,12 +104,70 @@ def run(args: argparse.Namespace) -> int:
     V.integer("--jobs", args.jobs, 1, optional=True, error=MoGEError)
     get_config(args.preset)
     resolve_device(args.device)
-    # Every run's options are checked before the tokenizer is trained (minutes for a large vocabulary).
-    TrainConfig(out=str(out / routers[0]), preset=args.preset, router=routers[0], steps=args.steps,
-                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-                eval_every=args.eval_every, log_every=args.log_every, save_every=0, seed=args.seed,
-                device=args.device, vocab_size=args.vocab_size).validate()
+    replace(_run_config(args, out, routers[0]), tokenizer=None, vocab_size=args.vocab_size).validate()
     writable_dir(out, "--out")
+    return routers
+
+
+def _run_config(args: argparse.Namespace, out: Path, router: str) -> TrainConfig:
+    return TrainConfig(out=str(out / router), preset=args.preset, router=router, steps=args.steps,
+                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                       eval_every=args.eval_every, log_every=args.log_every, save_every=0, seed=args.seed,
+                       device=args.device, progress=args.progress, tokenizer=str(out / "tokenizer.json"))
+
+
+def _train_all(args: argparse.Namespace, configs: list[TrainConfig], tokenizer) -> None:
+    """Train every run: in turn on CUDA (or with ``--jobs 1``), else one single-threaded process each."""
+    jobs = args.jobs or (1 if resolve_device(args.device).type == "cuda" else
+                         max(1, min(len(configs), os.cpu_count() or 1)))
+    if jobs == 1:
+        for cfg in configs:
+            Trainer(cfg, tokenizer=tokenizer).train()
+        return
+    # One single-threaded process per run: on a small shared CPU this beats multi-threaded kernels,
+    # whose thread barriers stall badly whenever another process takes a core.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        for f in [pool.submit(_train_one, cfg, i) for i, cfg in enumerate(configs)]:
+            f.result()
+
+
+def _balance_note(run_dir: Path) -> str:
+    """The report's line on MoGE's Imbalance Score; raises if it was ever non-zero (it cannot be)."""
+    m = read_metrics(run_dir, "moge")
+    checked = [l["imbalance_score_max"] for r in m.train for l in r["layers"] if not l.get("dense")]
+    zero = bool(checked) and all(v == 0.0 for v in checked)
+    if not zero:
+        raise MoGEError("MoGE produced a non-zero Imbalance Score; this contradicts its construction")
+    return (f"MoGE Imbalance Score exactly 0 in every layer at every training step: yes ({len(m.train)} "
+            f"logging intervals x {len(m.moe_layers())} layers, each the maximum over its steps).")
+
+
+def _print_summary(summaries, w8a8: str | None, notes: list[str], timings: dict[str, float], report_path: Path,
+                   out: Path) -> None:
+    print()
+    print(summary_table(summaries))
+    print()
+    if w8a8 is not None:
+        print(w8a8)
+        print()
+    for note in notes:
+        if w8a8 is None or w8a8 not in note:
+            print(note)
+    print("wall-clock: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"CPU time (this process and its workers): {cpu:.0f} s on {os.cpu_count()} cores")
+    print(f"report: {report_path}")
+    print(f"overview: {out / 'overview.png'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``moge demo``."""
+    t_start = time.perf_counter()
+    out = Path(args.out).expanduser()
+    routers = _check(args, out)
     timings: dict[str, float] = {}
 
     # One tokenizer for every run, trained on the training split only.
@@ -128,32 +179,12 @@ def run(args: argparse.Namespace) -> int:
     timings["corpus + tokenizer"] = time.perf_counter() - t0
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens trained in {timings['corpus + tokenizer']:.1f} s")
 
-    run_dirs, configs = {}, []
-    for i, router in enumerate(routers):
-        run_dir = out / router
+    run_dirs = {r: out / r for r in routers}
+    for run_dir in run_dirs.values():
         if run_dir.exists():  # the demo owns its output directory: start each run fresh
             shutil.rmtree(run_dir)
-        configs.append(TrainConfig(out=str(run_dir), preset=args.preset, router=router, steps=args.steps,
-                                   batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                   warmup=args.warmup, eval_every=args.eval_every, log_every=args.log_every,
-                                   save_every=0, seed=args.seed, device=args.device, progress=args.progress,
-                                   tokenizer=str(out / "tokenizer.json")))
-        run_dirs[router] = run_dir
-    jobs = args.jobs or (1 if resolve_device(args.device).type == "cuda" else
-                         max(1, min(len(configs), os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    if jobs == 1:
-        for cfg in configs:
-            Trainer(cfg, tokenizer=tokenizer).train()
-    else:
-        # One single-threaded process per run: on a small shared CPU this beats multi-threaded
-        # kernels, whose thread barriers stall badly whenever another process takes a core.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = [pool.submit(_train_one, cfg, i) for i, cfg in enumerate(configs)]
-            for f in futures:
-                f.result()
+    _train_all(args, [_run_config(args, out, r) for r in routers], tokenizer)
     timings["training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -161,22 +192,10 @@ def run(args: argparse.Namespace) -> int:
     timings["samples"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    notes = []
+    notes, w8a8 = [], None
     if "moge" in run_dirs:
-        from .report import read_metrics
-
-        m = read_metrics(run_dirs["moge"], "moge")
-        checked = [l["imbalance_score_max"] for r in m.train for l in r["layers"] if not l.get("dense")]
-        zero = bool(checked) and all(v == 0.0 for v in checked)
-        notes.append(f"MoGE Imbalance Score exactly 0 in every layer at every training step: "
-                     f"{'yes' if zero else 'NO'} ({len(m.train)} logging intervals x {len(m.moe_layers())} layers, "
-                     f"each the maximum over its steps).")
-        if not zero:
-            raise MoGEError("MoGE produced a non-zero Imbalance Score; this contradicts its construction")
-    w8a8 = None
+        notes.append(_balance_note(run_dirs["moge"]))
     if "moge" in run_dirs and args.w8a8:
-        from .quantize import w8a8_quality
-
         t1 = time.perf_counter()
         calib = 8 * args.batch_size * args.seq_len  # eight training batches: 16,384 tokens by default
         quality, _, _ = w8a8_quality(run_dirs["moge"], tokenizer, args.seq_len, calib_tokens=calib)
@@ -189,25 +208,5 @@ def run(args: argparse.Namespace) -> int:
     report_path, summaries = write_report(out, run_dirs, samples, timings, notes)
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-
-    print()
-    print(summary_table(summaries))
-    print()
-    if w8a8 is not None:
-        print(w8a8)
-        print()
-    for note in notes:
-        if w8a8 is None or w8a8 not in note:
-            print(note)
-    print("wall-clock: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    try:
-        import resource  # Unix only
-
-        cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        print(f"CPU time (this process and its workers): {cpu:.0f} s on {os.cpu_count()} cores")
-    except ImportError:
-        pass
-    print(f"report: {report_path}")
-    print(f"overview: {out / 'overview.png'}")
+    _print_summary(summaries, w8a8, notes, timings, report_path, out)
     return 0

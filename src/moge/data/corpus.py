@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import MoGEError
+from ..errors import MoGEError
+
 
 # Extensions read from a user directory (plain text of any kind).
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json",
@@ -282,7 +283,7 @@ def pack_documents(docs: Sequence[Document], encode: Callable[[list[str]], list[
     """Concatenate ``<bos> doc <eos>`` token streams and cut them into rows ``[R, seq_len]`` (int64).
 
     The tail shorter than ``seq_len`` is dropped. ``encode`` maps a list of texts to their token ids
-    (a batch encoder, e.g. :meth:`moge.tokenizer.encode_batch`).
+    (a batch encoder, e.g. :meth:`moge.data.tokenizer.encode_batch`).
     """
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")

@@ -1,4 +1,4 @@
-"""Figures of ``moge analyze`` (the paper's Figures 7-10) from :func:`moge.analyze.summarize` results.
+"""Figures of ``moge analyze`` (the paper's Figures 7-10) from :func:`moge.analysis.analyze.summarize` results.
 
 Each function draws one PNG from the JSON-ready summaries (``{"main": ..., "compare": ...}``), so the
 figures can be rebuilt from ``analysis.json`` without touching a model. matplotlib's Agg backend only.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 
 COLORS = {"main": "tab:blue", "compare": "tab:red"}
 

@@ -1,4 +1,4 @@
-"""The ``moge`` command line: one subcommand per module, imported only when it runs.
+"""The ``moge`` command line: one module of this package per subcommand, imported only when it runs.
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``; its docstring's
 first line is the command's help. Errors of bad input (:class:`moge.MoGEError`, missing files) print
@@ -11,17 +11,18 @@ import argparse
 import importlib
 import sys
 
+
 # command -> module; each module is imported only when its command runs.
 COMMANDS: dict[str, str] = {
-    "demo": "moge.demo",
-    "train": "moge.train",
-    "generate": "moge.generate",
-    "convert": "moge.checkpoint.convert",
-    "quantize": "moge.quantize",
-    "info": "moge.info",
-    "route": "moge.routing_demo",
-    "simulate": "moge.sim.cli",
-    "analyze": "moge.analyze",
+    "demo": "moge.cli.demo",
+    "train": "moge.cli.train",
+    "generate": "moge.cli.generate",
+    "convert": "moge.cli.convert",
+    "quantize": "moge.cli.quantize",
+    "info": "moge.cli.info",
+    "route": "moge.cli.route",
+    "simulate": "moge.cli.simulate",
+    "analyze": "moge.cli.analyze",
 }
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
-    from .errors import MoGEError
+    from ..errors import MoGEError
     try:
         return int(args._run(args) or 0)
     except (MoGEError, FileNotFoundError, NotADirectoryError) as e:

@@ -1,4 +1,4 @@
-"""The Pangu Pro MoE decoder language model (spec section 5), single-device, at any size.
+"""The Pangu Pro MoE decoder language model (docs/design.md section 5), single-device, at any size.
 
 Shape legend
     B  batch        S  new positions in this call     P  cached positions     L = P + S (or a static
@@ -6,7 +6,7 @@ Shape legend
     D  head dim     g  key/value heads
 
 Pre-RMSNorm decoder layers: grouped-query attention with biases on q, k, v and o, rotate-half RoPE
-(:mod:`moge.attention`),
+(:mod:`moge.model.attention`),
 PyTorch SDPA; the MoGE layer (or a dense SwiGLU for ``mlp_only_layers``) as the MLP; final RMSNorm;
 an untied output head. Module names equal the published checkpoint's tensor names, except that the
 routed experts are stacked (``mlp.experts.gate_up_proj [N,2F,H]``, ``mlp.experts.down_proj [N,H,F]``).
@@ -18,67 +18,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import validate as V
-from .config import MoGEConfig
-from .engine.cache import CacheError, DynamicKVCache
-from .attention import Attention, RotaryEmbedding, gather_rows
-from .experts import SwiGLU
-from .linear import Linear
-from .layer import MoGELayer, RouterStats
+from .. import validate as V
+from ..config import MoGEConfig
+from ..experts import KernelChoices, Linear, use_kernels
+from .attention import RotaryEmbedding
+from .blocks import DecoderLayer, RMSNorm, build_attention_mask, causal_lm_loss, positions_from_padding
+from .cache import CacheError, DynamicKVCache
+from .moe import MoGELayer, RouterStats
+from .mtp import make_predictors, mtp_losses
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, scaled by a learned weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-# The growing cache lives with the static one in moge.engine.cache; the old name stays importable here.
+# The growing cache lives with the static one in moge.model.cache; the old name stays importable here.
 KVCache = DynamicKVCache
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
-
-    def __init__(self, config: MoGEConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = (MoGELayer.from_config(config) if self.is_moe
-                    else SwiGLU(config.hidden_size, config.dense_intermediate_size))
-
-    def forward(self, x_BSH: Tensor, cos_sin, mask, cache, cache_kwargs: dict | None = None,
-                with_stats: bool = True, rows_BR: Tensor | None = None) -> tuple[Tensor, RouterStats | None]:
-        """``[B,S,H]`` -> ``[B,S,H]`` and the router's statistics; with ``rows_BR`` only those positions'
-        outputs ``[B,R,H]`` (all positions still write the cache; see :class:`~moge.attention.Attention`)."""
-        attn_BRH = self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache, cache_kwargs, rows_BR)
-        x_BSH = (x_BSH if rows_BR is None else gather_rows(x_BSH, rows_BR)) + attn_BRH
-        h_BSH = self.post_attention_layernorm(x_BSH)
-        if self.is_moe:
-            m_BSH, stats = self.mlp(h_BSH, with_stats=with_stats)
-        else:
-            m_BSH, stats = self.mlp(h_BSH), None
-        return x_BSH + m_BSH, stats
 
 
 @dataclass
 class ModelOutput:
     """What :class:`MoGEForCausalLM` returns; ``loss`` is the LM loss only, ``aux_loss`` the routers' sum
     (MTP predictors' routers included); ``mtp`` holds each predictor's loss and accuracy when training
-    a model with MTP predictors on labels (:mod:`moge.mtp`)."""
+    a model with MTP predictors on labels (:mod:`moge.model.mtp`)."""
     logits: Tensor | None
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
@@ -86,37 +46,6 @@ class ModelOutput:
     past_key_values: KVCache | None = None
     hidden_states: Tensor | None = None
     mtp: list = field(default_factory=list)
-
-
-def positions_from_padding(attention_mask_BL: Tensor) -> Tensor:
-    """RoPE positions ``[B, L]`` of a left-padded 2-D mask (1 = real token): a row's first real token is 0."""
-    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def build_attention_mask(attention_mask_BL: Tensor | None, b: int, s: int, past: int,
-                         device: torch.device) -> Tensor | None:
-    """Boolean SDPA mask ``[B,1,S,L]`` (True = attend), or None when plain causal masking suffices.
-
-    Queries are the last S of L positions. Padded keys are masked; a query whose every key is masked
-    (a left-pad position) may attend to itself so SDPA never sees an all-False row (no NaNs). A 4-D
-    mask is taken as the ready boolean ``[B,1,S,L]`` (then pass position ids too).
-    """
-    if attention_mask_BL is not None and attention_mask_BL.dim() == 4:
-        return attention_mask_BL  # already [B,1,S,L] boolean (the transformers wrapper converts its masks)
-    if attention_mask_BL is None and (past == 0 or s == 1):
-        return None
-    L = past + s
-    q_pos_S = torch.arange(past, L, device=device)
-    allowed_SL = torch.arange(L, device=device).view(1, L) <= q_pos_S.view(s, 1)
-    mask_B1SL = allowed_SL.view(1, 1, s, L).expand(b, 1, s, L)
-    if attention_mask_BL is not None:
-        if attention_mask_BL.shape != (b, L):
-            raise ValueError(f"attention_mask must be [B, past+S] = [{b}, {L}], got {tuple(attention_mask_BL.shape)}")
-        mask_B1SL = mask_B1SL & attention_mask_BL.bool().view(b, 1, 1, L)
-        self_SL = torch.zeros(s, L, dtype=torch.bool, device=device)
-        self_SL[torch.arange(s, device=device), q_pos_S] = True
-        mask_B1SL = mask_B1SL | (self_SL & ~mask_B1SL.any(-1, keepdim=True))
-    return mask_B1SL
 
 
 class MoGEModel(nn.Module):
@@ -191,6 +120,9 @@ class MoGEModel(nn.Module):
         self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+        # This model's measured CPU kernel choices (moge.experts.choice): owned here, not by the process.
+        self.kernels = KernelChoices()
+        use_kernels(self, self.kernels)
         # Activation checkpointing of each decoder layer while training; transformers'
         # gradient_checkpointing_enable() sets this flag and `_gradient_checkpointing_func` (moge.hf).
         self.gradient_checkpointing = False
@@ -203,7 +135,7 @@ class MoGEModel(nn.Module):
 
         ``attention_mask`` is the 2-D ``[B, past+S]`` padding mask (1 = real token), or a ready 4-D
         boolean ``[B,1,S,L]`` mask (True = attend) used as is, which needs ``position_ids``: the form
-        :mod:`moge.engine` passes with a :class:`~moge.engine.cache.StaticKVCache`, so nothing here
+        :mod:`moge.engine` passes with a :class:`~moge.model.cache.StaticKVCache`, so nothing here
         reads the cache's length. ``router_stats=False`` (decoding) skips the routers' statistics.
         """
         self.check_inputs(input_ids_BS, attention_mask, position_ids, past_key_values, inputs_embeds, check_ids)
@@ -242,23 +174,6 @@ def _checkpoint(fn, *args):
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(fn, *args, use_reentrant=False)
-
-
-def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
-    """Next-token cross-entropy in float32: position s predicts ``labels[s+1]``; ``-100`` is ignored.
-
-    The mean over this batch's labelled tokens, or with ``num_items_in_batch`` the sum divided by that
-    count (what gradient accumulation needs: the micro-batches' losses then add up to the mean over
-    the whole accumulated batch, as transformers' ``Trainer`` expects).
-    """
-    logits_PV = logits_BSV[:, :-1].flatten(0, 1).float()
-    labels_P = labels_BS[:, 1:].flatten().to(logits_BSV.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits_PV, labels_P, ignore_index=-100)
-    total = F.cross_entropy(logits_PV, labels_P, ignore_index=-100, reduction="sum")
-    if isinstance(num_items_in_batch, Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
 
 
 def make_lm_head(config: MoGEConfig, embed_tokens: nn.Embedding) -> nn.Linear:
@@ -319,17 +234,21 @@ def init_module(mod: nn.Module, std: float) -> None:
 
 class MoGEForCausalLM(nn.Module):
     """Pangu Pro MoE causal LM: :class:`MoGEModel` plus an untied ``lm_head``, and ``config.num_mtp_layers``
-    multi-token-prediction predictors in ``mtp`` (:mod:`moge.mtp`; empty by default, as released)."""
+    multi-token-prediction predictors in ``mtp`` (:mod:`moge.model.mtp`; empty by default, as released)."""
 
     def __init__(self, config: MoGEConfig):
         super().__init__()
-        from .mtp import make_predictors  # mtp builds on this module's layers
-
         self.config = config
         self.model = MoGEModel(config)
         self.lm_head = make_lm_head(config, self.model.embed_tokens)
         self.mtp = make_predictors(config)
+        use_kernels(self, self.model.kernels)  # the head and the MTP predictors share the model's choices
         self.init_weights()
+
+    @property
+    def kernels(self) -> KernelChoices:
+        """The measured CPU kernel choices of this model (pin or save them here)."""
+        return self.model.kernels
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -356,7 +275,6 @@ class MoGEForCausalLM(nn.Module):
         logits, loss, aux = head_forward(self.lm_head, h_BSH, stats, labels, logits_to_keep)
         mtp = []
         if len(self.mtp) and labels is not None and input_ids is not None and past_key_values is None:
-            from .mtp import mtp_losses
             mtp = mtp_losses(self, h_BSH, input_ids, labels, attention_mask, position_ids)
             extra = [o.router_stats.aux_loss + o.router_stats.z_loss for o in mtp if o.router_stats is not None]
             if extra:
@@ -368,7 +286,7 @@ class MoGEForCausalLM(nn.Module):
 def count_parameters(config: MoGEConfig) -> dict[str, int]:
     """Total and per-token activated parameters, counted on the meta device (nothing is allocated).
 
-    Activated counts every parameter a token touches, embedding and output head included (spec
+    Activated counts every parameter a token touches, embedding and output head included (docs/design.md
     section 5): all but the (N - K) unchosen routed experts of each MoE layer. Both count the main
     model; ``mtp`` counts the MTP predictors' own parameters (they share the embedding and head).
     """

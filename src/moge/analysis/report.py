@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 COLORS = {"moge": "tab:blue", "topk": "tab:red", "group_limited": "tab:green"}
 
 
@@ -280,7 +281,7 @@ def write_report(out: str | Path, run_dirs: dict[str, str | Path], samples: dict
               f"activated, identical for every router. Training: {tc.get('steps')} steps x {tc.get('batch_size')} "
               f"x {tc.get('seq_len')} tokens, AdamW lr {tc.get('lr')} (warm-up {tc.get('warmup')}, cosine to 10%), "
               f"aux-loss coefficient {mc.get('router_aux_loss_coef')}, seed {tc.get('seed')}.", ""]
-    lines += ["Imbalance Score IS = (max - min device load) / tokens with one group per device (spec section 3); "
+    lines += ["Imbalance Score IS = (max - min device load) / tokens with one group per device (docs/design.md section 3); "
               "IS and max/mean load are measured on every training micro-batch and every MoE layer.", ""]
     lines += ["## Summary", "", summary_table(summaries), ""]
     if timings:

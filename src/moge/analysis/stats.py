@@ -1,4 +1,4 @@
-"""Expert-behaviour analyses of routing decisions (spec section 7), as pure functions on expert ids.
+"""Expert-behaviour analyses of routing decisions (docs/design.md section 7.7), as pure functions on expert ids.
 
 Shape legend: T tokens, K experts per token, N experts, M groups, G = N/M experts per group,
 D devices (each owning a contiguous block of N/D experts), C domains (data sources).
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .routing import expert_counts
+from ..metrics import device_loads_from_counts
+from ..routing import expert_counts
 
 
 def expert_token_share(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
@@ -69,7 +70,6 @@ def share_by_domain(expert_ids_by_domain: dict[str, Tensor], num_experts: int) -
 def busiest_device_share(expert_counts_N: Tensor, num_devices: int) -> float:
     """The busiest device's share of all token-expert pairs, devices owning contiguous expert blocks
     (uniform is 1/D; MoGE with one group per device gives exactly 1/D)."""
-    from .metrics import device_loads_from_counts
 
     return busiest_expert_share(device_loads_from_counts(expert_counts_N, num_devices))
 

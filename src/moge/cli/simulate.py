@@ -16,6 +16,16 @@ import argparse
 import json
 import sys
 
+from ..progress import progress
+from ..sim.calibrate import run_calibrate
+from ..sim.fit import FIT_PARAMETERS, calibration_points, fit, format_table, rounded
+from ..sim.hardware import A2_FITTED, HardwareError, get_profile
+from ..sim.imbalance import (ImbalanceInputError, check_shape, exact_imbalance, imbalance_study, load_frequencies,
+                             plot_study)
+from ..sim.paper import PAPER_MTP, paper_comparison, plot_comparison
+from ..sim.perf import MTP, PerfError, check_layout, default_layout, format_result, resolve_model, simulate
+from ..sim.search import run_search
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imbalance``, ``perf``, ``paper``/``validate``, ``fit``, ``calibrate`` and ``search`` sub-subcommands."""
@@ -68,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("calibrate", help="measure this CPU into the local-cpu profile (and compare with the real model)")
     p.add_argument("--out", default=None, help="profile JSON to write (default ~/.cache/moge/local-cpu.json)")
-    p.add_argument("--compare", action="store_true", help="also time the real moge.model and compare with predictions")
+    p.add_argument("--compare", action="store_true", help="also time the real moge.model.decoder and compare with predictions")
     p.add_argument("--presets", nargs="+", default=["debug", "tiny"], help="presets for --compare")
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--decode-batch", type=int, default=4)
@@ -120,7 +130,6 @@ def _perf_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(items: list[str]) -> dict:
-    from .hardware import HardwareError
     out = {}
     for item in items:
         if "=" not in item:
@@ -143,15 +152,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="trial", unit_scale=True, file=sys.stderr, mininterval=0.5,
-                leave=False)
+    return progress(total, desc, "trial", unit_scale=True, mininterval=0.5, leave=False)
 
 
 def _run_imbalance(args: argparse.Namespace) -> int:
-    from .imbalance import (ImbalanceInputError, check_shape, exact_imbalance, imbalance_study,
-                            load_frequencies, plot_study)
-
     freqs = None
     n = args.experts
     if args.from_metrics:
@@ -207,11 +211,6 @@ def _run_imbalance(args: argparse.Namespace) -> int:
 
 
 def _run_perf(args: argparse.Namespace) -> int:
-    from .hardware import get_profile
-    from .perf import check_layout, default_layout, format_result, resolve_model, simulate
-
-    from .perf import MTP, PerfError
-
     config = resolve_model(args.model)
     hw = get_profile(args.hardware, args.calibration, **_overrides(args.set))
     if args.cards < 1:
@@ -232,24 +231,16 @@ def _run_perf(args: argparse.Namespace) -> int:
 
 
 def _run_paper(args: argparse.Namespace) -> int:
-    from .hardware import get_profile
-    from .paper import PAPER_MTP, format_table, paper_comparison
-    from .perf import MTP
-
     profiles = {"ascend-800i-a2": get_profile("ascend-800i-a2", **_overrides(args.set))}
     mtp = PAPER_MTP if args.mtp_acceptance is None else MTP(PAPER_MTP.depth, args.mtp_acceptance)
     rows = paper_comparison(profiles, mtp)
     if args.plot:
-        from .paper import plot_comparison
         plot_comparison(rows, args.plot)
     print(json.dumps(rows) if args.json else format_table(rows, profiles))
     return 0
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .fit import FIT_PARAMETERS, calibration_points, fit, rounded
-    from .hardware import A2_FITTED
-
     values = fit()
     stored = {k: A2_FITTED[k] for k in FIT_PARAMETERS}
     if args.json:
@@ -266,10 +257,8 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import run_calibrate
     return run_calibrate(args)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from .search import run_search
     return run_search(args)

@@ -9,52 +9,35 @@ share (against ``--compare``, e.g. the top-K twin) and a specialisation index pe
 Shape legend: B rows, S tokens per row, T = B*S tokens, K experts per token, N experts, M groups,
 D devices, C domains.
 
-Works on any model whose ``.model.layers`` hold :class:`~moge.layer.MoGELayer` MLPs: the native
-:class:`~moge.model.MoGEForCausalLM` and the transformers wrapper alike. Only the main model's first
+Works on any model whose ``.model.layers`` hold :class:`~moge.model.moe.MoGELayer` MLPs: the native
+:class:`~moge.model.decoder.MoGEForCausalLM` and the transformers wrapper alike. Only the main model's first
 ``num_hidden_layers`` layers are analysed; extra entries in the layer list (multi-token-prediction
 modules) are left alone. Routing is read with forward hooks that are removed afterwards.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from .analysis import (busiest_device_share, busiest_expert_share, coactivation_counts, distance_from_uniform,
-                       specialisation_index, within_group_share)
-from .errors import MoGEError
-from .routing import expert_counts
+from ..config import MoGEConfig
+from ..data.corpus import load_documents, pack_documents, split_documents
+from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch
+from ..errors import MoGEError
+from ..model.moe import MoGELayer
+from ..progress import progress as progress_bar
+from ..routing import expert_counts
+from .stats import (busiest_device_share, busiest_expert_share, coactivation_counts, distance_from_uniform,
+                    specialisation_index, within_group_share)
 
 
 class AnalysisError(MoGEError, ValueError):
     """A model, checkpoint or data set that cannot be analysed; the message says why."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register the ``moge analyze`` options."""
-    p.add_argument("checkpoint", help="checkpoint directory (released layout)")
-    p.add_argument("--compare", default=None, metavar="CKPT2", help="a second checkpoint (e.g. the top-K twin)")
-    p.add_argument("--out", required=True, help="output directory for analysis.json and the PNGs")
-    p.add_argument("--data", nargs="+", default=None, help="text files/directories/JSONL/Parquet, one domain "
-                   "per path (default: the built-in code/prose/math corpus)")
-    p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="which documents to route: the validation split (default) or all of them")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per domain at most (default 16384)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="devices for the busiest-device share (default: the model's group count)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 # ---- collecting routing decisions -------------------------------------------------------------------
@@ -80,8 +63,6 @@ class RoutingRecord:
 
 def moe_layers(model: torch.nn.Module):
     """``(MoGEConfig, [(layer index, MoGELayer)])`` of the main model's first ``num_hidden_layers``."""
-    from .config import MoGEConfig
-    from .layer import MoGELayer
 
     cfg = getattr(model, "moge_config", None) or getattr(model, "config", None)
     if not isinstance(cfg, MoGEConfig):
@@ -123,8 +104,6 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
     share. Works on the native model and on the transformers wrapper (both take ``input_ids``,
     ``use_cache`` and ``logits_to_keep``).
     """
-    from tqdm.auto import tqdm
-
     cfg, layers = moe_layers(model)
     n, d = cfg.num_experts, devices or cfg.groups
     if d < 1 or n % d:
@@ -139,7 +118,7 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
     total = sum((rows_by_domain[c].shape[0] + batch_size - 1) // batch_size for c in domains)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=total, desc="analyze", unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    bar = progress_bar(total, "analyze", "batch", disable=not progress, leave=False)
     try:
         with _capture(layers) as seen:
             for c, name in enumerate(domains):
@@ -215,8 +194,6 @@ def summarize(rec: RoutingRecord) -> dict:
 # ---- data -------------------------------------------------------------------------------------------
 def domain_rows(data: list[str] | None, tokenizer, seq_len: int, max_tokens: int, split: str = "val") -> dict[str, Tensor]:
     """Packed rows ``[R, S]`` per domain, at most ``max_tokens`` tokens each (whole rows)."""
-    from .data import load_documents, pack_documents, split_documents
-    from .tokenizer import BOS_ID, EOS_ID, encode_batch
 
     if seq_len < 2 or max_tokens < seq_len:
         raise AnalysisError(f"need --seq-len >= 2 and --tokens >= --seq-len (got {seq_len}, {max_tokens})")
@@ -240,57 +217,3 @@ def domain_rows(data: list[str] | None, tokenizer, seq_len: int, max_tokens: int
     return out
 
 
-def _load(path: str, device: str):
-    from .checkpoint import load_pretrained
-
-    return load_pretrained(path, dtype=torch.float32, device=device)
-
-
-def _tokenizer(path: str | None, ckpt: str):
-    from .tokenizer import load_tokenizer
-
-    return load_tokenizer(path or Path(ckpt))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``moge analyze``."""
-    from .checkpoint import write_json
-    from .analysis_plots import write_figures
-
-    for flag, v in (("--threads", args.threads), ("--devices", args.devices)):
-        if v is not None and v < 1:
-            raise AnalysisError(f"{flag} must be >= 1, got {v}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise AnalysisError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AnalysisError(f"--out {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AnalysisError(f"cannot create --out {out}: {e.strerror or e}") from None
-    results = {}
-    for label, ckpt in [("main", args.checkpoint)] + ([("compare", args.compare)] if args.compare else []):
-        model = _load(ckpt, args.device)
-        tok = _tokenizer(args.tokenizer, ckpt)
-        seq_len = min(args.seq_len, moe_layers(model)[0].max_position_embeddings)
-        rows = domain_rows(args.data, tok, seq_len, args.tokens, args.split)
-        rec = collect_routing(model, rows, args.batch_size, args.devices, args.progress)
-        results[label] = {"checkpoint": str(ckpt), **summarize(rec)}
-        del model
-    figures = write_figures(out, results)
-    doc = {"analyses": results, "figures": figures}
-    write_json(out / "analysis.json", doc)
-    for label, r in results.items():
-        c = r["checks"]
-        spec = [l["specialisation_index"] for l in r["layers"]]
-        dev = [l["busiest_device_share"] for l in r["layers"]]
-        print(f"{label} ({r['router']}, {r['checkpoint']}): {sum(r['tokens'].values()):,} tokens over "
-              f"{len(r['domains'])} domains; busiest device share {min(dev):.4f}-{max(dev):.4f} (uniform "
-              f"{r['uniform_device_share']:.4f}); specialisation index {min(spec):.3f}-{max(spec):.3f}; "
-              f"max |sum of shares - K| {c['max_abs_share_sum_minus_k']:.2e}; max within-group co-activation "
-              f"{c['max_coactivation_within_group']:.4f}")
-    print(f"wrote {out / 'analysis.json'} and {len(figures)} figures in {out}")
-    return 0
