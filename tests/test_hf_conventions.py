@@ -246,3 +246,20 @@ def test_decoder_layers_are_transformers_checkpointing_layers_and_recompute(lm):
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
     lm.gradient_checkpointing_disable()
     assert not any(m.gradient_checkpointing for m in lm.modules() if hasattr(m, "gradient_checkpointing"))
+
+
+def test_tensor_parallel_keywords(lm, tmp_path, monkeypatch):
+    from torch.distributed.tensor import DTensor
+    from transformers import DistributedConfig
+
+    monkeypatch.chdir(tmp_path)
+    lm.save_pretrained("ckpt")
+    with pytest.raises(TypeError, match="once"):
+        AutoModelForCausalLM.from_pretrained("ckpt", tp_plan="auto", distributed_config=DistributedConfig(tp_plan="auto"))
+    with pytest.raises(TypeError, match="device_mesh"):
+        AutoModelForCausalLM.from_pretrained("ckpt", device_mesh=object())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = AutoModelForCausalLM.from_pretrained("ckpt", tp_plan="auto")  # one process: nothing to shard
+    assert not any(isinstance(p, DTensor) for p in one.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(one(input_ids=IDS).logits, lm(input_ids=IDS).logits, rtol=0, atol=0)

@@ -167,8 +167,7 @@ class LoadOptions:
     def pop(cls, kwargs: dict[str, Any]) -> "LoadOptions":
         """Take the options out of ``kwargs``; ``tp_plan``/``tp_size`` become a ``DistributedConfig``."""
         opts = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__})
-        tp = {k: kwargs.pop(k) for k in ("tp_plan", "tp_size") if kwargs.get(k) is not None}
-        kwargs.pop("tp_plan", None), kwargs.pop("tp_size", None)
+        tp = {k: v for k in ("tp_plan", "tp_size") if (v := kwargs.pop(k, None)) is not None}
         if tp and opts.distributed_config is not None:
             raise UnsupportedArgumentError("pass tensor parallelism once: as distributed_config or as tp_plan/tp_size")
         if tp:
