@@ -263,3 +263,18 @@ def test_tensor_parallel_keywords(lm, tmp_path, monkeypatch):
     assert not any(isinstance(p, DTensor) for p in one.parameters())
     with torch.no_grad():
         torch.testing.assert_close(one(input_ids=IDS).logits, lm(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_unused_stored_tensors_are_skipped_not_judged(lm, tmp_path, monkeypatch):
+    """A tensor the class does not use is reported, not read: even one moge would refuse to load (an
+    integer tensor); with nothing usable stored, every tensor is initialised and reported."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    lm.save_pretrained("ckpt")
+    save_file({"extra.counter": torch.tensor([1, 2])}, "ckpt/model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="unused checkpoint tensors"):
+        model, info = AutoModelForCausalLM.from_pretrained("ckpt", output_loading_info=True)
+    assert info["unexpected_keys"] == {"extra.counter"}
+    assert info["missing_keys"] == set(lm.state_dict())
+    assert model.lm_head.weight.dtype == torch.float32 and torch.isfinite(model.lm_head.weight).all()

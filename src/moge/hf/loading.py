@@ -287,8 +287,12 @@ def _from_directory(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
     tied = bool(config.tie_word_embeddings) and "lm_head.weight" in want
     missing, unexpected, mismatched = _compare(want, ckpt_shapes, tied, path, opts.ignore_mismatched_sizes)
 
-    read = load_state_dict(path, moge_cfg, dtype, device, verify=opts.verify)
-    sd = to_model_names({new: read.pop(old) for new, old in found.items()}, model)
+    # Tensors the class does not use are not read (a stored tensor is skipped, not judged); the files
+    # holding them are still verified.
+    stored_as = to_model_names(dict(found), model)  # model name -> the name moge reads it under
+    skip = {stored_as[n] for n in unexpected} & set(weight_files(path))
+    read = load_state_dict(path, moge_cfg, dtype, device, verify=opts.verify, skip=skip)
+    sd = to_model_names({new: read.pop(old) for new, old in found.items() if old in read}, model)
     for n in unexpected + [m[0] for m in mismatched]:
         sd.pop(n, None)
     if tied and "lm_head.weight" in sd:
@@ -304,7 +308,8 @@ def _from_directory(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
                 model = cls(config)
             tied = False
     fresh = missing + [m[0] for m in mismatched]
-    sd.update(initialised(model, fresh, config.initializer_range, device, next(iter(sd.values())).dtype))
+    stored_dtype = next(iter(sd.values())).dtype if sd else torch.get_default_dtype()
+    sd.update(initialised(model, fresh, config.initializer_range, device, dtype or stored_dtype))
     model.load_state_dict(sd, strict=False, assign=True)
     _finish(model, config, tied, device)
     _report(model, path, missing, unexpected, mismatched)
