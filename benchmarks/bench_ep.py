@@ -92,10 +92,12 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
                 step_s.append(time.perf_counter() - t0)
             ep.zero_grad(set_to_none=True)
         # one more forward through the capturing backend to get this rank's received rows
-        from moge.parallel import expert_parallel as epm
-        moe = epm.fixed_split_moe if ep.dispatch == "fixed" else epm.variable_split_moe
-        r = ep.route(x.detach())
-        moe(x.detach(), r.weights, r.expert_ids, ep.experts, capturing, ep.rank, world, dist.group.WORLD)
+        fn = ep.experts.forward
+        ep.experts.forward = lambda x_RH, ids_RC, w_RC, backend=None: capturing(
+            x_RH, ids_RC, w_RC, ep.experts.gate_up_proj, ep.experts.down_proj)
+        with torch.no_grad():
+            ep(x.detach())
+        ep.experts.forward = fn
         pairs = captured["ids"].numel()  # token-expert pairs this rank computes
         compute_s = 0.0
         for turn in range(world):
@@ -112,7 +114,7 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
                     times.append(clock() - t0)
                 compute_s = min(times)  # min: robust to other processes on a shared machine
         dist.barrier()
-        mine = dict(router=router, dispatch=dispatch, step_s=statistics.median(step_s), step_min_s=min(step_s),
+        mine = dict(router=router, dispatch=ep.dispatcher.name, step_s=statistics.median(step_s), step_min_s=min(step_s),
                     compute_s=compute_s,
                     pairs=pairs)
         everyone = [None] * world

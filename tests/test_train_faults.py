@@ -111,6 +111,7 @@ FLAGS = {"--steps": ["-1", "0", "3", "x"], "--batch-size": ["0", "2", "3", "1000
          "--weight-decay": ["-5", "nan", "0.1"], "--grad-clip": ["-1", "inf", "1"], "--aux-coef": ["-1", "nan", "0.01"],
          "--vocab-size": ["0", "1", "258", "300", "1000000000"], "--seed": ["-1", "0", "4294967296"],
          "--eval-every": ["-1", "0"], "--log-every": ["0", "1"], "--save-every": ["-1", "0"], "--ep": ["0", "2", "3"],
+         "--dp-shard": ["0", "2", "3"], "--mixed-precision": ["none", "bf16", "fp8"],
          "--router": ["moge", "bogus"], "--preset": ["debug", "nope"], "--grad-accum": ["0", "1"]}
 
 
@@ -133,4 +134,4 @@ def test_fuzz_train_options(picks):
         get_config(c.preset, router=c.router)
     except MoGEError:
         return
-    assert c.steps >= 1 and c.lr > 0 and (c.vocab_size is None or c.vocab_size >= 259) and c.batch_size % c.ep == 0
+    assert c.steps >= 1 and c.lr > 0 and (c.vocab_size is None or c.vocab_size >= 259) and c.batch_size % (c.ep * c.dp_shard) == 0

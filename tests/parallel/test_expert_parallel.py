@@ -9,8 +9,7 @@ import torch
 
 from moge.errors import MoGEError
 from moge.model.moe import MoGELayer
-from moge.parallel import (ExpertParallelError, apply_expert_parallel, init_distributed, is_expert_sharded,
-                           shard_named_tensor)
+from moge.parallel import ExpertParallelError, apply_expert_parallel, init_distributed
 
 from .launch import launch
 
@@ -26,8 +25,8 @@ def _ok(results, scenario):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_matches_single_device_and_moge_dispatch_is_sync_free(world):
     """Outputs, stats and gradients (input, router, router_scale, shared, experts) for MoGE, top-K and
-    group-limited equal the single-device layer; state dicts round-trip; the MoGE dispatch passes only
-    equal splits and never syncs with the host; mismatched configs are caught."""
+    group-limited equal the single-device layer; the MoGE dispatch passes only equal splits and never
+    syncs with the host; mismatched configs are caught."""
     _ok(launch([WORKER, "equivalence"], world), "equivalence")
 
 
@@ -106,17 +105,6 @@ def _fake_world(layer, world):
     real = ep.rank_and_world
     ep.rank_and_world = lambda group: (0, world)
     try:
-        return ep.ExpertParallelMoGELayer(layer, None)
+        return ep.make_dispatcher(layer, None)
     finally:
         ep.rank_and_world = real
-
-
-def test_shard_named_tensor_splits_only_expert_tensors():
-    full = torch.arange(8 * 3).view(8, 3)
-    assert is_expert_sharded("layers.0.mlp.experts.gate_up_proj")
-    assert is_expert_sharded("experts.down_proj.exp_avg")
-    assert not is_expert_sharded("layers.0.mlp.shared_expert.down_proj.weight")
-    assert torch.equal(shard_named_tensor("mlp.experts.down_proj", full, 1, 4), full[2:4])
-    assert shard_named_tensor("mlp.gate.weight", full, 1, 4) is full
-    with pytest.raises(ExpertParallelError, match="divisible"):
-        shard_named_tensor("mlp.experts.down_proj", full, 0, 3)

@@ -223,6 +223,9 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     if single.is_file():
         with open_shards([single]) as handles:
             return {name: single for name in handles[single].keys()}
+    if (directory / "dcp" / ".metadata").is_file():  # a multi-process training run's sharded checkpoint
+        raise CheckpointError(f"{directory} holds a sharded DCP checkpoint (dcp/), not the released layout; "
+                              f"turn it into one with: moge convert {directory} {directory}-hf")
     found = sorted(p.name for p in directory.glob("*.safetensors"))
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}"
                           + (f" (found {', '.join(found)})" if found else ""))

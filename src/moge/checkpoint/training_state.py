@@ -1,11 +1,15 @@
 """The training half of a checkpoint: optimizer and RNG state, the manifest, and the commit protocol.
 
-A training output directory is a released-layout checkpoint (``config.json`` + weights) plus
+A single-process training output directory is a released-layout checkpoint (``config.json`` + weights) plus
 ``tokenizer.json``, ``optimizer.safetensors`` (AdamW moments keyed by parameter name),
 ``rng_state.safetensors`` and ``moge_training_state.json`` (step, schedule, data position, RNG
 scalars and the manifest: every file's size and SHA-256). Nothing is pickled. The state file has its
 own name so that transformers' ``Trainer`` (whose ``trainer_state.json`` means something else) never
 mistakes the directory for one of its checkpoints; runs written under the old name still resume.
+
+A multi-process run (FSDP2) writes ``format: "dcp"`` instead: the weights and AdamW moments as a DCP
+checkpoint in ``DIR/dcp/`` (every rank its own shards, :mod:`.dcp`), with the same config, tokenizer,
+RNG state and manifest; ``moge convert`` turns it into the released layout.
 
 Checkpoints are committed atomically: every file is written into ``DIR/.ckpt-staging``, the finished
 staging directory is renamed to ``DIR/.ckpt-commit`` (the commit point), and its files are then moved
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dcp import DCP_DIR, METADATA_NAME
 from .io import (INDEX_NAME, WEIGHTS_NAME, CheckpointCorruptError, CheckpointError, confined, fsync_dir, read_json,
                  read_safetensors, sha256_file, write_json, writing)
 
@@ -36,8 +41,11 @@ RNG_FILE = "rng_state.safetensors"
 STAGING_DIR = ".ckpt-staging"
 COMMIT_DIR = ".ckpt-commit"
 STATE_VERSION = 1
+OLD_PREFIX = ".ckpt-old-"  # a directory of the previous checkpoint, moved aside while the new one moves in
 # Files every training checkpoint has besides its weights; the manifest must list them.
 REQUIRED_FILES = ("config.json", "tokenizer.json", OPTIMIZER_FILE, RNG_FILE)
+FORMAT_DCP = "dcp"
+REQUIRED_DCP_FILES = ("config.json", "tokenizer.json", RNG_FILE, f"{DCP_DIR}/{METADATA_NAME}")
 
 
 def state_path(out: str | Path) -> Path | None:
@@ -108,14 +116,41 @@ def recover_checkpoint_dir(out: Path) -> None:
     if commit.is_dir():
         names = sorted(p.name for p in commit.iterdir())
         for name in sorted(names, key=lambda n: n == STATE_FILE):  # state file last
-            os.replace(commit / name, out / name)
+            _move_into_place(commit / name, out / name)
         fsync_dir(out)
         commit.rmdir()
+    for old in out.glob(OLD_PREFIX + "*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
     staging = out / STAGING_DIR
     if staging.is_file():
         staging.unlink()
     elif staging.exists():
         shutil.rmtree(staging)
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """``os.replace`` for a file; a directory (the DCP shards) first moves the old one aside, since a
+    rename cannot replace a non-empty directory. Rolling forward again after a kill is safe."""
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink():
+        aside = dst.parent / f"{OLD_PREFIX}{dst.name}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside)
+    else:
+        os.replace(src, dst)
+
+
+def open_staging(out: Path) -> Path:
+    """Finish or discard an interrupted write, then create the empty staging directory and return it
+    (for checkpoints whose files several processes write before one commits them)."""
+    out = Path(out)
+    recover_checkpoint_dir(out)
+    staging = out / STAGING_DIR
+    staging.mkdir(parents=True)
+    return staging
 
 
 def _listed_files(out: Path) -> set[str]:
@@ -137,32 +172,37 @@ def _listed_files(out: Path) -> set[str]:
     return keep
 
 
-def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dict[str, Any]) -> None:
+def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dict[str, Any],
+                      staged: bool = False) -> None:
     """Write a complete training checkpoint into ``out`` atomically.
 
     ``write_files(staging)`` writes the weights, tokenizer and optimizer files; this adds the RNG
     state, the manifest (size and SHA-256 of every file) and ``state`` (plus ``version`` and
     ``files``), renames staging to the commit directory (the commit point) and moves it into place.
     Files of the previous checkpoint that the new one no longer has (e.g. shards of another layout)
-    are removed afterwards.
+    are removed afterwards. ``staged``: the staging directory was made by :func:`open_staging` and
+    already holds files (DCP shards written by every rank); the manifest covers them too.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    recover_checkpoint_dir(out)
     staging = out / STAGING_DIR
+    if not staged:
+        recover_checkpoint_dir(out)
     step = state.get("step", "?")
     try:
         with writing(f"the checkpoint of step {step} to", out, "the previous checkpoint is intact"):
-            staging.mkdir(parents=True)
+            staging.mkdir(parents=True, exist_ok=staged)
             write_files(staging)
             rng_tensors, rng_meta = rng_state_tensors()
             save_file(rng_tensors, str(staging / RNG_FILE))
             files = {}
-            for p in sorted(staging.iterdir()):
+            for p in sorted(staging.rglob("*")):
+                if p.is_dir():
+                    continue
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                files[p.relative_to(staging).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             write_json(staging / STATE_FILE, {"version": STATE_VERSION, **state, "rng": rng_meta, "files": files})
             fsync_dir(staging)
     except BaseException:
@@ -174,6 +214,9 @@ def commit_checkpoint(out: Path, write_files: Callable[[Path], None], state: dic
     recover_checkpoint_dir(out)
     for name in old - set(files) - {STATE_FILE}:
         (out / name).unlink(missing_ok=True)
+        parent = (out / name).parent
+        if parent != out and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()  # e.g. dcp/ after a run resumed on one process wrote the released layout
     if state_path(out) == out / STATE_FILE and (out / LEGACY_STATE_FILE).is_file():
         legacy = read_json(out / LEGACY_STATE_FILE)
         if isinstance(legacy, dict) and "files" in legacy and "version" in legacy:
@@ -292,7 +335,10 @@ def verify_checkpoint(out: Path) -> dict[str, Any]:
     for name, meta in files.items():
         _check_file(out, out / str(name), name, meta, path)
     weights = [n for n in (WEIGHTS_NAME, INDEX_NAME) if n in files]
-    missing = [n for n in REQUIRED_FILES if n not in files] + ([] if weights else [WEIGHTS_NAME])
+    if state.get("format") == FORMAT_DCP:
+        missing = [n for n in REQUIRED_DCP_FILES if n not in files]
+    else:
+        missing = [n for n in REQUIRED_FILES if n not in files] + ([] if weights else [WEIGHTS_NAME])
     if missing:
         raise CheckpointCorruptError(f"{path}: the manifest does not list {missing}; the checkpoint was altered "
                                      f"after it was written")

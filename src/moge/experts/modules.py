@@ -11,10 +11,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .auto import get_experts_backend
 from .choice import KernelChoices
 from .linear import Linear
+
+
+def _local(w):
+    """This rank's expert block of an expert-parallel DTensor weight (``Shard(0)`` over the ep ranks;
+    differentiable), or the weight itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 class StackedExperts(nn.Module):
@@ -34,7 +41,8 @@ class StackedExperts(nn.Module):
 
     def forward(self, x_TH: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str | None = None) -> Tensor:
         fn = get_experts_backend(backend or self.backend, x_TH.device)
-        return fn(x_TH, expert_ids_TK, weights_TK, self.gate_up_proj, self.down_proj, kernels=self.kernels)
+        return fn(x_TH, expert_ids_TK, weights_TK, _local(self.gate_up_proj), _local(self.down_proj),
+                  kernels=self.kernels)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "

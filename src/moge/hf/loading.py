@@ -49,7 +49,7 @@ _IGNORED = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_s
             "tqdm_class", "subfolder"}
 # transformers-level config.json keys kept next to the architecture moge reads.
 _HF_CONFIG_KEYS = ("use_cache", "output_router_logits", "id2label", "label2id", "problem_type")
-_ATTENTION = (None, "sdpa", "eager")  # moge.attention.ATTENTION_KERNELS
+_ATTENTION = (None, "sdpa", "eager")  # moge.model.attention.ATTENTION_KERNELS
 BACKBONE_PREFIX = "model."
 
 

@@ -197,7 +197,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         self.moge_config = config.to_moge_config()
         self.model = MoGEModel(self.moge_config, PanguProMoEDecoderLayer)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
-        # MTP predictors (moge.mtp) are kept and saved, but forward / generate use the main model only.
+        # MTP predictors (moge.model.mtp) are kept and saved, but forward / generate use the main model only.
         self.mtp = make_predictors(self.moge_config)
         use_kernels(self, self.model.kernels)  # the head and predictors share the backbone's kernel choices
         self.post_init()
@@ -211,7 +211,7 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate``, run under ``torch.inference_mode()`` instead of its ``no_grad``,
-        so its decode steps take moge's few-rows CPU kernels (:mod:`moge.linear`, the experts' ``gemv``),
+        so its decode steps take moge's few-rows CPU kernels (:mod:`moge.experts.linear`, the experts' ``gemv``),
         which apply in inference mode only. What it returns (ids, scores, the cache) is copied out of
         inference mode, so it can feed autograd as transformers' own ``generate`` output can (a loop
         that trains on generated ids); the copy costs one pass over the returned tensors."""

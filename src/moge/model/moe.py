@@ -5,9 +5,10 @@ Shape legend
     K  experts per token                     K' experts per group (MoGE)
 
 ``y = sum_{e chosen} s_e * router_scale[e] * Expert_e(x) + SharedExpert(x)`` (docs/design.md section 2). The
-layer is single-device code; :mod:`moge.parallel` wraps it for expert parallelism by reusing
-:meth:`MoGELayer.route` and the expert parameters. It keeps no global state: routing statistics are
-returned with the output.
+forward is route -> dispatch -> experts -> combine: the *dispatcher* slot (:attr:`MoGELayer.dispatcher`)
+decides where the experts run. :class:`LocalDispatcher` (the default) runs them all here;
+:mod:`moge.parallel` installs expert-parallel dispatchers (exact-size MoGE, variable-size top-K) in the
+same slot. The layer keeps no global state: routing statistics are returned with the output.
 """
 
 from __future__ import annotations
@@ -50,11 +51,29 @@ class RouterStats:
     router_logits: Tensor | None = None
 
 
+class LocalDispatcher:
+    """Every routed expert lives on this device: the experts module computes all K choices of every token.
+
+    A dispatcher is called as ``dispatcher(x_TH, routing, experts, backend) -> y_TH`` (the routed
+    experts' weighted sum per token). It must run the experts through ``experts(...)`` (the module's
+    ``__call__``), so that wrappers such as FSDP2 see the call and gather the weights first.
+    """
+    name = "local"
+
+    def __call__(self, x_TH: Tensor, r: Routing, experts: nn.Module, backend: str | None) -> Tensor:
+        return experts(x_TH, r.expert_ids, r.weights, backend=backend)
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
+
+
 class MoGELayer(nn.Module):
     """Mixture-of-Grouped-Experts MLP with a selectable router (``moge``, ``topk``, ``group_limited``).
 
     Parameter names match the published checkpoint under ``mlp.``: ``gate.weight [N,H]``,
     ``router_scale [1,N]``, ``experts`` (stacked; see :class:`SwiGLUExperts`), ``shared_expert``.
+    ``dispatcher`` (not a module, no parameters) sends the routed tokens to the experts and back:
+    :class:`LocalDispatcher` unless expert parallelism installed another.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, num_experts_per_tok: int, moe_intermediate_size: int,
@@ -90,6 +109,7 @@ class MoGELayer(nn.Module):
         self.router_scale = nn.Parameter(torch.ones(1, num_experts))
         self.experts = SwiGLUExperts(num_experts, hidden_size, moe_intermediate_size, backend=experts_backend)
         self.shared_expert = SwiGLU(hidden_size, shared_expert_intermediate_size) if shared_expert_intermediate_size else None
+        self.dispatcher = LocalDispatcher()
 
     @classmethod
     def from_config(cls, config: MoGEConfig) -> "MoGELayer":
@@ -151,10 +171,11 @@ class MoGELayer(nn.Module):
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         r = self.route(x_TH)
-        y_TH = self.experts(x_TH, r.expert_ids, r.weights, backend=backend)
+        y_TH = self.dispatcher(x_TH, r, self.experts, backend)
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH)  # ungated (docs/design.md section 2)
         return y_TH.view(shape), self.stats(r) if with_stats else None
 
     def extra_repr(self) -> str:
-        return f"router={self.router!r}, num_groups={self.num_groups}, top_k={self.top_k}"
+        return (f"router={self.router!r}, num_groups={self.num_groups}, top_k={self.top_k}, "
+                f"dispatcher={self.dispatcher!r}")

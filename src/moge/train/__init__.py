@@ -30,26 +30,29 @@ import torch
 from .. import validate as V
 from .options import (METRICS_FILE, MAX_VOCAB, MIN_VOCAB, RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError,
                       TrainingDivergedError, add_arguments, config_from_args, lr_at, resolve_device)
-from .setup import (DataBundle, build_model, build_optimizer, data_fingerprint, estimate_training_bytes,
-                    prepare_data)
+from .setup import (DataBundle, build_model, build_optimizer, data_fingerprint, dry_run_report,
+                    estimate_training_bytes, prepare_data)
 from .trainer import Trainer
 
 __all__ = ["MAX_VOCAB", "METRICS_FILE", "MIN_VOCAB", "DataBundle", "RESUMABLE_OVERRIDES", "TrainConfig", "Trainer", "TrainingConfigError",
            "TrainingDivergedError", "add_arguments", "build_model", "build_optimizer", "config_from_args",
-           "data_fingerprint", "estimate_training_bytes", "lr_at", "prepare_data", "resolve_device", "run"]
+           "data_fingerprint", "dry_run_report", "estimate_training_bytes", "lr_at", "prepare_data", "resolve_device", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``moge train``."""
     cfg = config_from_args(args)
+    if getattr(args, "dry_run", False):
+        print(dry_run_report(cfg))
+        return 0
     if args.threads is not None and args.threads < 1:
         raise TrainingConfigError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"ep"}
+    overrides = {k for k in RESUMABLE_OVERRIDES if getattr(args, k, None) is not None} | {"dp_shard", "ep"}
     explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                 if f.name != "out" and getattr(args, f.name, None) is not None}
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1 and cfg.dp_shard == 1:
         Trainer(cfg, resume=args.resume, resume_overrides=overrides, explicit=explicit).train()
         return 0
     from ..parallel import fault_guard, init_distributed

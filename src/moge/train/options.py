@@ -13,6 +13,7 @@ from .. import validate as V
 from ..config import ROUTERS
 from ..data.corpus import DEFAULT_VAL_FRACTION
 from ..errors import MoGEError
+from ..parallel.fsdp import MIXED_PRECISION
 from .mtp import DEFAULT_MTP_COEF, MAX_MTP
 
 
@@ -60,10 +61,15 @@ class TrainConfig:
     # CPU only: deterministic kernels (some backward kernels otherwise sum in thread order), so an
     # interrupted-and-resumed run ends bitwise equal to an uninterrupted one.
     deterministic: bool = True
-    # Expert-parallel size = number of torchrun processes. --batch-size stays the *global* batch: each
-    # rank trains on its own batch_size/ep rows of it, so the LM loss and its gradients are the same at
-    # any --ep (the balance loss counts experts per rank's rows: see docs/parallel.md).
+    # The mesh (moge.parallel.fsdp): dp_shard x ep = number of torchrun processes. Dense parameters
+    # are sharded with FSDP2 over all of them, routed experts by whole groups over ep and with FSDP
+    # over dp_shard. --batch-size stays the *global* batch: each rank trains on its own
+    # batch_size/(dp_shard*ep) rows of it, so the LM loss and its gradients are the same on any mesh
+    # (the balance loss counts experts per rank's rows: see docs/parallel.md).
+    dp_shard: int = 1
     ep: int = 1
+    mixed_precision: str = "none"  # bf16: FSDP2 computes in bfloat16, reduces gradients in float32
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
     # Multi-token prediction: predictors trained beside the main head (moge.train.mtp); a resumed run
     # keeps the checkpoint's. The loss adds mtp_coef * the mean of their losses.
     mtp: int = 0
@@ -97,9 +103,14 @@ class TrainConfig:
         if self.mtp and self.seq_len < self.mtp + 2:
             raise TrainingConfigError(f"--mtp {self.mtp} needs --seq-len >= {self.mtp + 2} (predictor k predicts "
                                       f"the token k+1 ahead of each position), got {self.seq_len}")
-        if self.ep < 1 or self.batch_size % self.ep:
-            raise TrainingConfigError(f"--batch-size {self.batch_size} must be divisible by --ep {self.ep} (it is "
-                                      f"the global batch, split evenly over the expert-parallel ranks)")
+        V.integer("--dp-shard", self.dp_shard, 1, error=TrainingConfigError)
+        V.integer("--ep", self.ep, 1, error=TrainingConfigError)
+        V.choice("--mixed-precision", self.mixed_precision, list(MIXED_PRECISION), error=TrainingConfigError)
+        ranks = self.dp_shard * self.ep
+        if self.batch_size % ranks:
+            raise TrainingConfigError(f"--batch-size {self.batch_size} must be divisible by --dp-shard {self.dp_shard} "
+                                      f"x --ep {self.ep} = {ranks} (it is the global batch, split evenly over "
+                                      f"the ranks)")
 
 
     def _check_types(self) -> None:
@@ -117,8 +128,10 @@ class TrainConfig:
 
 _FIELD_TYPES = {"out": (str,), "preset": (str,), "router": (str,), "device": (str,), "tokenizer": (str,),
                 "data": (list,), "compile": (bool,), "progress": (bool,), "deterministic": (bool,),
+                "mixed_precision": (str,), "activation_checkpointing": (bool,),
                 **{k: (int,) for k in ("steps", "batch_size", "seq_len", "grad_accum", "warmup", "vocab_size", "seed",
-                                       "eval_every", "eval_batches", "log_every", "save_every", "ep", "mtp")},
+                                       "eval_every", "eval_batches", "log_every", "save_every", "dp_shard", "ep",
+                                       "mtp")},
                 **{k: (int, float) for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_coef",
                                              "val_fraction", "mtp_coef")}}
 _OPTIONAL = {"aux_coef", "vocab_size", "tokenizer"}
@@ -128,7 +141,7 @@ MIN_VOCAB, MAX_VOCAB = 259, 1 << 20
 
 
 # Options a resumed run may change; all others are taken from the checkpoint.
-RESUMABLE_OVERRIDES = ("ep", "steps", "eval_every", "log_every", "save_every", "device", "progress",
+RESUMABLE_OVERRIDES = ("dp_shard", "ep", "activation_checkpointing", "steps", "eval_every", "log_every", "save_every", "device", "progress",
                        "eval_batches")
 
 
@@ -141,10 +154,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {d.batch_size})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel size; launch with torchrun --nproc-per-node EP (default 1). Routed "
-                        "experts are sharded by whole groups, everything else is data parallel; checkpoints "
-                        "are the same whatever EP, so a run may resume at another EP size")
+    p.add_argument("--dp-shard", type=int, default=None, metavar="D",
+                   help="FSDP2 shard size; launch with torchrun --nproc-per-node D*E (default 1). Dense parameters "
+                        "and optimizer state are sharded over all D*E ranks, routed experts over D")
+    p.add_argument("--ep", type=int, default=None, metavar="E",
+                   help="expert-parallel size (default 1): routed experts split by whole groups over E ranks with "
+                        "MoGE's exact-size dispatch. Multi-process runs save DCP checkpoints, which resume on "
+                        "any mesh (moge convert turns them into the released layout)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
+                   help="with torchrun: bf16 = FSDP2 computes in bfloat16 and reduces gradients in float32 "
+                        "(default none: float32)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer in backward instead of keeping its activations")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-rank memory plan (parameters, gradients, optimizer state, activations) "
+                        "for the mesh, batch and sequence length, built on the meta device, and exit")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps (default {d.warmup})")

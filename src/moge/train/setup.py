@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from ..config import MoGEConfig
+from ..config import MoGEConfig, get_config
+from ..parallel.plan import format_plan, memory_plan
 from ..data.corpus import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
 from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
-from .options import TrainConfig
+from .options import TrainConfig, TrainingConfigError
 
 
 def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
@@ -108,18 +109,37 @@ def _ignored_flags(explicit: dict[str, Any], saved: "TrainConfig", allowed) -> l
 
 
 def estimate_training_bytes(model_config: MoGEConfig, cfg: "TrainConfig", world: int = 1) -> int:
-    """A lower estimate of one process's training memory: float32 weights, gradients and AdamW's two
-    moments (16 bytes a parameter) plus the activations of one micro-batch (logits and their
-    gradient, and about 24 values per hidden unit per layer), MTP predictors included."""
-    from ..model import count_parameters
+    """One rank's training memory from the memory plan (:func:`moge.parallel.plan.memory_plan`): float32
+    weight, gradient and AdamW shards at the run's mesh, FSDP2's gathered layers, and the activations
+    of one micro-batch, MTP predictors included. ``world`` 1 is one process (nothing sharded)."""
+    dp, ep = (cfg.dp_shard, cfg.ep) if world > 1 else (1, 1)
+    return memory_plan(model_config, dp, ep, cfg.batch_size, cfg.seq_len, cfg.mixed_precision,
+                       cfg.activation_checkpointing).total
 
-    counts = count_parameters(model_config)
-    params = counts["total"] + counts["mtp"]
-    rows = cfg.batch_size // max(world, 1)
-    d = model_config.num_mtp_layers  # each MTP predictor: one more decoder layer and one more logits tensor
-    acts = rows * cfg.seq_len * (3 * model_config.vocab_size * (1 + d) + 24 * model_config.hidden_size *
-                                 (model_config.num_hidden_layers + d))
-    return 16 * params + 4 * acts
+
+def run_config(cfg: "TrainConfig") -> MoGEConfig:
+    """The model a fresh run of ``cfg`` trains (the preset with the run's vocabulary, length and MTP)."""
+    overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
+    base = get_config(cfg.preset, router=cfg.router, **overrides)
+    return base.replace(vocab_size=cfg.vocab_size or base.vocab_size,
+                        max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len),
+                        num_mtp_layers=cfg.mtp)
+
+
+def dry_run_report(cfg: "TrainConfig") -> str:
+    """``moge train --dry-run``: the per-rank memory plan of ``cfg`` at its mesh, as a Markdown table."""
+    cfg.validate()
+    model_config = run_config(cfg)
+    if model_config.groups % cfg.ep:
+        raise TrainingConfigError(f"--ep {cfg.ep} must divide the model's {model_config.groups} expert groups")
+    plan = memory_plan(model_config, cfg.dp_shard, cfg.ep, cfg.batch_size, cfg.seq_len, cfg.mixed_precision,
+                       cfg.activation_checkpointing)
+    world = cfg.dp_shard * cfg.ep
+    title = (f"moge train --dry-run: {cfg.preset} on {world} rank(s) (dp_shard {cfg.dp_shard} x ep {cfg.ep}), global "
+             f"batch {cfg.batch_size} x {cfg.seq_len} tokens ({cfg.batch_size // world} row(s) per rank), "
+             f"mixed precision {cfg.mixed_precision}, activation checkpointing "
+             f"{'on' if cfg.activation_checkpointing else 'off'}")
+    return format_plan(plan, title)
 
 
 def _param_counts(config: MoGEConfig) -> dict[str, int]:

@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointCorruptError, confined, load_pretrained
+from ..checkpoint import CheckpointCorruptError, confined, load_pretrained, read_config
 from ..checkpoint.io import writable_dir, writing
 from ..checkpoint.lock import DirectoryLock
 from ..checkpoint.reading import refuse_non_finite
-from ..checkpoint.training_state import has_checkpoint, recover_checkpoint_dir, state_path, verify_checkpoint
+from ..checkpoint.training_state import (FORMAT_DCP, has_checkpoint, recover_checkpoint_dir, state_path,
+                                         verify_checkpoint)
 from ..config import get_config
 from ..data.corpus import SequenceSampler
 from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
-from ..parallel import all_reduce_mean, clip_grad_norm_, sync_gradients
+from ..parallel import MeshError, MeshShape, all_reduce_mean, build_mesh, clip_grad_norm_, shard_model
 from ..progress import progress
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
@@ -111,13 +112,15 @@ class Trainer(CheckpointMixin):
             if stale.is_file():
                 stale.unlink()
         cfg.validate()
-        if cfg.ep != self.dist.world_size:
-            raise TrainingConfigError(f"--ep {cfg.ep} but {self.dist.world_size} process(es) were launched; use "
-                                      f"torchrun --nproc-per-node {cfg.ep} ... --ep {cfg.ep}")
         self.cfg = cfg
+        self.dcp = bool(resume and state.get("format") == FORMAT_DCP)  # weights and moments to read from DCP
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
         overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
         base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
+        try:
+            MeshShape(cfg.dp_shard, cfg.ep).check(self.dist.world_size, base.groups)
+        except MeshError as e:
+            raise TrainingConfigError(str(e)) from None
         if resume:
             tokenizer = load_tokenizer(confined(self.out, TOKENIZER_FILE))
         elif tokenizer is None and cfg.tokenizer:
@@ -149,28 +152,20 @@ class Trainer(CheckpointMixin):
         check_memory(estimate_training_bytes(self.model_config, cfg, self.dist.world_size),
                      f"training {cfg.preset} with --batch-size {cfg.batch_size} --seq-len {cfg.seq_len} "
                      f"(vocabulary {self.model_config.vocab_size})", self.device)
-        if resume:
-            # verify_checkpoint has hashed every file; here only NaN/inf weights remain to refuse.
-            self.model = load_pretrained(self.out, dtype=torch.float32, device=str(self.device), verify=False)
-            for name, p in self.model.named_parameters():
-                refuse_non_finite(name, p.detach(), str(self.out))
-            self.model_config = self.model.config
-            if self.model_config.num_mtp_layers != cfg.mtp:  # the run's options and its weights disagree
-                raise CheckpointCorruptError(
-                    f"{self.out}: config.json has num_mtp_layers={self.model_config.num_mtp_layers} but "
-                    f"{state_path(self.out).name} says the run trains --mtp {cfg.mtp}")
-        else:
-            self.model = build_model(self.model_config, cfg.seed, self.device)
+        self._build_model(cfg, resume)
         if self.dist.world_size > 1:
-            from ..parallel import ExpertParallelMoGELayer, apply_expert_parallel, check_config_consistent
+            from ..parallel import check_config_consistent
 
             check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
                                      "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
                                      "data": self.data.summary}, self.dist.group)
-            # Same seed / same checkpoint on every rank; each keeps its block of expert groups.
-            self.model = apply_expert_parallel(self.model, self.dist.group)
+            # Same seed on every rank; each keeps its shards (a DCP resume then overwrites them).
+            mesh = build_mesh(MeshShape(cfg.dp_shard, cfg.ep), self.device.type)
             # Logged in the start line: every MoGE layer, the MTP predictors' included, must be here.
-            self.sharded_layers = [n for n, m in self.model.named_modules() if isinstance(m, ExpertParallelMoGELayer)]
+            self.sharded_layers = shard_model(self.model, mesh, cfg.mixed_precision,
+                                              activation_checkpointing=cfg.activation_checkpointing)
+        else:
+            self.model.model.gradient_checkpointing = cfg.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
         self.step = 0
@@ -182,6 +177,28 @@ class Trainer(CheckpointMixin):
             torch.manual_seed(cfg.seed + 1)  # the training RNG stream, independent of init
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
+
+    def _build_model(self, cfg: TrainConfig, resume: bool) -> None:
+        """The model every rank starts from: fresh (seeded), a DCP run's (seeded, its weights are read
+        after sharding) or a single-process run's released-layout weights (one process only)."""
+        if resume and not self.dcp:
+            if self.dist.world_size > 1:
+                raise TrainingConfigError(
+                    f"{self.out} was written by a single-process run (released layout); multi-process runs resume "
+                    f"DCP checkpoints. Resume it on one process, or start from its weights in a new run")
+            # verify_checkpoint has hashed every file; here only NaN/inf weights remain to refuse.
+            self.model = load_pretrained(self.out, dtype=torch.float32, device=str(self.device), verify=False)
+            for name, p in self.model.named_parameters():
+                refuse_non_finite(name, p.detach(), str(self.out))
+            self.model_config = self.model.config
+        else:
+            if resume:
+                self.model_config = read_config(self.out)
+            self.model = build_model(self.model_config, cfg.seed, self.device)
+        if resume and self.model_config.num_mtp_layers != cfg.mtp:  # the run's options and its weights disagree
+            raise CheckpointCorruptError(
+                f"{self.out}: config.json has num_mtp_layers={self.model_config.num_mtp_layers} but "
+                f"{state_path(self.out).name} says the run trains --mtp {cfg.mtp}")
 
     # -- schedule and steps --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -241,7 +258,6 @@ class Trainer(CheckpointMixin):
                     for st in out.router_stats if st is not None]
             if rows:
                 balance.append(torch.stack(rows))
-        sync_gradients(self.model, self.dist.group)  # data-parallel mean; expert shards scaled
         loss_sum = all_reduce_mean(loss_sum, self.dist.group)  # the global batch's loss, same on every rank
         aux_sum = all_reduce_mean(aux_sum, self.dist.group)
         loss, aux_loss = float(loss_sum) / c.grad_accum, float(aux_sum) / c.grad_accum
@@ -249,7 +265,8 @@ class Trainer(CheckpointMixin):
         if not (math.isfinite(loss) and math.isfinite(aux_loss) and all(map(math.isfinite, mtp_r["mtp_loss"]))):
             self._diverged(f"training loss is {loss} (auxiliary loss {aux_loss}"
                            + (f", MTP losses {mtp_r['mtp_loss']})" if mtp_r["mtp_loss"] else ")"))
-        grad_norm = clip_grad_norm_(self.model, c.grad_clip if c.grad_clip > 0 else float("inf"), self.dist.group)
+        # FSDP2 averaged the gradients in backward; the norm is the unsharded model's.
+        grad_norm = clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
         if not math.isfinite(float(grad_norm)):
             self._diverged(f"gradient norm is {float(grad_norm)} (loss {loss})")
         self.optimizer.step()
@@ -322,7 +339,7 @@ class Trainer(CheckpointMixin):
             self._log({"type": "start", "step": 0, "model_config": self.model_config.to_dict(),
                        "train_config": asdict(c), "data": self.data.summary,
                        "parameters": _param_counts(self.model_config),
-                       **({"expert_parallel": {"ranks": self.dist.world_size, "sharded_layers": self.sharded_layers}}
+                       **({"mesh": {"dp_shard": c.dp_shard, "ep": c.ep, "sharded_layers": self.sharded_layers}}
                           if self.dist.world_size > 1 else {})})
         bar = progress(c.steps, f"train {c.router}", "step", initial=self.step, position=self.bar_position,
                        disable=not c.progress or not self.dist.is_main, mininterval=1.0)
