@@ -278,3 +278,13 @@ def test_unused_stored_tensors_are_skipped_not_judged(lm, tmp_path, monkeypatch)
     assert info["unexpected_keys"] == {"extra.counter"}
     assert info["missing_keys"] == set(lm.state_dict())
     assert model.lm_head.weight.dtype == torch.float32 and torch.isfinite(model.lm_head.weight).all()
+
+
+def test_tp_plan_has_dense_rules_only_with_dense_layers():
+    moe_only = PanguProMoEForCausalLM(tiny_config())
+    with_dense = PanguProMoEForCausalLM(tiny_config(mlp_only_layers=[1], intermediate_size=40))
+    assert "model.layers.*.mlp.down_proj" not in moe_only.tp_plan
+    assert moe_only.tp_plan["model.layers.*.mlp.shared_expert.down_proj"] == "rowwise"
+    assert with_dense.tp_plan["model.layers.*.mlp.down_proj"] == "rowwise"
+    heads = PanguProMoEForSequenceClassification(tiny_config())
+    assert heads.tp_plan and all(k.startswith("model.model.layers.") for k in heads.tp_plan)
