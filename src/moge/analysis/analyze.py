@@ -1,10 +1,6 @@
-"""Expert analyses of a checkpoint (the paper's Figures 7-10): token share, co-activation, balance.
-
-``moge analyze CKPT [--data PATH ...] [--compare CKPT2] --out DIR`` routes text of each data domain
-(the built-in corpus's validation split by default) through the model and writes ``DIR/analysis.json``
-plus PNGs: per-layer, per-domain expert token share (uniform K/N marked), co-activation of expert
-pairs, each expert's share of its group over the layers, the busiest expert's and busiest device's
-share (against ``--compare``, e.g. the top-K twin) and a specialisation index per layer.
+"""Routing records of a checkpoint for the paper's expert analyses (Figures 7-10): per-layer, per-domain
+expert token share, co-activation of expert pairs, within-group share, busiest expert and device, and a
+specialisation index (the ``moge analyze`` command is :mod:`moge.cli.analyze`).
 
 Shape legend: B rows, S tokens per row, T = B*S tokens, K experts per token, N experts, M groups,
 D devices, C domains.

@@ -12,7 +12,6 @@ mesh can read).
 from __future__ import annotations
 
 import shutil
-
 from pathlib import Path
 
 import torch
@@ -148,5 +147,3 @@ def save_dcp_model(model, dst: str | Path, tokenizer_file: str | Path | None = N
             atomic_write(dst / TOKENIZER_NAME, lambda tmp: shutil.copyfile(tokenizer_file, tmp))
             write_tokenizer_config(dst, config)
     return dst
-
-

@@ -5,7 +5,7 @@ The generation config names the model's bos/eos/pad ids (plus whatever a transfo
 ``generation_config`` holds). The tokenizer files name the special tokens of the directory's
 ``tokenizer.json`` by their strings (looked up from the config's ids), left padding (what batched
 generation with a decoder-only model needs) and the context length, so ``AutoTokenizer`` and
-``pipeline(..., batch_size=2)`` work. Whether a prompt starts with ``<bos>`` is ``tokenizer.json``'s
+``pipeline(..., batch_size=2)`` work; ``chat_template`` is :data:`DEFAULT_CHAT_TEMPLATE`. Whether a prompt starts with ``<bos>`` is ``tokenizer.json``'s
 post-processor's business (transformers reads it there, not from ``add_bos_token``; see
 :func:`moge.data.tokenizer.with_bos`). All files are written atomically.
 """
@@ -23,6 +23,11 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 _ROLES = (("pad", "pad_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id"))
+# A plain-text chat format for models moge trains (no chat special tokens exist in their vocabulary):
+# "<bos>role: content" lines, the answer after "assistant:". `moge serve` renders it for
+# /v1/chat/completions, as does transformers' apply_chat_template.
+DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def write_generation_config(directory: str | Path, config: MoGEConfig, extra: Mapping[str, Any] | None = None) -> None:
@@ -64,4 +69,5 @@ def write_tokenizer_config(directory: str | Path, config: MoGEConfig) -> None:
     write_json(directory / SPECIAL_TOKENS_MAP_NAME, special)
     write_json(directory / TOKENIZER_CONFIG_NAME, {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "left",
-        "model_max_length": config.max_position_embeddings, "clean_up_tokenization_spaces": False})
+        "model_max_length": config.max_position_embeddings, "clean_up_tokenization_spaces": False,
+        "chat_template": DEFAULT_CHAT_TEMPLATE})

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from ..model import RotaryEmbedding
-from .io import INDEX_NAME, CheckpointCorruptError, CheckpointError
+from .io import INDEX_NAME, CheckpointCorruptError, CheckpointError, confined
 from .training_state import verify_files
 
 
@@ -123,3 +123,18 @@ def check_tokenizer_file(path: str | Path) -> Path:
         raise CheckpointError(f"{src} is not a tokenizer file (tokenizers cannot load it: "
                               f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     return src
+
+
+def read_tokenizer(directory: str | Path, verify: bool = True) -> Tokenizer | None:
+    """The checkpoint's ``tokenizer.json`` as a ``tokenizers.Tokenizer`` (checked against the manifest
+    with ``verify``), or None when the checkpoint has none; an unreadable file is a :class:`CheckpointError`."""
+    directory = Path(directory)
+    path = confined(directory, TOKENIZER_NAME)
+    if not path.is_file():
+        return None
+    if verify:
+        verify_files(directory, [TOKENIZER_NAME])
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on anything it cannot parse
+        raise CheckpointError(f"cannot read tokenizer {path}: {e}") from None

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "route": "moge.cli.route",
     "simulate": "moge.cli.simulate",
     "analyze": "moge.cli.analyze",
+    "serve": "moge.cli.serve",
 }
 
 

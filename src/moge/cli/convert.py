@@ -3,8 +3,9 @@
 ``moge convert SRC DST``: SRC is a checkpoint directory in the released layout (``config.json`` plus
 safetensors shards) or a single state-dict file of :class:`MoGEForCausalLM` (``.safetensors``, or ``.pt``
 read with ``torch.load(weights_only=True)``; stacked or per-expert names) together with ``--config`` /
-``--preset``; or a DCP checkpoint directory (a multi-process ``moge train`` run). DST is written in
-the released layout (docs/design.md section 5), or with ``--to dcp`` as a DCP directory.
+``--preset``, or a DCP checkpoint directory (a multi-process ``moge train`` run's output, or ``--to dcp``'s).
+DST is written in the released layout (docs/design.md section 5), or with ``--to dcp`` as ``config.json`` +
+``tokenizer.json`` + ``dcp/`` (the model's tensors as one DCP checkpoint, which any mesh can read).
 """
 
 from __future__ import annotations

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from torch import Tensor
 
 from .. import validate as V
-from ..checkpoint import CheckpointError, confined, load_pretrained
-from ..checkpoint.training_state import verify_files
+from ..checkpoint import CheckpointError, load_pretrained
+from ..checkpoint.reading import read_tokenizer
 from ..generate import GenerationError, generate
 
 
@@ -82,15 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError("--speculative runs on the static cache: drop --cache dynamic")
     tokenizer = None
     if args.prompt:
-        tok_path = confined(ckpt, "tokenizer.json")
-        if not tok_path.is_file():
+        tokenizer = read_tokenizer(ckpt, args.verify)
+        if tokenizer is None:
             raise GenerationError(f"no tokenizer.json in {ckpt}: pass token ids with --prompt-ids \"1 2 3\"")
-        if args.verify:
-            verify_files(ckpt, ["tokenizer.json"])
-        try:
-            tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:
-            raise CheckpointError(f"cannot read tokenizer {tok_path}: {e}") from None
 
     model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
                             verify=args.verify)

@@ -9,6 +9,8 @@
   fixed shapes, no host sync).
 * :mod:`.graphs`: :class:`GraphedStep`, a decode step captured as one CUDA graph per batch bucket.
 * :mod:`.decode`: the generation loop on those pieces.
+* :mod:`.scheduler`: continuous batching of requests (per-row sampling settings, chunked prefill,
+  aborts) over one static cache, what ``moge serve`` runs.
 """
 
 from ..model.cache import CacheError, DynamicKVCache, StaticKVCache

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..model.cache import CacheError, StaticKVCache
 
 
-__all__ = ["DecodeStep", "KV_BUCKET", "attended_slots", "causal_slot_mask", "prefill", "slot_positions"]
+__all__ = ["DecodeStep", "KV_BUCKET", "attended_slots", "causal_slot_mask", "lm_head", "prefill", "slot_positions"]
 
 # Eager CPU steps attend to the slots in use rounded up to this many (less attention work early on,
 # and few distinct mask shapes).
@@ -73,6 +73,11 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if base is None or head is None or not hasattr(base, "layers"):
         raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs .model.layers and .lm_head)")
     return base, head
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output head of a moge causal LM (hidden states -> logits), e.g. for prompt log-probabilities."""
+    return _parts(model)[1]
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ hands the model only the filled positions, so the model's own 2-D padding masks 
 Outputs. ``output_hidden_states`` (True, or the indices to keep) gives transformers' tuple of
 ``num_hidden_layers + 1`` states: the embeddings, each decoder layer's output, the last one after the
 final norm. ``output_attentions`` gives each layer's attention probabilities ``[B,Hq,S,L]``: for
-that call the attention runs eagerly (:func:`moge.attention.eager_attention`) and the probabilities
+that call the attention runs eagerly (:func:`moge.model.attention.eager_attention`) and the probabilities
 are the ones the output is computed from (with their gradient). Both are recorded by hooks installed
 for one call only, so nothing is paid when they are not asked for. ``attn_implementation="eager"``
 makes every call eager (:func:`set_attention_kernels`).
@@ -117,7 +117,7 @@ def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> It
     """Record hidden states (the kept ``hidden`` indices) and/or attention probabilities during one
     forward of ``backbone``; everything installed is removed on exit (so a recompute under activation
     checkpointing records nothing). Attention is recorded by running each layer's attention through
-    :func:`moge.attention.eager_attention` for this call: the probabilities returned are the ones the
+    :func:`moge.model.attention.eager_attention` for this call: the probabilities returned are the ones the
     output was computed from, gradient included."""
     rec = Recorded()
     handles = []
@@ -169,7 +169,7 @@ def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | No
                     ) -> list[RouterStats | None]:
     """The layers' balance and z losses over the real tokens of a 2-D padding mask only, as transformers'
     MoE losses count them (padding would otherwise pull the balance towards whatever the pad token
-    routes to). Each layer's own formula and coefficients (:meth:`moge.layer.MoGELayer.stats`); only the
+    routes to). Each layer's own formula and coefficients (:meth:`moge.model.moe.MoGELayer.stats`); only the
     tokens counted differ."""
     if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
         return stats

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..errors import MoGEError
 
 
-__all__ = ["CacheError", "DynamicKVCache", "StaticKVCache"]
+__all__ = ["CacheError", "DynamicKVCache", "RowSubsetCache", "StaticKVCache"]
 
 
 class CacheError(MoGEError, ValueError):
@@ -116,6 +116,21 @@ class StaticKVCache:
         return cls(len(base.layers), batch_size, attn.n_kv, attn.head_dim, capacity,
                    dtype or p.dtype, device or p.device)
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows ``start .. stop-1`` sharing this one's buffers and lengths (views, no copy):
+        writes and length changes through it land here. The continuous-batching scheduler prefills
+        one row alone and decodes a leading bucket of rows this way, with one set of buffers."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.batch_size):
+            raise CacheError(f"rows({start!r}, {stop!r}) is not a non-empty range of the cache's "
+                             f"{self.batch_size} rows")
+        view = object.__new__(StaticKVCache)
+        view.capacity, view.batch_size = self.capacity, stop - start
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.lengths_B = self.lengths_B[start:stop]
+        view._rows_B1 = torch.arange(stop - start, device=self.lengths_B.device).view(stop - start, 1)
+        return view
+
     @property
     def slots(self) -> int:
         """C = capacity + 1 (the scratch slot included)."""
@@ -162,3 +177,48 @@ class StaticKVCache:
         for buf in (*self.keys, *self.values):
             buf.copy_(buf.index_select(0, beam_idx))
         self.lengths_B.copy_(self.lengths_B.index_select(0, beam_idx))
+
+
+class RowSubsetCache:
+    """Rows ``rows_R`` of a :class:`StaticKVCache`, in any order and not necessarily contiguous, as one
+    batch: ``update`` writes each row's new keys/values into its row of the underlying buffers and
+    returns those rows' first ``attend`` slots (a gathered copy, ``[R, Hkv, attend, D]``).
+
+    The continuous-batching scheduler prefills the prompts of requests admitted into scattered rows
+    in one forward this way (one pass over the weights instead of one per request). ``lengths_B`` is
+    a copy of those rows' lengths; :meth:`advance` updates it and writes it back.
+    """
+
+    is_static = True
+
+    def __init__(self, cache: StaticKVCache, rows_R: Tensor, attend: int):
+        if not 1 <= attend <= cache.capacity:
+            raise CacheError(f"attend={attend} must be in [1, {cache.capacity}]")
+        self.base, self.rows_R, self.attend = cache, rows_R, attend
+        self.capacity, self.batch_size = cache.capacity, len(rows_R)
+        self.lengths_B = cache.lengths_B[rows_R]
+        self._rows_R1 = rows_R.view(-1, 1)
+
+    def update(self, k_RgSD: Tensor, v_RgSD: Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Write at ``cache_kwargs["position_ids"] [R,S]`` (negative: the scratch slot) in the chosen rows;
+        return their first ``attend`` slots."""
+        pos_RS = None if cache_kwargs is None else cache_kwargs.get("position_ids")
+        if pos_RS is None:
+            raise CacheError("RowSubsetCache.update needs cache_kwargs['position_ids']")
+        slot_RS = pos_RS.clamp(min=-1).expand(k_RgSD.shape[0], k_RgSD.shape[2])
+        keys, values = self.base.keys[layer_idx], self.base.values[layer_idx]
+        keys[self._rows_R1, :, slot_RS] = k_RgSD.transpose(1, 2)
+        values[self._rows_R1, :, slot_RS] = v_RgSD.transpose(1, 2)
+        return keys[self.rows_R, :, :self.attend], values[self.rows_R, :, :self.attend]
+
+    @property
+    def slots(self) -> int:
+        return self.capacity + 1
+
+    def advance(self, n: int | Tensor) -> None:
+        self.lengths_B.add_(n)
+        self.base.lengths_B[self.rows_R] = self.lengths_B
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths_B.max())
