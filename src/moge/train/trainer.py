@@ -29,8 +29,8 @@ from ..data.corpus import SequenceSampler
 from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
-from ..parallel import (MeshError, MeshShape, all_reduce_mean, build_mesh, check_config_consistent, clip_grad_norm_,
-                        shard_model)
+from ..parallel import (DistInfo, MeshError, MeshShape, all_reduce_mean, build_mesh, check_config_consistent,
+                        clip_grad_norm_, shard_model)
 from ..progress import progress
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
@@ -49,8 +49,6 @@ class Trainer(CheckpointMixin):
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
                  tokenizer=None, bar_position: int = 0, dist=None, explicit: dict[str, Any] | None = None):
-        from ..parallel import DistInfo
-
         self.bar_position = bar_position
         self.out = Path(cfg.out).expanduser()
         self._lock = DirectoryLock(self.out)
