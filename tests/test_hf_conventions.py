@@ -246,3 +246,45 @@ def test_decoder_layers_are_transformers_checkpointing_layers_and_recompute(lm):
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
     lm.gradient_checkpointing_disable()
     assert not any(m.gradient_checkpointing for m in lm.modules() if hasattr(m, "gradient_checkpointing"))
+
+
+def test_tensor_parallel_keywords(lm, tmp_path, monkeypatch):
+    from torch.distributed.tensor import DTensor
+    from transformers import DistributedConfig
+
+    monkeypatch.chdir(tmp_path)
+    lm.save_pretrained("ckpt")
+    with pytest.raises(TypeError, match="once"):
+        AutoModelForCausalLM.from_pretrained("ckpt", tp_plan="auto", distributed_config=DistributedConfig(tp_plan="auto"))
+    with pytest.raises(TypeError, match="device_mesh"):
+        AutoModelForCausalLM.from_pretrained("ckpt", device_mesh=object())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = AutoModelForCausalLM.from_pretrained("ckpt", tp_plan="auto")  # one process: nothing to shard
+    assert not any(isinstance(p, DTensor) for p in one.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(one(input_ids=IDS).logits, lm(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_unused_stored_tensors_are_skipped_not_judged(lm, tmp_path, monkeypatch):
+    """A tensor the class does not use is reported, not read: even one moge would refuse to load (an
+    integer tensor); with nothing usable stored, every tensor is initialised and reported."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    lm.save_pretrained("ckpt")
+    save_file({"extra.counter": torch.tensor([1, 2])}, "ckpt/model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="unused checkpoint tensors"):
+        model, info = AutoModelForCausalLM.from_pretrained("ckpt", output_loading_info=True)
+    assert info["unexpected_keys"] == {"extra.counter"}
+    assert info["missing_keys"] == set(lm.state_dict())
+    assert model.lm_head.weight.dtype == torch.float32 and torch.isfinite(model.lm_head.weight).all()
+
+
+def test_tp_plan_has_dense_rules_only_with_dense_layers():
+    moe_only = PanguProMoEForCausalLM(tiny_config())
+    with_dense = PanguProMoEForCausalLM(tiny_config(mlp_only_layers=[1], intermediate_size=40))
+    assert "model.layers.*.mlp.down_proj" not in moe_only.tp_plan
+    assert moe_only.tp_plan["model.layers.*.mlp.shared_expert.down_proj"] == "rowwise"
+    assert with_dense.tp_plan["model.layers.*.mlp.down_proj"] == "rowwise"
+    heads = PanguProMoEForSequenceClassification(tiny_config())
+    assert heads.tp_plan and all(k.startswith("model.model.layers.") for k in heads.tp_plan)

@@ -89,6 +89,28 @@ def check_plan_matches_shards(model, opt, grad_numels: dict, cfg, mesh, rank: in
             assert n == plan[name], f"rank {rank}: {name} {what} holds {n} elements, the plan says {plan[name]}"
 
 
+def check_mixed_precision(mesh, rank: int, world: int) -> None:
+    """--mixed-precision bf16: layers compute in bfloat16, master weights and gradients stay float32,
+    and the loss stays near the float32 one."""
+    cfg = get_config("debug", router_aux_loss_coef=0.0, experts_backend="eager")
+    torch.manual_seed(0)
+    model = MoGEForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (world * 2, 8), generator=torch.Generator().manual_seed(3))
+    mine = slice(rank * 2, (rank + 1) * 2)
+    want = copy.deepcopy(model)(ids, labels=ids).loss
+    shard_model(model, mesh, mixed_precision="bf16")
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    loss = model(ids[mine], labels=ids[mine]).loss
+    loss.backward()
+    assert seen == [torch.bfloat16], seen
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, (name, p.dtype, p.grad.dtype)
+    total = loss.detach().float().clone()
+    dist.all_reduce(total)
+    assert abs(float(total) / world - float(want)) < 0.05, (float(total) / world, float(want))
+
+
 def check_no_host_sync_under_fsdp(mesh, rank: int) -> None:
     """A whole FSDP2 + EP model step with the sync-free experts backend: the MoGE dispatch passes only
     equal-split float all-to-alls and nothing reads a tensor on the host (FSDP2's own gathers and
@@ -127,6 +149,8 @@ def main() -> None:
         check_model_equivalence(mesh, info.rank, info.world_size, checkpointing=True, dtype=dtype)
         if ep > 1:
             check_no_host_sync_under_fsdp(mesh, info.rank)
+        if dp > 1:
+            check_mixed_precision(mesh, info.rank, info.world_size)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     dist.barrier()

@@ -20,5 +20,7 @@ def _ok(results, scenario):
 def test_fsdp_ep_model_matches_one_process_on_the_whole_batch(dp_shard, ep):
     """Every gradient (made whole from its FSDP/EP shards), the clipped global norm (DTensor-aware
     clip_grad_norm_) and the weights after 3 AdamW steps equal one process on the concatenated batch,
-    with and without activation checkpointing; the MoGE dispatch stays free of host syncs under FSDP2."""
+    with and without activation checkpointing; the dry-run plan's per-rank elements equal every measured
+    local shard; the MoGE dispatch stays free of host syncs under FSDP2; bf16 mixed precision computes
+    in bfloat16 with float32 weights and gradients."""
     _ok(launch([WORKER, "equivalence", str(dp_shard), str(ep)], dp_shard * ep, timeout_s=110), "equivalence")

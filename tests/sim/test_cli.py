@@ -124,3 +124,18 @@ def test_bad_simulate_options_are_one_line_errors(argv, message, capsys):
     assert main(["simulate", *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(message, err), err
+
+
+def test_train_memory_is_the_dry_run_plan(capsys, tmp_path):
+    """``moge simulate train-memory`` prints the same per-rank table as ``moge train --dry-run``."""
+    mesh = ["--dp-shard", "2", "--ep", "2", "--batch-size", "8", "--seq-len", "64", "--mixed-precision", "bf16"]
+    assert main(["simulate", "train-memory", "--model", "debug", *mesh]) == 0
+    sim = capsys.readouterr().out
+    assert main(["train", "--dry-run", "--preset", "debug", "--out", str(tmp_path / "x"), *mesh]) == 0
+    dry = capsys.readouterr().out
+
+    def table(text):
+        return [line for line in text.splitlines() if line.startswith("| ") and "GB" not in line]
+    assert table(sim) and table(sim) == table(dry)
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+    assert main(["simulate", "train-memory", "--model", "debug", "--ep", "3"]) == 2  # must divide the groups

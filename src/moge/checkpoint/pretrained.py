@@ -86,7 +86,8 @@ def read_config(directory: str | Path) -> MoGEConfig:
 
 def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu",
-                    expected: Mapping[str, tuple[int, ...]] | None = None, verify: bool = True) -> dict[str, Tensor]:
+                    expected: Mapping[str, tuple[int, ...]] | None = None, verify: bool = True,
+                    skip: Collection[str] = ()) -> dict[str, Tensor]:
     """Read a released-layout directory into our state-dict form (experts stacked).
 
     Tensors are read memory-mapped, cast to ``dtype`` (None keeps the stored dtype) and placed on
@@ -95,7 +96,8 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     :class:`CheckpointError` naming them, with expected and found shapes. With ``verify`` (the
     default) a directory with a training manifest has its config, index and shards checked against
     it (SHA-256, streamed) before anything is read, and every tensor is refused, by name, if it holds
-    NaN or inf; see ``docs/checkpoints.md`` for the cost.
+    NaN or inf; see ``docs/checkpoints.md`` for the cost. ``skip``: stored tensor names not to read
+    (tensors a caller has no use for); their files are still verified.
     """
     directory = Path(directory).expanduser()
     dtype = resolve_dtype(dtype)
@@ -105,6 +107,7 @@ def load_state_dict(directory: str | Path, config: MoGEConfig | None = None, dty
     files = weight_files(directory)
     if verify:
         verify_against_manifest(directory, set(files.values()))
+    files = {n: f for n, f in files.items() if n not in skip}
     copies = [n for n in shared_head_names(config) if n in files]  # MTP head copies: checked, not loaded
     plain, experts = group_expert_names(n for n in files if n not in copies)
     wanted = {n: files[n] for n in [*plain, *copies]} | {n: files[n] for parts in experts.values()

@@ -8,6 +8,8 @@ Sub-commands:
   fit        re-run the fit of the 800I A2's unknown figures on the calibration points
   calibrate  measure this machine into the local-cpu profile; --compare against the real model
   search     sweep model shapes for the best decode throughput per card under a latency limit
+  train-memory  per-rank training memory of a preset on a (dp_shard, ep) mesh: the plan that
+             ``moge train --dry-run`` prints, without a training configuration
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 
+from ..parallel.plan import format_plan, memory_plan
 from ..progress import progress
 from ..sim.calibrate import run_calibrate
 from ..sim.fit import FIT_PARAMETERS, calibration_points, fit, format_table, rounded
@@ -116,6 +119,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(_sim=_run_search)
+
+    p = sub.add_parser("train-memory", help="per-rank training memory on a (dp_shard, ep) mesh (as moge train --dry-run)")
+    p.add_argument("--model", default="pangu-pro-moe-72b", help="preset name or config.json path")
+    p.add_argument("--dp-shard", type=int, default=8)
+    p.add_argument("--ep", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64, help="global rows per step")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--mixed-precision", choices=("none", "bf16"), default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.set_defaults(_sim=_run_train_memory)
 
 
 def _perf_args(p: argparse.ArgumentParser) -> None:
@@ -262,3 +275,23 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 def _run_search(args: argparse.Namespace) -> int:
     return run_search(args)
+
+
+def _run_train_memory(args: argparse.Namespace) -> int:
+    cfg = resolve_model(args.model)
+    for flag, v in (("--dp-shard", args.dp_shard), ("--ep", args.ep), ("--batch-size", args.batch_size),
+                    ("--seq-len", args.seq_len)):
+        if v < 1:
+            raise PerfError(f"{flag} must be >= 1, got {v}")
+    if cfg.groups % args.ep:
+        raise PerfError(f"--ep {args.ep} must divide the model's {cfg.groups} expert groups")
+    world = args.dp_shard * args.ep
+    if args.batch_size % world:
+        raise PerfError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks")
+    plan = memory_plan(cfg, args.dp_shard, args.ep, args.batch_size, args.seq_len, args.mixed_precision,
+                       args.activation_checkpointing)
+    print(format_plan(plan, f"{args.model} on {world} rank(s) (dp_shard {args.dp_shard} x ep {args.ep}), global "
+                            f"batch {args.batch_size} x {args.seq_len} tokens, mixed precision "
+                            f"{args.mixed_precision}, activation checkpointing "
+                            f"{'on' if args.activation_checkpointing else 'off'}"))
+    return 0

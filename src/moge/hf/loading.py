@@ -167,8 +167,7 @@ class LoadOptions:
     def pop(cls, kwargs: dict[str, Any]) -> "LoadOptions":
         """Take the options out of ``kwargs``; ``tp_plan``/``tp_size`` become a ``DistributedConfig``."""
         opts = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__})
-        tp = {k: kwargs.pop(k) for k in ("tp_plan", "tp_size") if kwargs.get(k) is not None}
-        kwargs.pop("tp_plan", None), kwargs.pop("tp_size", None)
+        tp = {k: v for k in ("tp_plan", "tp_size") if (v := kwargs.pop(k, None)) is not None}
         if tp and opts.distributed_config is not None:
             raise UnsupportedArgumentError("pass tensor parallelism once: as distributed_config or as tp_plan/tp_size")
         if tp:
@@ -288,8 +287,12 @@ def _from_directory(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
     tied = bool(config.tie_word_embeddings) and "lm_head.weight" in want
     missing, unexpected, mismatched = _compare(want, ckpt_shapes, tied, path, opts.ignore_mismatched_sizes)
 
-    read = load_state_dict(path, moge_cfg, dtype, device, verify=opts.verify)
-    sd = to_model_names({new: read.pop(old) for new, old in found.items()}, model)
+    # Tensors the class does not use are not read (a stored tensor is skipped, not judged); the files
+    # holding them are still verified.
+    stored_as = to_model_names(dict(found), model)  # model name -> the name moge reads it under
+    skip = {stored_as[n] for n in unexpected} & set(weight_files(path))
+    read = load_state_dict(path, moge_cfg, dtype, device, verify=opts.verify, skip=skip)
+    sd = to_model_names({new: read.pop(old) for new, old in found.items() if old in read}, model)
     for n in unexpected + [m[0] for m in mismatched]:
         sd.pop(n, None)
     if tied and "lm_head.weight" in sd:
@@ -305,7 +308,8 @@ def _from_directory(cls: type, path: Path, config: Any, dtype: torch.dtype | Non
                 model = cls(config)
             tied = False
     fresh = missing + [m[0] for m in mismatched]
-    sd.update(initialised(model, fresh, config.initializer_range, device, next(iter(sd.values())).dtype))
+    stored_dtype = next(iter(sd.values())).dtype if sd else torch.get_default_dtype()
+    sd.update(initialised(model, fresh, config.initializer_range, device, dtype or stored_dtype))
     model.load_state_dict(sd, strict=False, assign=True)
     _finish(model, config, tied, device)
     _report(model, path, missing, unexpected, mismatched)

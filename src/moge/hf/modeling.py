@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -58,6 +59,9 @@ _old_cache_name = (deprecate_kwarg("past_key_values", "5.40.0", new_name="cache"
                    else (lambda forward: forward))
 
 
+_DENSE_MLP_RULE = re.compile(r"\.mlp\.(gate|up|down)_proj$")  # a dense layer's MLP, not the shared expert's
+
+
 def _backbone_fsdp_plan(prefix: str) -> dict[str, str]:
     """FSDP2 plan: each decoder layer and the embedding their own shard group; the final norm kept whole."""
     return {f"{prefix}embed_tokens": "free_full_weight", f"{prefix}layers.*": "free_full_weight",
@@ -87,6 +91,13 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, RotaryEmbedding):
             cfg = self.config.to_moge_config()
             module.inv_freq.copy_(RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta).inv_freq)
+
+    def init_parallel_plans(self) -> None:
+        """transformers' plans, less the dense-MLP rules when the config has no dense layers (they would
+        match nothing, and transformers warns about such rules at load)."""
+        super().init_parallel_plans()
+        if not self.config.mlp_only_layers:
+            self._tp_plan = {k: v for k, v in self._tp_plan.items() if not _DENSE_MLP_RULE.search(k)}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(backbone_path(self)).embed_tokens

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from ..errors import MoGEError
 from .comm import rank_and_world
+from .heartbeat import Heartbeat
+
 
 _FAIL_KEY = "moge/failed/{}"
 
@@ -169,7 +171,6 @@ def fault_guard(info: DistInfo, grace_s: float = 3.0, hang_s: float | None = Non
     if info.world_size == 1:
         yield
         return
-    from .heartbeat import Heartbeat
 
     hang_s = info.timeout_s / 4 if hang_s is None else hang_s
     watch = Heartbeat(info.store, info.rank, info.world_size, hang_s, _FAIL_KEY) \

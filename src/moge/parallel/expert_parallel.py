@@ -37,7 +37,6 @@ from ..experts import sort_pairs
 from ..model.moe import MoGELayer, Routing
 from .comm import all_to_all, rank_and_world
 
-
 DISPATCHERS = ("auto", "fixed", "variable")
 
 

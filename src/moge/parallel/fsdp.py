@@ -119,6 +119,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: str = "none
         fully_shard(layer.experts, mesh=mesh["dp_shard"], mp_policy=policy)
         layer.experts.set_gradient_divide_factor(float(mesh.size()))  # see the module docstring
     for block in decoder_blocks(model):
+        head = getattr(block, "shared_head", None)
+        if head is not None:  # an MTP predictor's logits() calls its norm outside the block's forward
+            fully_shard(head.norm, mesh=world_mesh, mp_policy=policy)
         fully_shard(block, mesh=world_mesh, mp_policy=policy)
     if not model.config.tie_word_embeddings:
         # Their own units: else the root gathers both [V,H] matrices at once and keeps them all step.

@@ -134,7 +134,7 @@ def format_plan(p: MemoryPlan, title: str) -> str:
     gb = 1e9
     rows = [("parameters (float32 shards)", p.params), ("gradients (float32 shards)", p.grads),
             ("AdamW moments (2 x float32 shards)", p.optimizer),
-            ("gathered for compute (estimate: 2 layers + 1 layer's gradients)", p.gathered),
+            ("gathered for compute (estimate: 2 FSDP units + 1 unit's gradients)", p.gathered),
             ("activations (estimate)", p.activations), ("total per rank", p.total)]
     lines = [title, "", f"| per rank (rank {p.rank}, the largest shards) | GB |", "|---|---|"]
     lines += [f"| {name} | {v / gb:.2f} |" for name, v in rows]

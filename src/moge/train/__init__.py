@@ -6,7 +6,10 @@ weights, loadable by ``moge.checkpoint.load_pretrained`` and transformers' Auto 
 ``special_tokens_map.json`` that transformers' tools read, the optimizer state
 (``optimizer.safetensors``, tensors keyed ``"{param}.exp_avg"`` / ``"{param}.exp_avg_sq"``) and
 ``moge_training_state.json`` (step, schedule, data position, RNG states, per-file checksums). No
-pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`.
+pickle. Checkpoints are committed atomically by :mod:`moge.checkpoint.training_state`. Under torchrun
+(``--dp-shard D --ep E``, :mod:`moge.parallel.fsdp`) the weights and AdamW moments are DCP shards in
+``DIR/dcp/`` instead (``moge convert`` makes the released layout); ``--dry-run`` prints the per-rank
+memory plan (:mod:`moge.parallel.plan`) and exits.
 
 Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line): ``type: "train"`` lines with the loss,
 auxiliary loss, learning rate, tokens/s and, for every layer, the Imbalance Score with devices = groups,
@@ -28,11 +31,13 @@ from dataclasses import fields
 import torch
 
 from .. import validate as V
-from .options import (METRICS_FILE, MAX_VOCAB, MIN_VOCAB, RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError,
+from ..parallel import fault_guard, init_distributed
+from .options import (MAX_VOCAB, METRICS_FILE, MIN_VOCAB, RESUMABLE_OVERRIDES, TrainConfig, TrainingConfigError,
                       TrainingDivergedError, add_arguments, config_from_args, lr_at, resolve_device)
-from .setup import (DataBundle, build_model, build_optimizer, data_fingerprint, dry_run_report,
-                    estimate_training_bytes, prepare_data)
+from .setup import (DataBundle, build_model, build_optimizer, data_fingerprint, dry_run_report, estimate_training_bytes,
+                    prepare_data)
 from .trainer import Trainer
+
 
 __all__ = ["MAX_VOCAB", "METRICS_FILE", "MIN_VOCAB", "DataBundle", "RESUMABLE_OVERRIDES", "TrainConfig", "Trainer", "TrainingConfigError",
            "TrainingDivergedError", "add_arguments", "build_model", "build_optimizer", "config_from_args",
@@ -55,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and cfg.ep == 1 and cfg.dp_shard == 1:
         Trainer(cfg, resume=args.resume, resume_overrides=overrides, explicit=explicit).train()
         return 0
-    from ..parallel import fault_guard, init_distributed
 
     V.number("--hang-timeout", args.hang_timeout, 0.0, error=TrainingConfigError)
     info = init_distributed(backend="gloo" if cfg.device == "cpu" else None)

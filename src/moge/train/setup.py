@@ -11,15 +11,15 @@ from typing import Any
 import torch
 
 from ..config import MoGEConfig, get_config
-from ..parallel.plan import format_plan, memory_plan
 from ..data.corpus import DataError, corpus_summary, load_documents, pack_documents, shuffled, split_documents
 from ..data.tokenizer import BOS_ID, EOS_ID, encode_batch, train_tokenizer
+from ..model import MoGEForCausalLM, count_parameters
+from ..parallel.plan import format_plan, memory_plan
 from .options import TrainConfig, TrainingConfigError
 
 
 def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
     """A freshly initialised :class:`moge.model.decoder.MoGEForCausalLM` (float32 master weights) on ``device``."""
-    from ..model import MoGEForCausalLM
 
     torch.manual_seed(seed)
     return MoGEForCausalLM(model_config).to(device)
@@ -143,6 +143,4 @@ def dry_run_report(cfg: "TrainConfig") -> str:
 
 
 def _param_counts(config: MoGEConfig) -> dict[str, int]:
-    from ..model import count_parameters
-
     return count_parameters(config)

@@ -29,7 +29,8 @@ from ..data.corpus import SequenceSampler
 from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from ..errors import MoGEWarning
 from ..metrics import balance_from_counts
-from ..parallel import MeshError, MeshShape, all_reduce_mean, build_mesh, clip_grad_norm_, shard_model
+from ..parallel import (DistInfo, MeshError, MeshShape, all_reduce_mean, build_mesh, check_config_consistent,
+                        clip_grad_norm_, shard_model)
 from ..progress import progress
 from ..validate import check_memory
 from .checkpointing import CheckpointMixin
@@ -48,8 +49,6 @@ class Trainer(CheckpointMixin):
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_overrides: set[str] | None = None,
                  tokenizer=None, bar_position: int = 0, dist=None, explicit: dict[str, Any] | None = None):
-        from ..parallel import DistInfo
-
         self.bar_position = bar_position
         self.out = Path(cfg.out).expanduser()
         self._lock = DirectoryLock(self.out)
@@ -81,28 +80,9 @@ class Trainer(CheckpointMixin):
             cfg.validate()  # before anything is created
             get_config(cfg.preset, router=cfg.router)
         self._take_directory(resume)
+        state: dict[str, Any] = {}
         if resume:
-            if self.dist.is_main:  # the others wait: one process repairs the directory
-                recover_checkpoint_dir(self.out)
-            self._barrier()
-            state = verify_checkpoint(self.out)
-            known = {f.name for f in fields(TrainConfig)}
-            try:
-                saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
-                saved.validate()
-            except (TrainingConfigError, TypeError) as e:
-                raise CheckpointCorruptError(f"{state_path(self.out)}: its train_config is invalid: {e}") from None
-            allowed = resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES
-            ignored = _ignored_flags(explicit, saved, allowed)
-            if ignored and self.dist.is_main:
-                warnings.warn(f"--resume continues the run in {self.out} with its own options; ignored: "
-                              f"{', '.join(ignored)}. A resumed run may change only "
-                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}",
-                              MoGEWarning, stacklevel=3)
-            for k in allowed:
-                setattr(saved, k, getattr(cfg, k))
-            saved.out = cfg.out
-            cfg = saved
+            cfg, state = self._resumed_config(cfg, resume_overrides, explicit)
         elif has_checkpoint(self.out):
             raise TrainingConfigError(f"{self.out} already holds a training checkpoint; pass --resume to continue "
                                       f"it or choose another --out")
@@ -113,7 +93,7 @@ class Trainer(CheckpointMixin):
                 stale.unlink()
         cfg.validate()
         self.cfg = cfg
-        self.dcp = bool(resume and state.get("format") == FORMAT_DCP)  # weights and moments to read from DCP
+        self.dcp = state.get("format") == FORMAT_DCP  # weights and moments to read from DCP
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(cfg.device)
         overrides = {} if cfg.aux_coef is None else {"router_aux_loss_coef": cfg.aux_coef}
         base = get_config(cfg.preset, router=cfg.router, **overrides)  # bad presets fail before any write
@@ -125,24 +105,7 @@ class Trainer(CheckpointMixin):
             tokenizer = load_tokenizer(confined(self.out, TOKENIZER_FILE))
         elif tokenizer is None and cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
-        vocab = cfg.vocab_size or base.vocab_size
-        if self.dist.world_size > 1 and tokenizer is None:
-            # One tokenizer for all ranks: rank 0 trains it, the others load its file.
-            shared = self.out / ".ep-tokenizer.json"
-            if self.dist.is_main:
-                with self.dist.busy("training the tokenizer"):  # the others wait at the barrier
-                    self.tokenizer, self.data = prepare_data(cfg, None, vocab)
-                    self.out.mkdir(parents=True, exist_ok=True)
-                    save_tokenizer(self.tokenizer, shared)
-            self._barrier()
-            if not self.dist.is_main:
-                with self.dist.busy("preparing the data"):
-                    self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
-            self._barrier()
-            if self.dist.is_main:
-                shared.unlink()
-        else:
-            self.tokenizer, self.data = prepare_data(cfg, tokenizer, vocab)
+        self._prepare_data(cfg, tokenizer, cfg.vocab_size or base.vocab_size)
         if resume:
             _check_same_data(state.get("data"), self.data.summary, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -153,19 +116,7 @@ class Trainer(CheckpointMixin):
                      f"training {cfg.preset} with --batch-size {cfg.batch_size} --seq-len {cfg.seq_len} "
                      f"(vocabulary {self.model_config.vocab_size})", self.device)
         self._build_model(cfg, resume)
-        if self.dist.world_size > 1:
-            from ..parallel import check_config_consistent
-
-            check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
-                                     "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
-                                     "data": self.data.summary}, self.dist.group)
-            # Same seed on every rank; each keeps its shards (a DCP resume then overwrites them).
-            mesh = build_mesh(MeshShape(cfg.dp_shard, cfg.ep), self.device.type)
-            # Logged in the start line: every MoGE layer, the MTP predictors' included, must be here.
-            self.sharded_layers = shard_model(self.model, mesh, cfg.mixed_precision,
-                                              activation_checkpointing=cfg.activation_checkpointing)
-        else:
-            self.model.model.gradient_checkpointing = cfg.activation_checkpointing
+        self._place_model(cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = SequenceSampler(self.data.train_rows.shape[0], cfg.seed)
         self.step = 0
@@ -177,6 +128,67 @@ class Trainer(CheckpointMixin):
             torch.manual_seed(cfg.seed + 1)  # the training RNG stream, independent of init
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
+
+    def _resumed_config(self, cfg: TrainConfig, resume_overrides: set[str] | None,
+                        explicit: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+        """The saved run's options (with the flags a resumed run may change taken from ``cfg``) and its
+        verified training state; ignored flags are named in a warning."""
+        if self.dist.is_main:  # the others wait: one process repairs the directory
+            recover_checkpoint_dir(self.out)
+        self._barrier()
+        state = verify_checkpoint(self.out)
+        known = {f.name for f in fields(TrainConfig)}
+        try:
+            saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in known})
+            saved.validate()
+        except (TrainingConfigError, TypeError) as e:
+            raise CheckpointCorruptError(f"{state_path(self.out)}: its train_config is invalid: {e}") from None
+        allowed = resume_overrides if resume_overrides is not None else RESUMABLE_OVERRIDES
+        ignored = _ignored_flags(explicit, saved, allowed)
+        if ignored and self.dist.is_main:
+            warnings.warn(f"--resume continues the run in {self.out} with its own options; ignored: "
+                          f"{', '.join(ignored)}. A resumed run may change only "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}",
+                          MoGEWarning, stacklevel=4)
+        for k in allowed:
+            setattr(saved, k, getattr(cfg, k))
+        saved.out = cfg.out
+        return saved, state
+
+    def _prepare_data(self, cfg: TrainConfig, tokenizer, vocab: int) -> None:
+        """``self.tokenizer`` and ``self.data``; with several ranks and no tokenizer given, rank 0 trains
+        one and the others load its file, so every rank has the same tokenizer."""
+        if self.dist.world_size == 1 or tokenizer is not None:
+            self.tokenizer, self.data = prepare_data(cfg, tokenizer, vocab)
+            return
+        shared = self.out / ".ep-tokenizer.json"
+        if self.dist.is_main:
+            with self.dist.busy("training the tokenizer"):  # the others wait at the barrier
+                self.tokenizer, self.data = prepare_data(cfg, None, vocab)
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_tokenizer(self.tokenizer, shared)
+        self._barrier()
+        if not self.dist.is_main:
+            with self.dist.busy("preparing the data"):
+                self.tokenizer, self.data = prepare_data(cfg, load_tokenizer(shared), vocab)
+        self._barrier()
+        if self.dist.is_main:
+            shared.unlink()
+
+    def _place_model(self, cfg: TrainConfig) -> None:
+        """One process: activation checkpointing as asked. Several: check that every rank has the same
+        run, then shard the model over the (dp_shard, ep) mesh (same seed everywhere; each rank keeps
+        its shards, which a DCP resume then overwrites)."""
+        if self.dist.world_size == 1:
+            self.model.model.gradient_checkpointing = cfg.activation_checkpointing
+            return
+        check_config_consistent({"train": asdict(cfg), "model": self.model_config.to_dict(),
+                                 "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
+                                 "data": self.data.summary}, self.dist.group)
+        mesh = build_mesh(MeshShape(cfg.dp_shard, cfg.ep), self.device.type)
+        # Logged in the start line: every MoGE layer, the MTP predictors' included, must be here.
+        self.sharded_layers = shard_model(self.model, mesh, cfg.mixed_precision,
+                                          activation_checkpointing=cfg.activation_checkpointing)
 
     def _build_model(self, cfg: TrainConfig, resume: bool) -> None:
         """The model every rank starts from: fresh (seeded), a DCP run's (seeded, its weights are read
