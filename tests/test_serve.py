@@ -332,3 +332,16 @@ def test_chat_template_is_the_one_transformers_renders(ckpt, server):
     hf = AutoTokenizer.from_pretrained(str(ckpt)).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert hf == "<bos>system: be brief\nuser: hello moge\nassistant:"
     assert server.app.state.tokenizer.render_chat(msgs, True) == hf
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(server):
+    c = client(server)
+    full = c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=16, temperature=0).choices[0].text
+    stop = full[4:6]
+    assert len(stop) == 2 and stop in full
+    want = full[:full.index(stop)]
+    r = c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=16, temperature=0, stop=[stop, "never"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    parts = [ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=16,
+                                                                  temperature=0, stop=stop, stream=True) if ch.choices]
+    assert "".join(parts) == want
