@@ -151,8 +151,14 @@ def test_32_concurrent_async_clients_get_the_library_answers(server, library):
     assert server.engine.scheduler.num_running == 0
 
 
+def aborted(server) -> float:
+    """How many requests the server has aborted so far (its metrics' counter)."""
+    return server.engine.metrics.finished.labels("abort")._value.get()
+
+
 def test_disconnect_mid_stream_frees_its_row(server):
     sched = server.engine.scheduler
+    before = aborted(server)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 120,
                                                              "stream": True, "ignore_eos": True}),
@@ -166,7 +172,32 @@ def test_disconnect_mid_stream_frees_its_row(server):
     deadline = time.time() + 5
     while sched.num_running and time.time() < deadline:
         time.sleep(0.01)
-    assert sched.num_running == 0
+    assert sched.num_running == 0 and aborted(server) == before + 1  # aborted, not run to its end
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server, monkeypatch):
+    sched = server.engine.scheduler
+    before = aborted(server)
+    real = Scheduler._decode
+
+    def slow(self, decoding):  # at least 5 ms a step: the answer takes > 0.5 s, the disconnect comes first
+        time.sleep(0.005)
+        return real(self, decoding)
+
+    monkeypatch.setattr(Scheduler, "_decode", slow)
+    body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 120, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.time() + 5
+    while not sched.num_running and time.time() < deadline:
+        time.sleep(0.005)
+    assert sched.num_running == 1
+    sock.close()  # gone before the answer: the handler notices within its poll and aborts
+    deadline = time.time() + 5
+    while sched.num_running and time.time() < deadline:
+        time.sleep(0.01)
+    assert sched.num_running == 0 and aborted(server) == before + 1
 
 
 BAD = [

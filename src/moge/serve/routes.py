@@ -42,7 +42,7 @@ async def _watch_disconnect(raw: Request, choices: list[Choice]) -> None:
             for c in choices:
                 c.stream.close()
             return
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.05)
 
 
 class OpenAIRoutes:
