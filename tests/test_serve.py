@@ -27,6 +27,7 @@ from moge.engine.request import Request
 from moge.engine.scheduler import Scheduler
 from moge.generate import generate
 from moge.serve.engine import Stream
+from moge.serve.text import TextStream
 from serve_helpers import MODEL, Server, ckpt, free_port  # noqa: F401 (ckpt: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -376,3 +377,21 @@ def test_stop_strings_cut_the_text_streamed_or_not(server):
     parts = [ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=16,
                                                                   temperature=0, stop=stop, stream=True) if ch.choices]
     assert "".join(parts) == want
+
+
+def test_text_stream_deltas_add_up_to_the_decoded_text(ckpt):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    text = "café naïve 東京 — hello moge 🙂 the quick brown fox"
+    ids = tok.encode(text, add_special_tokens=False).ids
+
+    def decode(x):
+        return tok.decode(x, skip_special_tokens=True)
+
+    stream = TextStream(decode)
+    parts = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(parts) == text and all("\ufffd" not in p for p in parts)
+    for stop in ("東京", "moge 🙂", "fox", "absent"):
+        stream = TextStream(decode, (stop, "zzz"))
+        got = "".join(stream.push(i) for i in ids) + stream.finish()
+        assert got == text[:text.find(stop)] if stop in text else got == text

@@ -324,7 +324,9 @@ class Scheduler:
         p = req.params
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
-        if p.stop and any(s in self.decode(req.output_ids) for s in p.stop):
+        # A stop string ends in the newest tokens: decode only a tail that surely holds it (a token is at
+        # least one byte, a character at most four), so a long answer costs O(n), not O(n^2).
+        if p.stop and any(s in self.decode(req.output_ids[-(4 * max(map(len, p.stop)) + 8):]) for s in p.stop):
             return "stop"
         return "length" if len(req.output_ids) >= p.max_tokens else None
 

@@ -84,11 +84,17 @@ def _read_tokenizer_config(directory: Path) -> dict:
 
 
 class TextStream:
-    """Text deltas of one choice as its tokens arrive (see the module docstring)."""
+    """Text deltas of one choice as its tokens arrive (see the module docstring).
+
+    Decoding is incremental, so a long answer costs O(n), not O(n^2): each new token is decoded with
+    the few tokens before it as context (``ids[prefix:]`` against ``ids[prefix:read]``; context keeps
+    decoders that treat a sequence's first token specially, such as SentencePiece's leading space,
+    right), and only once the result no longer ends in an incomplete character."""
 
     def __init__(self, decode, stops: tuple[str, ...] = ()):
         self.decode, self.stops = decode, stops
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[:read] are in self.text; ids[prefix:read] is the context
         self.sent = 0
         self.text = ""
         self.stopped = False
@@ -98,19 +104,29 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the token that completes it
+        start = max(len(self.text) - max(map(len, self.stops), default=0), 0)
+        self.text += now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            self.stopped, self.text = True, text[:cut]
+            self.stopped, self.text = True, self.text[:cut]
             return self._take(len(self.text))
-        self.text = text
-        hold = 1 if text.endswith("\ufffd") else 0
+        hold = 0
         for s in self.stops:  # a tail that may grow into a stop string waits
-            hold = max(hold, next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0))
-        return self._take(len(text) - hold)
+            hold = max(hold, next((k for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                                   if self.text.endswith(s[:k])), 0))
+        return self._take(len(self.text) - hold)
 
     def finish(self) -> str:
-        """Everything not yet sent (the request is over)."""
+        """Everything not yet sent (the request is over), an incomplete last character included."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self.decode(self.ids[self.prefix:self.read])
+            self.text += self.decode(self.ids[self.prefix:])[len(before):]
+            self.read = len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
