@@ -14,6 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .. import validate as V
+from ..checkpoint import load_pretrained
+from ..checkpoint.reading import read_tokenizer
+from ..engine.request import AdmissionError
+from ..engine.scheduler import Scheduler
 from ..errors import MoGEError
 
 __all__ = ["ServeArgumentError", "add_arguments", "build", "run"]
@@ -44,8 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _checked(args: argparse.Namespace) -> Path:
-    from .. import validate as V
-
     ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir():
         raise ServeArgumentError(f"checkpoint directory {ckpt} does not exist" if not ckpt.exists()
@@ -63,29 +66,18 @@ def _checked(args: argparse.Namespace) -> Path:
 def build(args: argparse.Namespace):
     """Load the model and tokenizer; return ``(app, engine)`` (the app's lifespan starts the engine)."""
     ckpt = _checked(args)
-    try:  # the serve extra is optional: say how to get it instead of an ImportError
+    # The serve extra (FastAPI, uvicorn, prometheus-client) is optional: imported here, so that
+    # without it this command says how to get it instead of raising an ImportError.
+    try:
         from ..serve.app import create_app
         from ..serve.engine import AsyncEngine
         from ..serve.text import ServeTokenizer
     except ImportError as e:
         raise ServeArgumentError(f"moge serve needs the serve extra ({e.name} is missing): "
                                  "pip install 'moge[serve]'") from None
-    from tokenizers import Tokenizer
-
-    from ..checkpoint import CheckpointError, confined, load_pretrained
-    from ..engine.request import AdmissionError
-    from ..engine.scheduler import Scheduler
-
-    tok_path = confined(ckpt, "tokenizer.json")
-    if not tok_path.is_file():
+    raw_tok = read_tokenizer(ckpt, args.verify)
+    if raw_tok is None:
         raise ServeArgumentError(f"no tokenizer.json in {ckpt}: moge serve needs the checkpoint's tokenizer")
-    if args.verify:
-        from ..checkpoint.training_state import verify_files
-        verify_files(ckpt, ["tokenizer.json"])
-    try:
-        raw_tok = Tokenizer.from_file(str(tok_path))
-    except Exception as e:
-        raise CheckpointError(f"cannot read tokenizer {tok_path}: {e}") from None
     model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
                             verify=args.verify)
     cfg = model.config
