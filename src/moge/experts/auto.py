@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .choice import KernelChoices
 from .gemv import decode_experts
-from .registry import _BACKENDS, ExpertsBackend, ExpertsBackendError, lookup, reads_counts_on_host
+from .registry import ExpertsBackend, ExpertsBackendError, available_backends, lookup, reads_counts_on_host
 
 
 # Average pairs per expert up to which ``gemv`` beats ``sorted`` on CPU (equal at 8, see RESULTS.md).
@@ -32,11 +32,11 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     # Under torch.export the graph must not depend on routing data: grouped_mm keeps the counts on the
     # device (every shape is T*K pairs, whatever the router chose).
-    if (dev.type == "cuda" or torch.compiler.is_exporting()) and "grouped_mm" in _BACKENDS:
+    if (dev.type == "cuda" or torch.compiler.is_exporting()) and "grouped_mm" in available_backends():
         return "grouped_mm"
     if pairs_per_expert is not None and pairs_per_expert <= GEMV_MAX_ROWS:
         return "gemv"
-    return "sorted" if "sorted" in _BACKENDS else "eager"
+    return "sorted" if "sorted" in available_backends() else "eager"
 
 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any,
@@ -46,7 +46,7 @@ def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, dow
     name = default_backend("cpu", rows)
     if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured)
         return decode_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF, kernels)
-    return _BACKENDS[name](x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
+    return lookup(name)(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
 
 
 def get_experts_backend(name: str, device: torch.device | None = None) -> ExpertsBackend:
