@@ -6,7 +6,7 @@ bytes, as a decode step does and unlike a loop over one hot weight. Per token co
 default): one input per layer, routed once; a round runs the 12 layers' experts; after 3 warm-up
 rounds (which also let ``auto`` finish timing its first real calls), the best of ``--repeats`` rounds
 is kept. Prints ms per 12 layers, the weight stream rate (touched experts' bytes / time) and each
-contender's ratio to ``auto``. Backs the decode numbers in ``moge/experts_gemv.py`` and
+contender's ratio to ``auto``. Backs the decode numbers in ``moge/experts/gemv.py`` and
 ``docs/inference.md``; prints only (no RESULTS section).
 
 Usage: ``PYTHONPATH=src python benchmarks/bench_decode_experts.py [--tokens 1 8] [--threads 2]``
