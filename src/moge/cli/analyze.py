@@ -6,13 +6,7 @@ plus PNGs: per-layer, per-domain expert token share (uniform K/N marked), co-act
 pairs, each expert's share of its group over the layers, the busiest expert's and busiest device's
 share (against ``--compare``, e.g. the top-K twin) and a specialisation index per layer.
 
-Shape legend: B rows, S tokens per row, T = B*S tokens, K experts per token, N experts, M groups,
-D devices, C domains.
-
-Works on any model whose ``.model.layers`` hold :class:`~moge.model.moe.MoGELayer` MLPs: the native
-:class:`~moge.model.decoder.MoGEForCausalLM` and the transformers wrapper alike. Only the main model's first
-``num_hidden_layers`` layers are analysed; extra entries in the layer list (multi-token-prediction
-modules) are left alone. Routing is read with forward hooks that are removed afterwards.
+The analyses themselves (which models they work on, the shape legend) are :mod:`moge.analysis.analyze`.
 """
 
 from __future__ import annotations
