@@ -23,4 +23,8 @@ batch = tok(["def ", "The "], return_tensors="pt", padding=True)
 out = model.generate(**batch, max_new_tokens=16, do_sample=False)
 if dist.get_rank() == 0:
     print(f"{dist.get_world_size()} ranks:", tok.batch_decode(out, skip_special_tokens=True))
+# Finish every rank's collectives and drop the sharded tensors before the group goes: gloo's worker
+# threads still holding tensors at interpreter shutdown can abort the process.
+dist.barrier()
+del model, out
 dist.destroy_process_group()
