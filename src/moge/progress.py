@@ -77,9 +77,6 @@ class LogProgress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __iter__(self):  # pragma: no cover - jobs call update() themselves
-        raise TypeError("LogProgress does not wrap iterables; call update()")
-
 
 def progress(total: int | None, desc: str, unit: str = "it", *, disable: bool = False, initial: int = 0,
              position: int | None = None, interval: float = 10.0, file: TextIO | None = None, **tqdm_kwargs):

@@ -6,7 +6,7 @@ Shape legend: B rows, S tokens per row, T = B*S tokens, K experts per token, N e
 D devices, C domains.
 
 Works on any model whose ``.model.layers`` hold :class:`~moge.model.moe.MoGELayer` MLPs: the native
-:class:`~moge.model.decoder.MoGEForCausalLM` and the transformers wrapper alike. Only the main model's first
+:class:`~moge.model.MoGEForCausalLM` and the transformers wrapper alike. Only the main model's first
 ``num_hidden_layers`` layers are analysed; extra entries in the layer list (multi-token-prediction
 modules) are left alone. Routing is read with forward hooks that are removed afterwards.
 """

@@ -166,7 +166,7 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
 
 def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", verify: bool = True):
-    """Load a released-layout checkpoint directory into a :class:`~moge.model.decoder.MoGEForCausalLM`.
+    """Load a released-layout checkpoint directory into a :class:`~moge.model.MoGEForCausalLM`.
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
@@ -246,7 +246,7 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
 
 def save_model(model: Any, directory: str | Path, max_shard_size: int | str = "2GB",
                tokenizer_file: str | Path | None = None, progress: bool = False) -> Path:
-    """:func:`save_pretrained` of a model object: :class:`~moge.model.decoder.MoGEForCausalLM` or the
+    """:func:`save_pretrained` of a model object: :class:`~moge.model.MoGEForCausalLM` or the
     transformers wrapper, also inside ``torch.compile`` / DDP wrappers."""
     model = unwrap_model(model)
     overrides = None

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ..errors import MoGEError
+
 
 # command -> module; each module is imported only when its command runs.
 COMMANDS: dict[str, str] = {
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
-    from ..errors import MoGEError
     try:
         return int(args._run(args) or 0)
     except (MoGEError, FileNotFoundError, NotADirectoryError) as e:

@@ -68,7 +68,7 @@ def _attention_kernels(device: torch.device):
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a :class:`~moge.model.decoder.MoGEForCausalLM` or the transformers wrapper."""
+    """``(decoder, lm_head)`` of a :class:`~moge.model.MoGEForCausalLM` or the transformers wrapper."""
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if base is None or head is None or not hasattr(base, "layers"):
         raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs .model.layers and .lm_head)")

@@ -83,8 +83,11 @@ def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = Non
     if kernels is None or not (0 < rows <= FEW_ROWS and x_RI.device.type == "cpu"
                                and x_RI.dtype == torch.float32 == weight_OI.dtype):
         return F.linear(x_RI, weight_OI, bias_O)
-    return kernels.run("few_rows", few_rows_key(rows, weight_OI, bias_O),
-                       {k: (lambda f=f: f(x_RI, weight_OI, bias_O)) for k, f in KERNELS.items()})
+    key = few_rows_key(rows, weight_OI, bias_O)
+    name = kernels.get("few_rows", key)
+    if name is not None:  # the decode hot path: no trial bookkeeping once the choice is made
+        return KERNELS[name](x_RI, weight_OI, bias_O)
+    return kernels.run("few_rows", key, {k: (lambda f=f: f(x_RI, weight_OI, bias_O)) for k, f in KERNELS.items()})
 
 
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, kernels: KernelChoices | None = None) -> Tensor:

@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from .auto import get_experts_backend
 from .choice import KernelChoices
@@ -20,8 +19,9 @@ from .linear import Linear
 
 def _local(w):
     """This rank's expert block of an expert-parallel DTensor weight (``Shard(0)`` over the ep ranks;
-    differentiable), or the weight itself."""
-    return w.to_local() if isinstance(w, DTensor) else w
+    differentiable), or the weight itself. Duck-typed on ``to_local``: importing
+    ``torch.distributed.tensor`` here would add half a second to every ``import moge``."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 class StackedExperts(nn.Module):

@@ -5,7 +5,7 @@ Shape legend (the package legend)
     Hkv key/value heads (``g`` in model.py)     D  head dim
     C  slots of a static cache: ``capacity + 1`` (the last slot is a scratch slot, see below)
 
-Both caches give :class:`moge.model.decoder.Attention` what it calls, ``update(k_BgSD, v_BgSD, layer_idx,
+Both caches give :class:`moge.model.Attention` what it calls, ``update(k_BgSD, v_BgSD, layer_idx,
 cache_kwargs) -> (k_BgLD, v_BgLD)`` and ``get_seq_length(layer_idx)``, the same surface as
 transformers' ``DynamicCache``; and both can drop the newest positions (``rollback``) for speculative
 decoding.
@@ -108,7 +108,7 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "StaticKVCache":
-        """A cache shaped for ``model`` (a :class:`~moge.model.decoder.MoGEForCausalLM`, the transformers wrapper,
+        """A cache shaped for ``model`` (a :class:`~moge.model.MoGEForCausalLM`, the transformers wrapper,
         or their ``.model``), in the model's dtype and device unless given."""
         base = getattr(model, "model", model)
         attn = base.layers[0].self_attn

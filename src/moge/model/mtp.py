@@ -90,7 +90,7 @@ def mtp_losses(model: nn.Module, h_BSH: Tensor, input_ids_BS: Tensor, labels_BS:
                attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> list[MTPOutput]:
     """Every predictor's loss on a training batch, given the main model's final hidden states.
 
-    ``model`` is a :class:`~moge.model.decoder.MoGEForCausalLM` (``.mtp``, ``.model.embed_tokens``,
+    ``model`` is a :class:`~moge.model.MoGEForCausalLM` (``.mtp``, ``.model.embed_tokens``,
     ``.model.rotary``, ``.lm_head``). Predictor k sees positions ``0..S-k-1`` and the tokens
     ``input_ids[:, k:]``; position t predicts ``labels[t+k+1]`` (``-100`` ignored), so a batch needs
     at least k + 2 positions. A 2-D padding mask and position ids are cut to the same positions.

@@ -19,7 +19,7 @@ from .options import TrainConfig, TrainingConfigError
 
 
 def build_model(model_config: MoGEConfig, seed: int, device: torch.device):
-    """A freshly initialised :class:`moge.model.decoder.MoGEForCausalLM` (float32 master weights) on ``device``."""
+    """A freshly initialised :class:`moge.model.MoGEForCausalLM` (float32 master weights) on ``device``."""
 
     torch.manual_seed(seed)
     return MoGEForCausalLM(model_config).to(device)
