@@ -181,8 +181,8 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server, monke
     before = aborted(server)
     real = Scheduler._decode
 
-    def slow(self, decoding):  # at least 5 ms a step: the answer takes > 0.5 s, the disconnect comes first
-        time.sleep(0.005)
+    def slow(self, decoding):  # at least 20 ms a step: the answer takes > 2.4 s, the disconnect comes first
+        time.sleep(0.02)
         return real(self, decoding)
 
     monkeypatch.setattr(Scheduler, "_decode", slow)
