@@ -1,5 +1,6 @@
-"""The transformers wrapper's forward around :class:`~moge.model.MoGEModel`: inputs as transformers
-passes them, outputs as transformers' decoder models return them.
+"""The transformers wrapper's forward around the backbone (:class:`~moge.model.Backbone`, which the base
+model :class:`~moge.hf.PanguProMoEModel` is): inputs as transformers passes them, outputs as transformers'
+decoder models return them.
 
 Inputs. The cache comes as a ``DynamicCache`` (or moge's ``KVCache``) or as a transformers static
 cache (``StaticCache``, what ``generate(cache_implementation="static")`` makes). A static cache
@@ -37,7 +38,7 @@ from ..model.attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
 from ..model.moe import RouterStats
 from ..routing import aux_loss, router_scores, z_loss
-from ..model import MoGEModel
+from ..model import Backbone
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):
@@ -113,7 +114,7 @@ class Recorded:
 
 
 @contextlib.contextmanager
-def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
+def record(backbone: Backbone, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
     """Record hidden states (the kept ``hidden`` indices) and/or attention probabilities during one
     forward of ``backbone``; everything installed is removed on exit (so a recompute under activation
     checkpointing records nothing). Attention is recorded by running each layer's attention through
@@ -147,7 +148,7 @@ def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> It
             layer.self_attn.attention_kernel = kernel
 
 
-def set_attention_kernels(backbone: MoGEModel, implementation: str | None) -> None:
+def set_attention_kernels(backbone: Backbone, implementation: str | None) -> None:
     """Give every attention layer the kernel transformers' ``attn_implementation`` names (``eager`` or
     ``sdpa``; None or anything else transformers accepted for this model: SDPA)."""
     kernel = ATTENTION_KERNELS.get(implementation or "sdpa", ATTENTION_KERNELS["sdpa"])
@@ -165,7 +166,7 @@ class BackboneOutput:
     attentions: tuple[Tensor, ...] | None
 
 
-def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: MoGEModel
+def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: Backbone
                     ) -> list[RouterStats | None]:
     """The layers' balance and z losses over the real tokens of a 2-D padding mask only, as transformers'
     MoE losses count them (padding would otherwise pull the balance towards whatever the pad token
@@ -196,33 +197,33 @@ def pick_cache(cache: Any, past_key_values: Any) -> Any:
     return cache if cache is not None else past_key_values
 
 
-def check_router_loss_trainable(wrapper: Any) -> None:
+def check_router_loss_trainable(backbone: Backbone) -> None:
     """Refuse reentrant activation checkpointing while the router loss trains: a reentrant checkpoint
     returns the layers' RouterStats outside autograd, so the aux loss would get no gradient, silently."""
-    backbone = wrapper.model
     fn = getattr(backbone, "_gradient_checkpointing_func", None)
-    if (backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled()
+    if (backbone.gradient_checkpointing and backbone.training and torch.is_grad_enabled()
             and getattr(fn, "keywords", {}).get("use_reentrant")):
         raise UnsupportedArgumentError("output_router_logits=True with use_reentrant=True activation checkpointing "
                                        "would train without the router's aux loss; use use_reentrant=False "
                                        "(transformers' default)")
 
 
-def run_backbone(wrapper: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+def run_backbone(backbone: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
                  cache: Any, inputs_embeds: Tensor | None, use_cache: bool | None,
                  output_hidden_states: bool | int | list[int] | None, output_attentions: bool | None,
                  ) -> BackboneOutput:
-    """Run ``wrapper.model`` (a :class:`MoGEModel`) on transformers-style inputs (see the module docstring).
+    """Run ``backbone`` (the base model, a :class:`~moge.model.Backbone` with the transformers config) on
+    transformers-style inputs (see the module docstring), through :meth:`~moge.model.Backbone.backbone_forward`.
 
     ``use_cache`` defaults to the config's, and is switched off (with a warning, as transformers' models
     do) while activation checkpointing trains; a missing cache is a new ``DynamicCache``.
     """
-    config, backbone = wrapper.config, wrapper.model
+    config = backbone.config
     if isinstance(attention_mask, dict):
         raise UnsupportedArgumentError("attention_mask must be a tensor (2-D padding mask or 4-D mask), not a dict "
                                        "of per-layer-type masks")
     use_cache = config.use_cache if use_cache is None else use_cache
-    if use_cache and backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled():
+    if use_cache and backbone.gradient_checkpointing and backbone.training and torch.is_grad_enabled():
         warnings.warn("use_cache=True is incompatible with gradient checkpointing; running with use_cache=False",
                       stacklevel=3)
         use_cache = False
@@ -243,7 +244,7 @@ def run_backbone(wrapper: Any, input_ids: Tensor | None, attention_mask: Tensor 
     hidden = hidden_state_indices(output_hidden_states, len(backbone.layers) + 1)
     attentions = config.output_attentions if output_attentions is None else output_attentions
     with record(backbone, hidden, bool(attentions)) as rec:
-        h_BSH, stats = backbone(input_ids, attention_mask, position_ids, run_cache, inputs_embeds)
+        h_BSH, stats = backbone.backbone_forward(input_ids, attention_mask, position_ids, run_cache, inputs_embeds)
     hs = None
     if hidden is not None:
         if len(backbone.layers) in hidden:  # the last state is taken after the final norm (transformers' rule)
