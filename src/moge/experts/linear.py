@@ -90,12 +90,18 @@ def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = Non
     return kernels.run("few_rows", key, {k: (lambda f=f: f(x_RI, weight_OI, bias_O)) for k, f in KERNELS.items()})
 
 
+def _inference_mode() -> bool:
+    """``torch.is_inference_mode_enabled()``, False while torch.compile traces (dynamo cannot trace the
+    query, and a compiled graph takes the plain path anyway)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, kernels: KernelChoices | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for ``x [..., I]``, through the chosen few-rows kernel on CPU for
     at most ``FEW_ROWS`` float32 rows under ``torch.inference_mode()``."""
     rows = x.numel() // max(x.shape[-1], 1)
     if kernels is None or not (0 < rows <= FEW_ROWS and x.device.type == "cpu"
-                               and x.dtype == torch.float32 == weight_OI.dtype and torch.is_inference_mode_enabled()):
+                               and x.dtype == torch.float32 == weight_OI.dtype and _inference_mode()):
         return F.linear(x, weight_OI, bias_O)
     y_RO = few_rows_linear(x.reshape(rows, x.shape[-1]), weight_OI, bias_O, kernels)
     return y_RO.view(*x.shape[:-1], weight_OI.shape[0])

@@ -3,10 +3,9 @@ model :class:`~moge.hf.PanguProMoEModel` is): inputs as transformers passes them
 decoder models return them.
 
 Inputs. The cache comes as a ``DynamicCache`` (or moge's ``KVCache``) or as a transformers static
-cache (``StaticCache``, what ``generate(cache_implementation="static")`` makes). A static cache
-returns its whole preallocated ``[B,Hkv,max_len,D]`` buffers from ``update``; :class:`_FilledPrefix`
-hands the model only the filled positions, so the model's own 2-D padding masks apply unchanged. A
-4-D mask (``[B,1,S,L]``, boolean or additive float) is converted to the boolean form the model takes.
+cache (``StaticCache``, what ``generate(cache_implementation="static")`` makes), which the model attends
+at fixed shapes over all its slots (:mod:`moge.hf.static_cache`). A 4-D mask (``[B,1,S,L]``, boolean or
+additive float) is converted to the boolean form the model takes.
 
 Outputs. ``output_hidden_states`` (True, or the indices to keep) gives transformers' tuple of
 ``num_hidden_layers + 1`` states: the embeddings, each decoder layer's output, the last one after the
@@ -38,44 +37,12 @@ from ..model.attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
 from ..model.moe import RouterStats
 from ..routing import aux_loss, router_scores, z_loss
-from ..model import Backbone
+from ..model import Backbone, positions_from_padding
+from .static_cache import StaticSlots, cache_slots, is_static_cache, static_slot_mask
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):
     """A keyword argument the model does not implement; the message names it."""
-
-
-def is_static_cache(cache: Any) -> bool:
-    """True for transformers caches with preallocated fixed-length layers (``StaticCache`` and kin)."""
-    return bool(getattr(cache, "is_compileable", False))
-
-
-class _FilledPrefix:
-    """A transformers static cache as the model sees it: ``update`` writes in place and returns only
-    the ``past + S`` filled positions, ``get_seq_length`` is a Python int. Lives for one forward.
-
-    The engine's own static cache (moge.engine) is the fixed-shape path; this adapter only lets
-    transformers' cache objects work through the model's growing-cache interface.
-    """
-
-    def __init__(self, cache: Any):
-        self.cache = cache
-        self.past = int(cache.get_seq_length())  # one host read per forward (0-d tensor in transformers)
-
-    def update(self, k_BgSD: Tensor, v_BgSD: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        k_BgLD, v_BgLD = self.cache.update(k_BgSD, v_BgSD, layer_idx, *args, **kwargs)
-        end = self.past + k_BgSD.shape[2]
-        if end > k_BgLD.shape[2]:
-            raise ValueError(f"the static cache holds {k_BgLD.shape[2]} positions, this call needs {end}")
-        return k_BgLD[:, :, :end], v_BgLD[:, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past
-
-
-def model_cache(cache: Any) -> Any:
-    """The object the model gets as its cache: static caches are wrapped (see :class:`_FilledPrefix`)."""
-    return _FilledPrefix(cache) if cache is not None and is_static_cache(cache) else cache
 
 
 def bool_mask(mask_B1SL: Tensor, past: int) -> Tensor:
@@ -208,15 +175,41 @@ def check_router_loss_trainable(backbone: Backbone) -> None:
                                        "(transformers' default)")
 
 
+def _inputs(cache: Any, attention_mask: Tensor | None, position_ids: Tensor | None, input_ids: Tensor | None,
+            inputs_embeds: Tensor | None) -> tuple[Any, Tensor | None, Tensor | None]:
+    """``(cache, mask, positions)`` as the backbone takes them: a static cache as :class:`StaticSlots`
+    with its ``[B,1,S,L]`` slot mask and positions; a 4-D mask as the boolean ``[B,1,S,past+S]``."""
+    x = input_ids if input_ids is not None else inputs_embeds
+    b, s = x.shape[:2]
+    if attention_mask is not None and attention_mask.dim() not in (2, 4):
+        raise UnsupportedArgumentError(f"attention_mask must be 2-D [batch, past+seq] or 4-D [batch, 1, seq, keys]; "
+                                       f"got {attention_mask.dim()}-D")
+    if cache is not None and is_static_cache(cache):
+        slots, past = cache_slots(cache), cache.get_seq_length()  # past: a device tensor, not read here
+        if attention_mask is None and not torch.compiler.is_compiling() and int(past) + s > slots:
+            raise ValueError(f"the static cache holds {slots} positions, this call needs {int(past) + s}")
+        if position_ids is None:
+            position_ids = (positions_from_padding(attention_mask)[:, -s:] if attention_mask is not None
+                            and attention_mask.dim() == 2 else (torch.arange(s, device=x.device) + past).expand(b, s))
+        return StaticSlots(cache), static_slot_mask(attention_mask, past, b, s, slots, x.device), position_ids
+    if attention_mask is not None and attention_mask.dim() == 4:
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = bool_mask(attention_mask, past)
+        if position_ids is None:  # a 4-D mask does not say where a row starts: positions count from the cache
+            position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
+    return cache, attention_mask, position_ids
+
+
 def run_backbone(backbone: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
                  cache: Any, inputs_embeds: Tensor | None, use_cache: bool | None,
                  output_hidden_states: bool | int | list[int] | None, output_attentions: bool | None,
-                 ) -> BackboneOutput:
+                 router_stats: bool = True) -> BackboneOutput:
     """Run ``backbone`` (the base model, a :class:`~moge.model.Backbone` with the transformers config) on
     transformers-style inputs (see the module docstring), through :meth:`~moge.model.Backbone.backbone_forward`.
 
     ``use_cache`` defaults to the config's, and is switched off (with a warning, as transformers' models
     do) while activation checkpointing trains; a missing cache is a new ``DynamicCache``.
+    ``router_stats=False`` skips the routers' statistics (their ``stats`` are None).
     """
     config = backbone.config
     if isinstance(attention_mask, dict):
@@ -229,22 +222,15 @@ def run_backbone(backbone: Any, input_ids: Tensor | None, attention_mask: Tensor
         use_cache = False
     if use_cache and cache is None:
         cache = DynamicCache(config=config)
-    run_cache = model_cache(cache) if use_cache else None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        past = run_cache.get_seq_length() if run_cache is not None else 0
-        attention_mask = bool_mask(attention_mask, past)
-        if position_ids is None:  # a 4-D mask does not say where a row starts: positions count from the cache
-            x = input_ids if input_ids is not None else inputs_embeds
-            position_ids = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)
-    elif attention_mask is not None and attention_mask.dim() != 2:
-        raise UnsupportedArgumentError(f"attention_mask must be 2-D [batch, past+seq] or 4-D [batch, 1, seq, keys]; "
-                                       f"got {attention_mask.dim()}-D")
+    run_cache, attention_mask, position_ids = _inputs(cache if use_cache else None, attention_mask, position_ids,
+                                                      input_ids, inputs_embeds)
     if output_hidden_states is None:
         output_hidden_states = config.output_hidden_states
     hidden = hidden_state_indices(output_hidden_states, len(backbone.layers) + 1)
     attentions = config.output_attentions if output_attentions is None else output_attentions
     with record(backbone, hidden, bool(attentions)) as rec:
-        h_BSH, stats = backbone.backbone_forward(input_ids, attention_mask, position_ids, run_cache, inputs_embeds)
+        h_BSH, stats = backbone.backbone_forward(input_ids, attention_mask, position_ids, run_cache, inputs_embeds,
+                                                 router_stats=router_stats)
     hs = None
     if hidden is not None:
         if len(backbone.layers) in hidden:  # the last state is taken after the final norm (transformers' rule)

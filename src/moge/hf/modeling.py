@@ -44,6 +44,7 @@ from ..model.mtp import make_predictors
 from .config import PanGuMoEConfig, PanguProMoEConfig
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
                       exclude_padding, run_backbone, set_attention_kernels)
+from .static_cache import cache_slots, is_static_cache, static_slot_mask
 from .loading import BACKBONE_PREFIX, backbone_path, backbone_prefix, load, to_checkpoint_names, to_model_names
 
 __all__ = ["PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEForCausalLM", "PanguProMoEModel",
@@ -90,6 +91,10 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PanguProMoEDecoderLayer"]
     _supports_sdpa = True
+    # The forward compiles without graph breaks (transformers' full-graph compile of generate's decode
+    # step, with a static cache): fixed-shape static-cache attention (moge.hf.static_cache), the experts'
+    # graph-safe backend under compile (moge.experts.auto), no host reads while tracing.
+    _can_compile_fullgraph = True
     _tied_weights_keys: dict[str, str] = {}
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -200,8 +205,10 @@ class PanguProMoEModel(PanguProMoEPreTrainedModel, Backbone):
         loads and the scaled balance and z losses, from which the causal LM builds its losses.
         ``num_items_in_batch`` is accepted for transformers' ``Trainer`` and unused (no loss here)."""
         _check_forward_kwargs(type(self).__name__, kwargs)
+        asked = self.config.output_router_logits if output_router_logits is None else output_router_logits
         out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
-                           inputs_embeds, use_cache, output_hidden_states, output_attentions)
+                           inputs_embeds, use_cache, output_hidden_states, output_attentions,
+                           router_stats=bool(asked or output_router_stats))
         res = PanguProMoEModelOutput(last_hidden_state=out.h_BSH, hidden_states=out.hidden_states,
                                      attentions=out.attentions,
                                      router_logits=_router_logits(self, out, output_router_logits),
@@ -249,9 +256,15 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         return outside_inference_mode(out)
 
     @staticmethod
-    def create_masks_for_generate(attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-        """``generate`` with a static cache would build a 4-D mask; the model builds its own from the 2-D one."""
-        return attention_mask
+    def create_masks_for_generate(config: Any = None, inputs_embeds: Tensor | None = None,
+                                  attention_mask: Tensor | None = None, cache: Any = None, **kwargs: Any) -> Any:
+        """``generate``'s mask for a static cache: the fixed-shape ``[B,1,S,max_len]`` slot mask
+        (:func:`~moge.hf.static_cache.static_slot_mask`), built outside the (possibly compiled) forward."""
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if inputs_embeds is None or cache is None or not is_static_cache(cache):
+            return attention_mask
+        b, s = inputs_embeds.shape[:2]
+        return static_slot_mask(attention_mask, cache.get_seq_length(), b, s, cache_slots(cache), inputs_embeds.device)
 
     @_old_cache_name
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -277,17 +290,18 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         is not shifted or used.
         """
         _check_forward_kwargs(type(self).__name__, kwargs)
-        if (labels is not None or shift_labels is not None) and (
-                self.config.output_router_logits if output_router_logits is None else output_router_logits):
+        asked = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if (labels is not None or shift_labels is not None) and asked:
             check_router_loss_trainable(self.model)
+        # The router statistics (losses) only when asked for: decoding skips them.
         base = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=False,
                           output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                          return_dict=True, output_router_stats=True,
+                          return_dict=True, output_router_stats=bool(asked),
                           **{_CACHE_FIELD: pick_cache(cache, past_key_values)})
-        out = BackboneOutput(base.last_hidden_state, base.router_stats, getattr(base, _CACHE_FIELD), base.hidden_states,
-                             base.attentions)
-        if self.config.output_router_logits if output_router_logits is None else output_router_logits:
+        out = BackboneOutput(base.last_hidden_state, base.router_stats or [], getattr(base, _CACHE_FIELD),
+                             base.hidden_states, base.attentions)
+        if asked:
             out.stats = exclude_padding(out.stats, attention_mask, self.model)
         logits, loss, aux = head_forward(self.lm_head, out.h_BSH, out.stats, None if shift_labels is not None
                                          else labels, logits_to_keep, num_items_in_batch)
