@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import find_packed_sequence_indices
 
 from ..model.attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
@@ -197,7 +198,22 @@ def _inputs(cache: Any, attention_mask: Tensor | None, position_ids: Tensor | No
         attention_mask = bool_mask(attention_mask, past)
         if position_ids is None:  # a 4-D mask does not say where a row starts: positions count from the cache
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
+    elif attention_mask is None and position_ids is not None and (cache is None or cache.get_seq_length() == 0):
+        attention_mask = packed_sequence_mask(position_ids.expand(b, -1))
     return cache, attention_mask, position_ids
+
+
+def packed_sequence_mask(position_ids_BS: Tensor) -> Tensor | None:
+    """Packed sequences (``DataCollatorWithFlattening``: no mask, positions restart at 0 where a sequence
+    starts, as transformers detects them, :func:`transformers.masking_utils.find_packed_sequence_indices`):
+    the boolean ``[B,1,S,S]`` block-diagonal causal mask, so no token attends across sequences. None when
+    every row is one sequence (plain causal attention)."""
+    seq_BS = find_packed_sequence_indices(position_ids_BS)
+    if seq_BS is None:
+        return None
+    s = seq_BS.shape[1]
+    causal_SS = torch.ones(s, s, dtype=torch.bool, device=seq_BS.device).tril()
+    return (seq_BS[:, None, :, None] == seq_BS[:, None, None, :]) & causal_SS
 
 
 def run_backbone(backbone: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,

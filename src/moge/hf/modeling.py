@@ -111,6 +111,12 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
         if not self.config.mlp_only_layers:
             self._tp_plan = {k: v for k, v in self._tp_plan.items() if not _DENSE_MLP_RULE.search(k)}
 
+    def set_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> None:
+        """transformers' runtime switch (``"eager"``/``"sdpa"``), applied to moge's attention layers too:
+        they hold their kernel, chosen when it changes, not looked up on every call."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        set_attention_kernels(self.get_submodule(backbone_path(self)), self.config._attn_implementation)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(backbone_path(self)).embed_tokens
 
