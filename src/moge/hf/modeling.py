@@ -191,6 +191,9 @@ class PanguProMoEModel(PanguProMoEPreTrainedModel, Backbone):
 
     # FSDP2: each decoder layer and the embedding their own shard group; the final norm kept whole.
     _fsdp_plan = {"embed_tokens": "free_full_weight", "layers.*": "free_full_weight", "norm": "keep_full_weight"}
+    # What transformers' output recording would hook for `hidden_states` (each decoder layer's output[0]); the
+    # forward records them itself (moge.hf.forward.record), with the same selection rules (indices).
+    _can_record_outputs = {"hidden_states": PanguProMoEDecoderLayer}
 
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
