@@ -3,10 +3,11 @@ loader (:mod:`moge.checkpoint`) behind transformers' keywords and loading contra
 
 A checkpoint's ``model.*`` tensors are the backbone: the base model :class:`~moge.hf.PanguProMoEModel`,
 ``model`` in the causal LM and the heads (the same names as the checkpoint's), the model itself when the
-base model is loaded alone (its names lack the ``model.`` prefix, as transformers' base models' do). As in transformers, keys and shapes are loose: a tensor the checkpoint lacks is initialised
-(by the model's own rule) and reported, a tensor the class does not use is skipped and reported, and
-a tensor of another shape raises :class:`ShapeMismatchError` unless ``ignore_mismatched_sizes=True``
-re-initialises it (``output_loading_info=True`` returns the report). Integrity stays strict: with
+base model is loaded alone (its names lack the ``model.`` prefix, as transformers' base models' do).
+As in transformers, keys and shapes are loose: a tensor the checkpoint lacks is initialised (by the
+model's own rule) and reported (transformers' own load report), a tensor the class does not use is
+skipped and reported, and a tensor of another shape raises :class:`ShapeMismatchError` unless
+``ignore_mismatched_sizes=True`` re-initialises it (``output_loading_info=True`` returns the report). Integrity stays strict: with
 ``verify`` (the default) a training manifest's SHA-256 is checked and NaN/inf tensors are refused
 (:func:`moge.checkpoint.load_state_dict`), and reads stay confined to the directory.
 

@@ -3,8 +3,9 @@
 The base model :class:`PanguProMoEModel` is a ``PreTrainedModel`` that is also moge's backbone
 (:class:`~moge.model.Backbone`: embedding, decoder layers, norm, with the checkpoint's tensor names); the
 causal LM and the heads hold it as ``model``, as transformers' own models hold theirs. The causal LM's
-head, tying and losses are :mod:`moge.model`'s own functions, not copies. Loading and saving go through :mod:`moge.checkpoint`
-(memory-mapped, experts stacked on load, split on save; see :mod:`moge.hf.loading`).
+head, tying and losses are :mod:`moge.model`'s own functions, not copies. Loading and saving go
+through :mod:`moge.checkpoint` (memory-mapped, experts stacked on load, split on save; see
+:mod:`moge.hf.loading`).
 
 The forward follows transformers' MoE models: ``MoeCausalLMOutputWithPast`` with ``aux_loss`` and
 ``router_logits`` (``output_router_logits``), ``hidden_states`` and ``attentions`` when asked, tuples
