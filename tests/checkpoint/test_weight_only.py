@@ -204,3 +204,31 @@ def test_quantize_cli_writes_weight_only_and_evaluates(tmp_path, capsys, monkeyp
                           (["--head"], "--head does not apply to --weights w8a8")]:
         assert cli_main(["quantize", "fp", "--out", "x", *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
+
+
+def test_serve_runs_a_weight_only_directory(tmp_path, capsys, monkeypatch):
+    from serve_helpers import MODEL, Server
+    from tokenizers import Tokenizer
+
+    from helpers import TINY_CONFIG, write_published_checkpoint
+    from moge.checkpoint import read_config, write_tokenizer_config
+
+    fp = tmp_path / "tiny"
+    fp.mkdir()
+    tok = train_tokenizer(fp / "tokenizer.json")
+    write_published_checkpoint(fp, {**TINY_CONFIG, "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size()})
+    write_tokenizer_config(fp, read_config(fp))
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["quantize", "tiny", "--weights", "int8", "--out", "q8", "--no-progress"]) == 0
+    server = Server("q8")
+    try:
+        assert isinstance(server.engine.scheduler.model.model.layers[0].mlp.experts, WeightOnlyExperts)
+        status, body = server.raw("POST", "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": [1, 5, 9, 33], "max_tokens": 5, "temperature": 0, "ignore_eos": True}).encode())
+    finally:
+        server.close()
+    assert status == 200, body
+    q = load_pretrained("q8")
+    want = generate(q, torch.tensor([[1, 5, 9, 33]]), max_new_tokens=5)[0, 4:].tolist()
+    text = Tokenizer.from_file("q8/tokenizer.json").decode(want, skip_special_tokens=False)
+    assert body["choices"][0]["text"] == text and body["usage"]["completion_tokens"] == 5

@@ -101,8 +101,13 @@ def test_shapes_without_a_kernel_use_the_oracle_and_kernel_says_why():
     assert lin.resolved_compute(x.device, torch.bfloat16) == "dequant"
     assert torch.allclose(lin(x), _oracle(lin, x), rtol=2 ** -7, atol=1e-2)
     lin.compute = "kernel"
-    with pytest.raises(QuantError, match=r"no int4 weight-only kernel for torch.bfloat16 activations on cpu \(O=40"):
+    with pytest.raises(QuantError, match=r"no int4 weight-only kernel for torch.bfloat16 activations on cpu \(I=64, O=40"):
         lin(x)
+    # torch's int8 kernel reads inputs in blocks of 16 unchecked (I=24 crashed the process): the oracle takes it
+    lin8 = WeightOnlyLinear.quantize(randn(32, 24), None, 8)
+    x24 = randn(3, 24)
+    assert lin8.resolved_compute(x24.device, torch.bfloat16) == "dequant"
+    assert torch.allclose(lin8(x24), _oracle(lin8, x24), rtol=2 ** -7, atol=1e-2)
     x64 = x.double()  # no kernel for float64: the oracle, in float64
     lin.compute, lin.act_dtype = "auto", None
     assert lin(x64).dtype == torch.float64 and torch.allclose(lin(x64), _oracle(lin, x64), rtol=1e-12)

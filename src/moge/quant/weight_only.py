@@ -25,8 +25,9 @@ The product (:meth:`WeightOnlyLinear.matmul`) rounds the activations and the sca
 ``act_dtype``: ``y = act(act(x) @ (q * act(scale))^T)``, then the bias in the input's dtype. Two
 computations of that one formula, chosen by ``compute``:
 
-* ``kernel``: torch's CPU weight-only kernels, ``aten._weight_int8pack_mm`` (int8, scale per channel)
-  and ``aten._weight_int4pack_mm_for_cpu`` (int4 groups of 32-256, ``O`` a multiple of 16, weights
+* ``kernel``: torch's CPU weight-only kernels, ``aten._weight_int8pack_mm`` (int8, scale per channel,
+  ``I`` a multiple of 16) and ``aten._weight_int4pack_mm_for_cpu`` (int4 groups of 32-256, ``O`` a
+  multiple of 16, weights
   repacked once into its own layout by ``_convert_weight_to_int4pack_for_cpu``, cached on the module);
   they are fast with bfloat16 activations and 10-100x slower with float32 ones (benchmarks/RESULTS.md,
   "Weight-only"), which is why ``act_dtype`` defaults to bfloat16.
@@ -109,12 +110,15 @@ def dequantize_weight(qweight: Tensor, weight_scale: Tensor, dtype: torch.dtype 
     return w.flatten(-2)
 
 
-def _kernel_runs(bits: int, out_features: int, group: int, act: torch.dtype, device: torch.device) -> bool:
-    """Whether torch's CPU weight-only kernel takes this weight and activation dtype."""
+def _kernel_runs(bits: int, in_features: int, out_features: int, group: int, act: torch.dtype,
+                 device: torch.device) -> bool:
+    """Whether torch's CPU weight-only kernel takes this weight and activation dtype. The int8 kernel
+    reads the input dim in blocks of 16 without checking: other sizes crash or read garbage (torch 2.13,
+    measured), so they take the oracle."""
     if device.type != "cpu" or act not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     if bits == 8:
-        return hasattr(torch, "_weight_int8pack_mm")
+        return hasattr(torch, "_weight_int8pack_mm") and in_features % 16 == 0
     return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and out_features % 16 == 0 and group in INT4_GROUPS)
 
 
@@ -172,10 +176,11 @@ class WeightOnlyLinear(nn.Module):
 
     def resolved_compute(self, device: torch.device, act: torch.dtype) -> str:
         """``kernel`` or ``dequant``: what ``compute`` means for inputs on ``device`` in activation dtype ``act``."""
-        runs = _kernel_runs(self.bits, self.out_features, self.group_size, act, device)
+        runs = _kernel_runs(self.bits, self.in_features, self.out_features, self.group_size, act, device)
         if self.compute == "kernel" and not runs:
             raise QuantError(f"no {self.weight_kind} weight-only kernel for {act} activations on {device} "
-                             f"(O={self.out_features}, group {self.group_size}); use compute='dequant' or 'auto'")
+                             f"(I={self.in_features}, O={self.out_features}, group {self.group_size}); use "
+                             f"compute='dequant' or 'auto'")
         return "kernel" if runs and self.compute != "dequant" else "dequant"
 
     def _operands(self, act: torch.dtype) -> tuple[Tensor, ...]:
