@@ -339,8 +339,27 @@ def config_from_dict(d: Mapping[str, Any], directory: str | Path | None = None) 
     return MoGEConfig.from_dict(d)
 
 
+def config_quantization(directory: str | Path) -> Any:
+    """The ``quantization_config`` entry of the directory's ``config.json`` (weight-only checkpoints), or None
+    when there is none or no readable config (reading the config proper reports that)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        d = read_json(path, "config")
+    except CheckpointError:
+        return None
+    return d.get("quantization_config") if isinstance(d, dict) else None
+
+
 def quantization_format(directory: str | Path) -> str | None:
     """The name of the quantized format a checkpoint directory is stored in, or None for float weights."""
     if (Path(directory) / QUANT_DESCRIPTION_NAME).is_file():
         return f"Ascend W8A8 ({QUANT_DESCRIPTION_NAME})"
+    qc = config_quantization(directory)
+    if qc is not None:
+        if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+            return f"compressed-tensors {qc.get('format')!s} (quantization_config in config.json)"
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        return f"{method or 'unknown'} (quantization_config in config.json)"
     return None

@@ -23,11 +23,13 @@ from .hf_files import write_generation_config, write_tokenizer_config
 from .io import (CheckpointError, atomic_write, confined, header_shapes, listing, open_shards, save_shards,
                  to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, check_shared_heads, config_from_dict,
-                     group_expert_names, mtp_native_name, published_shapes, quantization_format, released_config_dict,
+                     config_quantization, group_expert_names, mtp_native_name, published_shapes, quantization_format,
+                     released_config_dict,
                      shared_head_names, stack_experts, to_published_state_dict)
 from .quantized import load_quantized_into, save_quantized
 from .reading import (CONFIG_NAME, FLOAT_DTYPES, QUANT_DTYPES, TOKENIZER_NAME, assign_loaded, check_tokenizer_file,
                       resolve_device, resolve_dtype, tensor_reader, verify_against_manifest)
+from .weight_only import load_weight_only_into, save_weight_only
 
 
 def unwrap_model(model: Any) -> Any:
@@ -155,9 +157,16 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
     """Load a checkpoint into ``module`` (built on the meta device, parameter names as in the checkpoint
     with stacked experts) by assigning the loaded tensors; re-creates the RoPE buffer and re-ties.
     ``verify``: see :func:`load_state_dict`. An Ascend W8A8 directory installs its int8 modules first
-    (:func:`.quantized.load_quantized_into`)."""
+    (:func:`.quantized.load_quantized_into`), a weight-only one (compressed-tensors pack-quantized) its int8 /
+    int4 modules (:func:`.weight_only.load_weight_only_into`)."""
     if quantization_format(directory) is not None:
-        return load_quantized_into(module, directory, config, resolve_dtype(dtype), device, verify)
+        qc = config_quantization(directory)
+        if qc is None:  # the Ascend description
+            return load_quantized_into(module, directory, config, resolve_dtype(dtype), device, verify)
+        if (Path(directory) / QUANT_DESCRIPTION_NAME).is_file():
+            raise CheckpointError(f"{directory} has both {QUANT_DESCRIPTION_NAME} (Ascend W8A8) and a "
+                                  f"quantization_config in config.json; a checkpoint is in one quantized format")
+        return load_weight_only_into(module, directory, config, qc, resolve_dtype(dtype), device, verify)
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sd = load_state_dict(directory, config, dtype, device, expected=expected, verify=verify)
@@ -170,7 +179,8 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
     ``dtype`` (``None``/``"auto"`` keeps the stored dtype) on ``device``; no float32 copy of the whole
-    model is made. An Ascend W8A8 directory gives the int8 model (scales stay float32). Missing /
+    model is made. An Ascend W8A8 directory gives the int8 model, a weight-only one the int8 / int4 model
+    (scales stay float32). Missing /
     unexpected / mis-shaped tensors, unreadable files and a missing ``config.json`` raise :class:`CheckpointError` naming them. ``verify`` (default True): a directory
     with a training manifest is checked against it (SHA-256) and tensors holding NaN/inf are refused
     by name (see :func:`load_state_dict`). Returns the model in eval mode.
@@ -211,7 +221,8 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     files transformers reads (see :mod:`.hf_files`); each file atomically, so a directory with a config
     always has a complete set of weights. Returns the directory.
     A state dict of int8 modules (:mod:`moge.quant`) is written in the Ascend W8A8 layout instead
-    (:func:`.quantized.save_quantized`).
+    (:func:`.quantized.save_quantized`), one of weight-only modules in compressed-tensors' pack-quantized
+    layout (:func:`.weight_only.save_weight_only`).
     """
     if isinstance(directory, torch.nn.Module) or not isinstance(config, MoGEConfig):
         raise TypeError("save_pretrained(directory, config, state_dict): to save a model object use "
@@ -222,6 +233,11 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
     if tokenizer_file is not None:
         check_tokenizer_file(tokenizer_file)  # before anything is written
     state_dict = normalise_names(state_dict)
+    if any(k.endswith(".qweight") for k in state_dict):  # weight-only int8 / int4: compressed-tensors' layout
+        if any(k.endswith(".weight") and t.dtype == torch.int8 for k, t in state_dict.items()):
+            raise CheckpointError("the state dict mixes W8A8 and weight-only modules; a checkpoint holds one kind")
+        return save_weight_only(directory, config, state_dict, max_shard_size, tokenizer_file, progress,
+                                config_overrides)
     if any(t.dtype == torch.int8 for t in state_dict.values()):  # int8 modules: the Ascend W8A8 layout
         return save_quantized(directory, config, state_dict, max_shard_size, tokenizer_file, progress,
                               config_overrides)

@@ -51,6 +51,8 @@ class Int8Linear(nn.Module):
     device has it, see :mod:`.int8`).
     """
 
+    weight_kind = "w8a8"  # what :func:`is_quantized` looks for (weight-only modules say int8 / int4)
+
     def __init__(self, in_features: int, out_features: int, stack: int | None = None, act: str = "static",
                  bias: bool = False, smooth: bool = False, compute: str = "auto"):
         super().__init__()
@@ -196,6 +198,12 @@ def set_compute(model: nn.Module, compute: str) -> nn.Module:
     return model
 
 
+def weight_kinds(model: nn.Module) -> set[str]:
+    """The quantized weight kinds ``model`` holds: ``w8a8`` (:class:`Int8Linear`), ``int8`` / ``int4``
+    (:class:`~.weight_only.WeightOnlyLinear`); empty for a float model."""
+    return {k for m in model.modules() if (k := getattr(m, "weight_kind", None)) is not None}
+
+
 def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` holds any int8 module."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    """Whether ``model`` holds any quantized module (W8A8 or weight-only)."""
+    return bool(weight_kinds(model))
