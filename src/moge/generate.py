@@ -86,7 +86,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
              pad_token_id: int | None = None, cache: str = "static", cuda_graphs: bool | None = None,
              engine: DecodeEngine | SpeculativeDecoder | None = None, speculative: bool = False,
-             draft_tokens: int | None = None) -> Tensor:
+             draft_tokens: int | None = None, compile: bool = False) -> Tensor:
     """Decode up to ``max_new_tokens`` tokens after each prompt with a KV cache; returns ``[B, S+n]``.
 
     One prefill over the (left-padded, ``attention_mask`` 1 = real token) prompts, then one token per
@@ -99,7 +99,9 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     ``cache="static"`` (default) runs :mod:`moge.engine`: a preallocated cache, a fixed-shape step
     with no host syncs and, on CUDA (``cuda_graphs`` None or True), that step replayed as a CUDA graph;
     pass an ``engine`` (:class:`moge.engine.decode.DecodeEngine`) to reuse its caches and graphs across
-    calls. ``cache="dynamic"`` is the plain loop over the model's forward with a growing cache. Both
+    calls. ``compile=True`` compiles that step with ``torch.compile`` (the first call compiles: tens
+    of seconds; then the fastest batch-1 path on CPU, see :class:`moge.engine.step.DecodeStep`; reuse
+    the ``engine`` to compile once). ``cache="dynamic"`` is the plain loop over the model's forward with a growing cache. Both
     give the same tokens (greedy: token for token, up to floating-point ties).
 
     ``speculative=True`` (or ``draft_tokens=D``, at most the model's ``num_mtp_layers``, default all)
@@ -112,14 +114,20 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
                 pad_token_id, generator)
     if cache not in ("static", "dynamic"):
         raise GenerationError(f"cache must be 'static' or 'dynamic', got {cache!r}")
-    if not isinstance(speculative, bool):
-        raise GenerationError(f"speculative must be True or False, got {speculative!r}")
+    if compile and cache != "static":
+        raise GenerationError("compile=True compiles the static cache's step: use cache='static'")
+    for name, flag in (("speculative", speculative), ("compile", compile)):
+        if not isinstance(flag, bool):
+            raise GenerationError(f"{name} must be True or False, got {flag!r}")
     speculative = speculative or draft_tokens is not None or isinstance(engine, SpeculativeDecoder)
     if speculative:
         mtp_predictors(model)
         V.integer("draft_tokens", draft_tokens, 1, len(model.mtp), optional=True, error=GenerationError)
         if cache != "static":
             raise GenerationError("speculative decoding runs on the static cache: use cache='static'")
+        if compile:
+            raise GenerationError("compile=True compiles the one-token step; speculative decoding verifies "
+                                  "several tokens per step and runs eager: pass one of the two")
         if engine is not None and not isinstance(engine, SpeculativeDecoder):
             raise GenerationError("speculative decoding takes a SpeculativeDecoder as engine=, got a "
                                   f"{type(engine).__name__}")
@@ -140,7 +148,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
                                      pad_token_id, generator)
         if engine is None:
             engine = (SpeculativeDecoder(model, ids_BS.shape[1] + max_new_tokens, draft_tokens) if speculative
-                      else DecodeEngine(model, ids_BS.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs))
+                      else DecodeEngine(model, ids_BS.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs,
+                                        compile=compile))
         elif engine.model is not model:
             raise GenerationError("engine= was built for another model")
         elif speculative and draft_tokens is not None and engine.num_drafts != draft_tokens:

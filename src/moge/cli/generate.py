@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to text prompts")
     p.add_argument("--cache", choices=["static", "dynamic"], default="static",
                    help="static: the fixed-shape engine (CUDA graphs on CUDA); dynamic: the plain loop")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (compiles first: tens of seconds; the fastest CPU path at batch 1)")
     p.add_argument("--speculative", action="store_true",
                    help="speculative decoding with the checkpoint's MTP predictors (same greedy output)")
     p.add_argument("--draft-tokens", type=int, default=None,
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = generate(model, ids, mask, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    eos_token_id=cfg.eos_token_id, generator=gen, pad_token_id=pad, cache=args.cache,
-                   speculative=args.speculative, draft_tokens=args.draft_tokens)
+                   speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile)
     dt = time.perf_counter() - t0
     new = out[:, ids.shape[1]:].tolist()
     eos = set([] if cfg.eos_token_id is None else

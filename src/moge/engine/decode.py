@@ -30,13 +30,17 @@ __all__ = ["DecodeEngine"]
 class DecodeEngine:
     """Generation state for one model, reusable across calls: per batch size (a bucket with CUDA
     graphs) one :class:`StaticKVCache` of ``capacity`` positions per row, its :class:`DecodeStep`,
-    and with ``cuda_graphs`` the step captured as a CUDA graph (default: on when the model is on CUDA).
+    and with ``cuda_graphs`` the step captured as a CUDA graph (default: on when the model is on CUDA);
+    ``compile=True`` compiles the step with ``torch.compile`` (the fast CPU path at batch 1, see
+    :class:`~moge.engine.step.DecodeStep`).
 
     ``decode`` takes arguments already checked by :func:`moge.generate.generate`, the public front.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool | None = None, check_every: int = 8):
+    def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool | None = None, check_every: int = 8,
+                 compile: bool = False):
         self.model, self.capacity, self.check_every = model, capacity, max(1, check_every)
+        self.compile = compile
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -46,7 +50,7 @@ class DecodeEngine:
     def _slot(self, batch: int) -> tuple[StaticKVCache, DecodeStep, GraphedStep | None]:
         if batch not in self._slots:
             cache = StaticKVCache.for_model(self.model, batch, self.capacity)
-            step = DecodeStep(self.model, cache)
+            step = DecodeStep(self.model, cache, compile=self.compile)
             graphed = None
             if self.cuda_graphs:
                 try:

@@ -117,10 +117,20 @@ class DecodeStep:
     slots are attended; a call may pass a smaller one (CPU: less attention work early on) as long as
     it covers every row's last new position. Positions and the mask live in buffers the step owns, so
     repeated calls allocate nothing for them and a CUDA graph can capture a call.
+
+    ``compile=True`` runs the model's forward through ``torch.compile`` (one graph per step, compiled
+    on the first call: tens of seconds for the ``small`` preset on 2 cores). On a CPU the one-row
+    products and the routed experts are then traced in reduce form (:mod:`moge.experts.reduce`), which
+    Inductor compiles to weight streams at the memory's speed: the fast batch-1 decode path. The
+    compiled step always attends all ``kv_len`` slots (fixed shapes, one compile).
     """
 
-    def __init__(self, model: nn.Module, cache: StaticKVCache, num_new: int = 1, kv_len: int | None = None):
+    def __init__(self, model: nn.Module, cache: StaticKVCache, num_new: int = 1, kv_len: int | None = None,
+                 compile: bool = False):
         self.base, self.head = _parts(model)
+        self.compiled = compile
+        # dynamic=False: one graph per step shape (a step's shapes never change; see compiled_forward).
+        self._forward = torch.compile(self._model_forward, dynamic=False) if compile else self._model_forward
         self.cache, self.num_new = cache, num_new
         self.kv_len = cache.capacity if kv_len is None else kv_len
         if not 1 <= num_new <= self.kv_len <= cache.capacity:
@@ -139,7 +149,8 @@ class DecodeStep:
         b, s = self.cache.batch_size, self.num_new
         if tuple(ids_BS.shape) != (b, s):
             raise CacheError(f"this step takes ids of shape [{b}, {s}], got {tuple(ids_BS.shape)}")
-        L = self.kv_len if kv_len is None else kv_len
+        # A compiled step attends every slot: one graph, where each attended length would be another compile.
+        L = self.kv_len if kv_len is None or self.compiled else kv_len
         if not s <= L <= self.kv_len:
             raise CacheError(f"kv_len={L} must be in [{s}, {self.kv_len}]")
         torch.add(self.cache.lengths_B.view(b, 1), self.offsets_1S, out=self.pos_BS)
@@ -148,9 +159,13 @@ class DecodeStep:
         mask_B1SL = self._masks[L]
         causal_slot_mask(self.pos_BS, L, out=mask_B1SL, slots_L=self.slots_L)
         with _attention_kernels(ids_BS.device):
-            # check_ids=False: the step feeds back ids the model sampled (generate checks the prompt once);
-            # reading them to check would be the host sync the step exists to avoid.
-            h_BSH, _ = self.base(ids_BS, attention_mask=mask_B1SL, position_ids=self.pos_BS,
-                                 past_key_values=self.cache, router_stats=False, check_ids=False)
+            logits_BSV, h_BSH = self._forward(ids_BS, mask_B1SL, self.pos_BS)
         self.cache.advance(s)
+        return logits_BSV, h_BSH
+
+    def _model_forward(self, ids_BS: Tensor, mask_B1SL: Tensor, pos_BS: Tensor) -> tuple[Tensor, Tensor]:
+        # check_ids=False: the step feeds back ids the model sampled (generate checks the prompt once);
+        # reading them to check would be the host sync the step exists to avoid.
+        h_BSH, _ = self.base(ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS, past_key_values=self.cache,
+                             router_stats=False, check_ids=False)
         return self.head(h_BSH), h_BSH

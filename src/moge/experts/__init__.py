@@ -27,10 +27,15 @@ row scale so that its down projection sees the unweighted activation it was cali
   expert's two products through the measured-fastest few-rows kernel of :mod:`moge.experts.linear`, and
   nothing else per expert; one host sync for the counts; differentiable through autograd.
 
+* ``reduce`` (in :mod:`moge.experts.reduce`): each token-expert pair as a broadcast multiply and a sum
+  over the expert's weights gathered in place; sync-free; only worth running compiled (a compiled CPU
+  decode step, where Inductor turns it into a weight stream at the memory's speed).
+
 ``auto`` resolves per call (:func:`default_backend`): ``grouped_mm`` on CUDA and under ``torch.export``;
 on CPU under ``torch.inference_mode()`` (decoding) at up to :data:`GEMV_MAX_ROWS` pairs per expert on
 average, ``gemv`` or ``grouped_mm``, whichever measured faster on the first real calls of that shape
-(:func:`moge.experts.gemv.decode_experts`: the order flips between CPUs), else ``sorted``. The
+(:func:`moge.experts.gemv.decode_experts`: the order flips between CPUs), else ``sorted``; while
+``torch.compile`` traces a CPU forward at those sizes, ``reduce``. The
 measurements belong to the model: its :class:`~moge.experts.choice.KernelChoices` (``model.kernels``),
 which can be pinned and saved; a module without one measures nothing.
 
@@ -45,6 +50,7 @@ from .gemv import decode_experts, gemv_experts
 from .grouped_mm import grouped_mm_experts
 from .linear import Linear
 from .modules import StackedExperts, SwiGLU, SwiGLUExperts
+from .reduce import reduce_experts, reduce_linear
 from .registry import ExpertsBackend, ExpertsBackendError, available_backends, register_experts_backend
 from .sorted import sorted_experts
 
@@ -52,5 +58,5 @@ from .sorted import sorted_experts
 __all__ = ["GEMV_MAX_ROWS", "ExpertsBackend", "ExpertsBackendError", "KernelChoices", "Linear", "MeasuredChoice",
            "StackedExperts", "SwiGLU", "SwiGLUExperts", "available_backends", "decode_experts", "default_backend",
            "eager_experts", "expert_linear", "gemv_experts", "get_experts_backend", "grouped_mm_experts",
-           "is_float_weight", "register_experts_backend", "sort_by_expert", "sort_pairs", "sorted_experts",
-           "use_kernels"]
+           "is_float_weight", "reduce_experts", "reduce_linear", "register_experts_backend", "sort_by_expert",
+           "sort_pairs", "sorted_experts", "use_kernels"]

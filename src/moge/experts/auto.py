@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .choice import KernelChoices
 from .gemv import decode_experts
+from .reduce import reduce_experts
 from .registry import ExpertsBackend, ExpertsBackendError, available_backends, lookup, reads_counts_on_host
 
 
@@ -41,6 +42,9 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any,
               kernels: KernelChoices | None = None) -> Tensor:
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and ids_TK.numel() <= GEMV_MAX_ROWS * gate_up_N2FH.shape[0]:
+        # A compiled decode step: one graph, the touched experts read in place (moge.experts.reduce).
+        return reduce_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
     # gemv's products round by memory alignment and row count (see moge.experts.linear): decoding only.
     rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
     name = default_backend("cpu", rows)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .choice import KernelChoices
+from .reduce import reduce_linear
 
 
 __all__ = ["FEW_ROWS", "KERNELS", "Linear", "few_rows_linear", "linear"]
@@ -92,8 +93,15 @@ def few_rows_linear(x_RI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = Non
 
 def linear(x: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, kernels: KernelChoices | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for ``x [..., I]``, through the chosen few-rows kernel on CPU for
-    at most ``FEW_ROWS`` float32 rows under ``torch.inference_mode()``."""
+    at most ``FEW_ROWS`` float32 rows under ``torch.inference_mode()``; one row on CPU while
+    ``torch.compile`` traces (a compiled decode step), in :func:`~moge.experts.reduce.reduce_linear`'s
+    form."""
     rows = x.numel() // max(x.shape[-1], 1)
+    if torch.compiler.is_compiling():
+        if rows == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # A compiled CPU decode step: the reduce form streams the weight at the memory's speed.
+            return reduce_linear(x.reshape(1, x.shape[-1]), weight_OI, bias_O).view(*x.shape[:-1], weight_OI.shape[0])
+        return F.linear(x, weight_OI, bias_O)  # the measured choice times calls: not inside a graph
     if kernels is None or not (0 < rows <= FEW_ROWS and x.device.type == "cpu"
                                and x.dtype == torch.float32 == weight_OI.dtype and torch.is_inference_mode_enabled()):
         return F.linear(x, weight_OI, bias_O)
