@@ -69,7 +69,7 @@ def test_compiled_step_gives_the_eager_steps_logits_and_tokens_for_a_padded_batc
     for r, row in enumerate(rows):
         assert torch.equal(out_compiled[r, width:], greedy_uncached(model, torch.tensor([row]), 10)[0, len(row):])
     # the logits of one more step, from the same cache state
-    (c_cache, c_step, _), (e_cache, e_step, _) = compiled._slot(3), eager._slot(3)
+    (c_cache, c_step, _), (_, e_step, _) = compiled._slot(3), eager._slot(3)
     nxt = out_eager[:, -1:]
     lengths = c_cache.lengths_B.clone()
     logits_c, _ = c_step(nxt)

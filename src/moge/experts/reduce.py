@@ -68,9 +68,14 @@ def reduce_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any
     t, k = ids_TK.shape
     f = down_NHF.shape[2]
     acc = _accumulation(x_TH)
-    ids_P = ids_TK.reshape(-1)
-    x_PH = x_TH.to(acc).repeat_interleave(k, dim=0)
+    ids_P, token_P, w_P = ids_TK.reshape(-1), torch.arange(t * k, device=x_TH.device) // k, w_TK.reshape(-1)
+    if t > 1:
+        # Pairs of one expert next to each other: its second read comes from the cache, so a batch
+        # reads about the distinct experts it touches rather than T*K of them.
+        order_P = torch.argsort(ids_P, stable=True)
+        ids_P, token_P, w_P = ids_P[order_P], token_P[order_P], w_P[order_P]
+    x_PH = x_TH.to(acc)[token_P]
     gu_P2F = (gate_up_N2FH[ids_P].to(acc) * x_PH.unsqueeze(1)).sum(-1)
-    h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_TK.reshape(-1, 1).to(acc)
+    h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_P.unsqueeze(1).to(acc)
     out_PH = (down_NHF[ids_P].to(acc) * h_PF.unsqueeze(1)).sum(-1)
-    return out_PH.view(t, k, -1).sum(1).to(x_TH.dtype)
+    return out_PH.new_zeros(t, out_PH.shape[1]).index_add_(0, token_P, out_PH).to(x_TH.dtype)
