@@ -12,6 +12,9 @@ V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
 * ``moge static W8A8 (MoGE)``: the same fast path on the model quantized in-process by ``moge.quant.quantize``
   (static activation scales, calibrated on two random rows; float32 only, ``--w8a8-batches``), with its
   own bound (its int8 weights' bytes);
+* ``moge [compiled] int8 / int4 (MoGE)``: the float32 model with weight-only int8 (per channel) or int4
+  (group-wise) weights, head included (``moge.quant.quantize_weights``), eager (torch's weight-only
+  kernels, bf16 activations) and compiled (reduce form, float activations), at ``--w8a8-batches``;
 * ``moge via AutoModel.generate``: the transformers wrapper (same weights) through its ``generate``
   (transformers' loop under ``inference_mode``, its default dynamic cache); on request only
   (``--contenders``), ``moge via AutoModel.generate, no_grad``: the same loop as transformers runs it,
@@ -49,6 +52,7 @@ import copy
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,12 +74,15 @@ OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "mog
         "moge static W8A8 (MoGE)")
 W8A8 = OURS[4]
 COMPILED = "moge compiled (MoGE)"
+# Weight-only int8 / int4 (moge.quant.quantize_weights, head included) of the float32 model: eager and compiled.
+WEIGHT_ONLY = {"moge int8 (MoGE)": ("int8", False), "moge compiled int8 (MoGE)": ("int8", True),
+               "moge int4 (MoGE)": ("int4", False), "moge compiled int4 (MoGE)": ("int4", True)}
 THEIRS = ("transformers dynamic", "transformers static")
 # llama.cpp's rows per moge dtype loop: its GGUF type of the same weights (8- and 4-bit in the float32 loop).
 LLAMA = {"float32": ("llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"), "bfloat16": ("llama.cpp bf16",)}
 LLAMA_FMT = {"llama.cpp f32": "float32", "llama.cpp bf16": "bfloat16", "llama.cpp q8_0": "int8", "llama.cpp q4_0": "int4"}
 NO_GRAD = "moge via AutoModel.generate, no_grad"  # not run by default: the A/B of the wrapper's generate
-MOGE_ROWS = OURS + (COMPILED, NO_GRAD)
+MOGE_ROWS = OURS + (COMPILED, *WEIGHT_ONLY, NO_GRAD)
 PEERS = THEIRS + tuple(LLAMA_FMT)
 
 
@@ -160,6 +167,14 @@ def build_w8a8(native: MoGEForCausalLM) -> MoGEForCausalLM:
     calib = torch.randint(3, native.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
     quantize(q, calib.to(next(native.parameters()).device), act="static", progress=False)
     return q.eval()
+
+
+def build_weight_only(native: MoGEForCausalLM, fmt: str) -> MoGEForCausalLM:
+    """A copy of ``native`` with weight-only int8 (per channel) or int4 (default groups) weights, head included."""
+    from moge.quant import quantize_weights
+    model = copy.deepcopy(native)
+    quantize_weights(model, 8 if fmt == "int8" else 4, None, head=True)
+    return model
 
 
 def touched_expert_bytes(model: MoGEForCausalLM, ids, n_new: int) -> float:
@@ -271,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {MOGE_ROWS + THEIRS}")
-    ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8], help="batches of the W8A8 row (float32)")
+    ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8],
+                    help="batches of the W8A8 and weight-only int8/int4 rows (float32)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
     ap.add_argument("--speculative", default=None, metavar="CKPT",
@@ -281,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary (else $LLAMA_BENCH; "
                     "without it the llama.cpp rows are skipped; benchmarks/llamacpp.py says how to build it)")
     ap.add_argument("--llama-convert", default=None, help="llama.cpp's convert_hf_to_gguf.py (else $LLAMA_CONVERT)")
+    ap.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "moge-bench-gguf"),
+                    help="where the converted Qwen2-MoE and its GGUF files are kept between runs (~4.5 GB)")
     ap.add_argument("--llama-batches", nargs="*", type=int, default=[1], help="batches of the llama.cpp rows "
                     "(llama-bench decodes one sequence)")
     ap.add_argument("--no-write", action="store_true")
@@ -293,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     n_new = args.new_tokens or (128 if device.type == "cuda" else 16)
     llama = LlamaCpp.find(args.llama_bench, args.llama_convert) if device.type == "cpu" else None
-    names = args.contenders or list(OURS + (COMPILED,) + THEIRS + (tuple(LLAMA_FMT) if llama else ()))
+    names = args.contenders or list(OURS + (COMPILED, *WEIGHT_ONLY) + THEIRS + (tuple(LLAMA_FMT) if llama else ()))
     if any(n in LLAMA_FMT for n in names) and llama is None:
         print("llama.cpp rows skipped: no llama-bench / convert_hf_to_gguf.py (--llama-bench, --llama-convert)")
     bw = read_bandwidth(device)
     print(f"read bandwidth: {bw / 1e9:.1f} GB/s (x.sum() over 512 MiB)", flush=True)
-    gguf_dir = Path(args.results).with_name("gguf-cache")
+    gguf_dir = Path(args.gguf_dir)
 
     def prompt_len(b):
         return args.big_prompt if device.type == "cpu" and b >= args.big_batch else args.prompt
@@ -313,17 +331,20 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, dt_name)
         contenders = {}  # name -> (run(ids, n, clocked) -> seconds or None, note)
         models = {}
-        if set(names) & {OURS[0], OURS[2], OURS[3], NO_GRAD, W8A8, COMPILED}:
+        if set(names) & {OURS[0], OURS[2], OURS[3], NO_GRAD, W8A8, COMPILED, *WEIGHT_ONLY}:
             models["moge"] = build_moge("moge", dtype, device)
         if W8A8 in names and dtype == torch.float32:
             models["w8a8"] = build_w8a8(models["moge"])
+        for name, (fmt, _) in WEIGHT_ONLY.items():
+            if name in names and dtype == torch.float32 and fmt not in models:
+                models[fmt] = build_weight_only(models["moge"], fmt)
         if OURS[1] in names:
             models["topk"] = build_moge("topk", dtype, device)
         engines: dict = {}
 
         def ours_static(key, compile=False):
             def run(ids, n, clock):
-                if key == "w8a8" and ids.shape[0] not in args.w8a8_batches:
+                if key in ("w8a8", "int8", "int4") and ids.shape[0] not in args.w8a8_batches:
                     raise Skip
                 eng = engines.get((key, compile, ids.shape))
                 if eng is None:
@@ -349,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             contenders[OURS[0]] = ours_static("moge")
         if COMPILED in names:
             contenders[COMPILED] = ours_static("moge", compile=True)
+        for name, (fmt, comp) in WEIGHT_ONLY.items():
+            if name in names and fmt in models:
+                contenders[name] = ours_static(fmt, compile=comp)
         if OURS[1] in names:
             contenders[OURS[1]] = ours_static("topk")
         if OURS[2] in names:
@@ -378,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         if "moge" in models:
             for b in args.batches:
                 ctx = inputs[b].shape[1] + n_new / 2
+                for fmt in ("int8", "int4"):
+                    if fmt in models and b in args.w8a8_batches:
+                        bounds[(f"{dt_name} {fmt}", b)] = (touched_expert_bytes(models[fmt], inputs[b], n_new)
+                                                           + other_bytes(models[fmt], b, ctx)) / bw * 1e3
                 bounds[(dt_name, b)] = (touched_expert_bytes(models["moge"], inputs[b], n_new)
                                         + other_bytes(models["moge"], b, ctx)) / bw * 1e3
                 if "w8a8" in models and b in args.w8a8_batches:
@@ -406,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batches:
             for name in MOGE_ROWS + THEIRS + tuple(LLAMA_FMT):
                 if name in MOGE_ROWS + tuple(LLAMA_FMT) and (b, name) in best:
-                    bound = bounds.get((dt_name + " W8A8", b)) if name == W8A8 else None
+                    bound = (bounds.get((dt_name + " W8A8", b)) if name == W8A8 else
+                             bounds.get((f"{dt_name} {WEIGHT_ONLY[name][0]}", b)) if name in WEIGHT_ONLY else None)
                     rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note="",
                                      **({"bound": bound} if bound else {})))
                 elif name in THEIRS:
@@ -462,8 +491,8 @@ def speculative(args, n_new: int, device) -> list[dict]:
 # moge's rows per weight format, compared with llama.cpp's GGUF type of the same format.
 FORMATS = {"float32": ("float32", (OURS[0], COMPILED), "llama.cpp f32"),
            "bfloat16": ("bfloat16", (OURS[0], COMPILED), "llama.cpp bf16"),
-           "8-bit": ("float32", (W8A8,), "llama.cpp q8_0"),
-           "4-bit": ("float32", (), "llama.cpp q4_0")}
+           "8-bit": ("float32", (W8A8, "moge int8 (MoGE)", "moge compiled int8 (MoGE)"), "llama.cpp q8_0"),
+           "4-bit": ("float32", ("moge int4 (MoGE)", "moge compiled int4 (MoGE)"), "llama.cpp q4_0")}
 
 
 def versus_llama(rows: list[dict]) -> list[str]:

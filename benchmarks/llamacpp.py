@@ -66,12 +66,12 @@ class LlamaCpp:
         outtype = "f32" if fmt == "int4" else GGUF_TYPES[fmt]
         src = out_dir / "model-f32.gguf" if fmt == "int4" else out
         if not src.exists():
-            subprocess.run([sys.executable, "-c", _CONVERT, str(self.convert.parent), str(hf_dir), "--outtype", outtype,
-                            "--outfile", str(src)], check=True, capture_output=True)
+            _run([sys.executable, "-c", _CONVERT, str(self.convert.parent), str(hf_dir), "--outtype", outtype,
+                  "--outfile"], src)
         if fmt == "int4":
             if self.quantize is None:
                 raise FileNotFoundError("llama-quantize (next to llama-bench, or LLAMA_QUANTIZE) for q4_0")
-            subprocess.run([str(self.quantize), str(src), str(out), "Q4_0"], check=True, capture_output=True)
+            _run([str(self.quantize), str(src)], out, "Q4_0")
         return out
 
     def ms_per_token(self, gguf: Path, threads: int, n_new: int, depth: int) -> float:
@@ -84,6 +84,17 @@ class LlamaCpp:
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         tests = [t for t in json.loads(res.stdout) if t.get("n_gen", 0) > 0]
         return 1e3 / tests[0]["avg_ts"]
+
+
+def _run(cmd: list[str], out: Path, *tail: str) -> None:
+    """Run a tool writing ``out`` (its path goes after ``cmd``, then ``tail``): written under a temporary
+    name and renamed when the tool succeeds, so an interrupted run leaves no half-written model."""
+    part = out.with_name(out.name + ".part")
+    res = subprocess.run([*cmd, str(part), *tail], capture_output=True, text=True)
+    if res.returncode:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    part.rename(out)
 
 
 def save_qwen(model, out_dir: Path) -> Path:
