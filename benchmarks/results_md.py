@@ -1,4 +1,4 @@
-"""What the benchmarks share: the machine a result came from (its name, its copy bandwidth) and writing
+"""What the benchmarks share: the machine a result came from (its name, its copy and read bandwidths) and writing
 one benchmark's section of ``benchmarks/RESULTS.md`` without touching the others."""
 
 from __future__ import annotations
@@ -41,6 +41,24 @@ def copy_bandwidth(device: torch.device | None = None, repeats: int = 5) -> floa
             torch.cuda.synchronize(src.device)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best
+
+
+def read_bandwidth(device: torch.device | None = None, repeats: int = 5) -> float:
+    """Bytes read per second by ``x.sum()`` over a 512 MiB float32 buffer written first, best of
+    ``repeats``: the speed at which a decode step can stream its weights (a copy's rate is lower: it
+    also writes)."""
+    x = torch.ones(128 * 2**20, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        x.sum()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
 
 
 def replace_section(path: Path, section: str, body: list[str]) -> None:

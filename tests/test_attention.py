@@ -3,12 +3,13 @@ contents equal a full forward's, for a plain decoder layer and an MTP predictor.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from moge.model.attention import gather_rows
 from moge.config import get_config
-from moge.model.cache import StaticKVCache
 from moge.engine.step import causal_slot_mask
 from moge.model import MoGEForCausalLM
+from moge.model.attention import decode_attention, gather_rows, sdpa_attention
+from moge.model.cache import StaticKVCache
 from moge.validate import InvalidArgumentError
 
 
@@ -59,3 +60,18 @@ def test_selected_rows_need_an_explicit_mask():
     x = torch.randn(b, s, m.config.hidden_size, dtype=torch.float64)
     with pytest.raises(InvalidArgumentError, match="explicit attention mask"):
         m.model.layers[0].self_attn(x, cos_sin, None, None, None, rows_BR=torch.zeros(b, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("b,s,mask_rows", [(3, 1, 3), (2, 4, 2), (2, 1, 1)])
+def test_decode_attention_equals_sdpa(b, s, mask_rows):
+    """The CPU decoding path (grouped heads as rows, two matmuls) is SDPA's function: grouped heads,
+    a boolean mask per row or broadcast over rows, one or a few queries per row."""
+    g = torch.Generator().manual_seed(b * 10 + s)
+    q, k, v = (torch.randn(b, 8, s, 16, generator=g), torch.randn(b, 2, 20, 16, generator=g),
+               torch.randn(b, 2, 20, 16, generator=g))
+    mask = torch.rand(mask_rows, 1, s, 20, generator=g) < 0.6
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # what sdpa_attention takes when decoding on CPU
+        torch.testing.assert_close(sdpa_attention(q, k, v, mask, False, 0.0), want, rtol=1e-5, atol=1e-5)

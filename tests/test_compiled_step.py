@@ -20,6 +20,7 @@ from moge.engine.decode import DecodeEngine
 from moge.experts import eager_experts, reduce_experts, reduce_linear
 from moge.generate import GenerationError, generate
 from moge.model import MoGEForCausalLM
+from moge.quant import WeightOnlyLinear, quantize_weights, set_weight_only
 from moge.routing import moge_select, router_scores
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,7 +70,7 @@ def test_compiled_step_gives_the_eager_steps_logits_and_tokens_for_a_padded_batc
     for r, row in enumerate(rows):
         assert torch.equal(out_compiled[r, width:], greedy_uncached(model, torch.tensor([row]), 10)[0, len(row):])
     # the logits of one more step, from the same cache state
-    (c_cache, c_step, _), (e_cache, e_step, _) = compiled._slot(3), eager._slot(3)
+    (c_cache, c_step, _), (_, e_step, _) = compiled._slot(3), eager._slot(3)
     nxt = out_eager[:, -1:]
     lengths = c_cache.lengths_B.clone()
     logits_c, _ = c_step(nxt)
@@ -95,3 +96,32 @@ def test_compile_refuses_what_it_does_not_compile():
         generate(model, ids, max_new_tokens=2, cache="dynamic", compile=True)
     with pytest.raises(GenerationError, match="True or False"):
         generate(model, ids, max_new_tokens=2, compile="yes")
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_weight_only_reduce_rows_equal_the_dequantized_weights(bits, group):
+    """A weight-only int8/int4 weight in reduce form is its dequantized weight times the rows (float
+    activations, per pair its own matrix)."""
+    g = torch.Generator().manual_seed(bits)
+    w = WeightOnlyLinear.quantize(torch.randn(5, 48, 64, generator=g), torch.randn(5, 48, generator=g), bits, group)
+    x, ids = torch.randn(7, 64, generator=g, dtype=torch.float64), torch.tensor([0, 4, 4, 1, 2, 0, 3])
+    want = torch.einsum("poi,pi->po", w.dequantized_weight(torch.float64)[ids], x) + w.bias[ids].double()
+    torch.testing.assert_close(w.reduce_rows(x, ids), want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_step_runs_weight_only_models_in_reduce_form(bits):
+    """A weight-only model (experts, attention, shared experts, head) compiles into one graph and gives
+    the tokens of its float-activation oracle (``act_dtype=input``, the dequantized weights; the
+    prefill, eager, runs that oracle in both)."""
+    cfg = MoGEConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     num_experts=8, num_experts_per_tok=4, num_groups=4, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=64, initializer_range=0.2)
+    torch.manual_seed(bits)
+    model = MoGEForCausalLM(cfg).eval()
+    quantize_weights(model, bits, 32 if bits == 4 else None, head=True)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 12]])
+    set_weight_only(model, compute="dequant", act_dtype="input")
+    want = DecodeEngine(model, 32).decode(ids, None, 8)
+    engine = DecodeEngine(model, 32, compile=True)
+    assert torch.equal(engine.decode(ids, None, 8), want)

@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache)
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
 
 import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
+from moge.model import Backbone
 from moge.model.attention import ATTENTION_KERNELS, RotaryEmbedding
 from moge.hf import (PanguProMoEConfig, PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
                      PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEModel)
@@ -20,6 +23,11 @@ from moge.hf.loading import MetaDeviceContextError, ShapeMismatchError
 CLASSES = (PanguProMoEModel, PanguProMoEForCausalLM, PanguProMoEForSequenceClassification,
            PanguProMoEForTokenClassification, PanguProMoEForQuestionAnswering)
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12, 4, 60], [1, 44, 3, 3, 18, 61, 90, 7]])
+
+
+def load_report() -> CaptureLogger:
+    """Captures transformers' load report (logged by ``transformers.modeling_utils``, as its loader does)."""
+    return CaptureLogger(hf_logging.get_logger("transformers.modeling_utils"))
 
 
 def tiny_config(**kw) -> PanguProMoEConfig:
@@ -67,10 +75,10 @@ def test_set_input_embeddings_replaces_the_embedding_the_forward_uses(cls):
         new.weight.zero_()
     model.set_input_embeddings(new)
     assert model.get_input_embeddings() is new
-    backbone = next(m for m in model.modules() if type(m).__name__ == "MoGEModel")
+    backbone = next(m for m in model.modules() if isinstance(m, Backbone))
     assert backbone.embed_tokens is new
     with torch.no_grad():  # all-zero embeddings: every position attends to equal values -> equal rows
-        h = backbone(IDS[:1])[0]
+        h = backbone.backbone_forward(IDS[:1])[0]
     torch.testing.assert_close(h[0], h[0, :1].expand_as(h[0]), rtol=1e-5, atol=1e-5)
 
 
@@ -139,8 +147,9 @@ def test_missing_tensors_are_initialised_and_reported_integrity_stays_strict(lm,
     q_weight = tensors["model.layers.0.self_attn.q_proj.weight"].clone()
     del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["model.norm.weight"]
     save_file(tensors, "ckpt/model.safetensors", metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="newly initialised"):
+    with load_report() as report:
         model, info = AutoModelForCausalLM.from_pretrained("ckpt", output_loading_info=True)
+    assert "MISSING" in report.out and "model.norm.weight" in report.out  # transformers' own load report
     assert info["missing_keys"] == {"model.layers.0.self_attn.q_proj.bias", "model.norm.weight"}
     attn = model.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.bias, torch.zeros(32))  # the model's own rule: zero biases, unit norms
@@ -160,12 +169,13 @@ def test_mismatched_sizes_refused_unless_asked_to_reinitialise(tmp_path, monkeyp
     with pytest.raises(ShapeMismatchError, match="ignore_mismatched_sizes") as e:
         AutoModelForSequenceClassification.from_pretrained("cls", num_labels=5)
     assert isinstance(e.value, RuntimeError) and "score.weight" in str(e.value)
-    with pytest.warns(UserWarning, match="size mismatch"):
+    with load_report() as report:
         new, info = AutoModelForSequenceClassification.from_pretrained("cls", num_labels=5, output_loading_info=True,
                                                                        ignore_mismatched_sizes=True)
+    assert "Reinit due to size mismatch" in report.out and "score.weight" in report.out
     assert info["mismatched_keys"] == {("score.weight", (3, 32), (5, 32))}
     assert new.score.weight.shape == (5, 32)
-    torch.testing.assert_close(new.model.model.embed_tokens.weight, head.model.model.embed_tokens.weight)
+    torch.testing.assert_close(new.model.embed_tokens.weight, head.model.embed_tokens.weight)
     with torch.no_grad():
         assert new(input_ids=IDS).logits.shape == (2, 5)
 
@@ -273,8 +283,9 @@ def test_unused_stored_tensors_are_skipped_not_judged(lm, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     lm.save_pretrained("ckpt")
     save_file({"extra.counter": torch.tensor([1, 2])}, "ckpt/model.safetensors", metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="unused checkpoint tensors"):
+    with load_report() as report:
         model, info = AutoModelForCausalLM.from_pretrained("ckpt", output_loading_info=True)
+    assert "UNEXPECTED" in report.out and "extra.counter" in report.out
     assert info["unexpected_keys"] == {"extra.counter"}
     assert info["missing_keys"] == set(lm.state_dict())
     assert model.lm_head.weight.dtype == torch.float32 and torch.isfinite(model.lm_head.weight).all()
@@ -287,4 +298,6 @@ def test_tp_plan_has_dense_rules_only_with_dense_layers():
     assert moe_only.tp_plan["model.layers.*.mlp.shared_expert.down_proj"] == "rowwise"
     assert with_dense.tp_plan["model.layers.*.mlp.down_proj"] == "rowwise"
     heads = PanguProMoEForSequenceClassification(tiny_config())
-    assert heads.tp_plan and all(k.startswith("model.model.layers.") for k in heads.tp_plan)
+    # The heads hold the same base model at the same place: its plan, under `model.`, embedding included.
+    assert heads.tp_plan == {k: v for k, v in moe_only.tp_plan.items() if k != "lm_head"}
+    assert moe_only.tp_plan["model.embed_tokens"] == "embedding_rowwise"

@@ -157,7 +157,33 @@ def aborted(server) -> float:
     return server.engine.metrics.finished.labels("abort")._value.get()
 
 
-def test_disconnect_mid_stream_frees_its_row(server):
+def generated(server) -> float:
+    """How many tokens the server has generated so far (its metrics' counter)."""
+    return server.engine.metrics.generation_tokens._value.get()
+
+
+def wait_for_abort(server, before: float) -> None:
+    """Wait up to 5 s for one more abort. The scheduler frees a row and then tells its request, so the
+    abort counter, not the row count, is what to wait for (the row is free once the abort is counted)."""
+    deadline = time.time() + 5
+    while aborted(server) < before + 1 and time.time() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every decode step takes at least 20 ms: a 120-token answer takes > 2.4 s, and "within a step"
+    is measurable in tokens."""
+    real = Scheduler._decode
+
+    def slow(self, decoding):
+        time.sleep(0.02)
+        return real(self, decoding)
+
+    monkeypatch.setattr(Scheduler, "_decode", slow)
+
+
+def test_disconnect_mid_stream_frees_its_row_within_a_step(server, slow_steps):
     sched = server.engine.scheduler
     before = aborted(server)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -168,24 +194,18 @@ def test_disconnect_mid_stream_frees_its_row(server):
     assert resp.status == 200
     resp.readline()  # the first event is there: the request holds a row
     assert sched.num_running == 1
+    at_close = generated(server)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.time() + 5
-    while sched.num_running and time.time() < deadline:
-        time.sleep(0.01)
-    assert sched.num_running == 0 and aborted(server) == before + 1  # aborted, not run to its end
+    wait_for_abort(server, before)
+    assert aborted(server) == before + 1 and sched.num_running == 0  # aborted, not run to its end
+    # the step running when the client left, and at most one more before the abort lands
+    assert generated(server) - at_close <= 2
 
 
-def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server, monkeypatch):
+def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row_within_a_step(server, slow_steps):
     sched = server.engine.scheduler
     before = aborted(server)
-    real = Scheduler._decode
-
-    def slow(self, decoding):  # at least 20 ms a step: the answer takes > 2.4 s, the disconnect comes first
-        time.sleep(0.02)
-        return real(self, decoding)
-
-    monkeypatch.setattr(Scheduler, "_decode", slow)
     body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 120, "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -194,11 +214,11 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server, monke
     while not sched.num_running and time.time() < deadline:
         time.sleep(0.005)
     assert sched.num_running == 1
-    sock.close()  # gone before the answer: the handler notices within its poll and aborts
-    deadline = time.time() + 5
-    while sched.num_running and time.time() < deadline:
-        time.sleep(0.01)
-    assert sched.num_running == 0 and aborted(server) == before + 1
+    at_close = generated(server)
+    sock.close()  # gone before the answer: the handler hears http.disconnect and aborts
+    wait_for_abort(server, before)
+    assert aborted(server) == before + 1 and sched.num_running == 0
+    assert generated(server) - at_close <= 2
 
 
 BAD = [

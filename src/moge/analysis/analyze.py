@@ -13,6 +13,7 @@ modules) are left alone. Routing is read with forward hooks that are removed aft
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
     total = sum((rows_by_domain[c].shape[0] + batch_size - 1) // batch_size for c in domains)
     was_training = model.training
     model.eval()
+    # The transformers wrapper computes the routers' statistics (the expert ids hooked here) only when asked.
+    asks = "output_router_logits" in inspect.signature(model.forward).parameters
+    extra = {"output_router_logits": True} if asks else {}
     bar = progress_bar(total, "analyze", "batch", disable=not progress, leave=False)
     try:
         with _capture(layers) as seen:
@@ -123,7 +127,7 @@ def collect_routing(model: torch.nn.Module, rows_by_domain: dict[str, Tensor], b
                     ids_BS = rows[start:start + batch_size].to(dev)
                     for v in seen.values():
                         v.clear()
-                    model(input_ids=ids_BS, use_cache=False, logits_to_keep=1)
+                    model(input_ids=ids_BS, use_cache=False, logits_to_keep=1, **extra)
                     rec.tokens_C[c] += ids_BS.numel()
                     for i, got in seen.items():
                         if len(got) != 1:

@@ -3,6 +3,8 @@
 ``moge serve CKPT --host 127.0.0.1 --port 8000``: POST /v1/completions and /v1/chat/completions
 (streaming too), GET /v1/models, /health, /metrics, POST /tokenize, /detokenize, GET /tokenizer_info.
 The checkpoint needs its tokenizer.json. Float and W8A8 checkpoints, MoGE and top-K routers.
+``--speculative`` drafts with the checkpoint's MTP predictors (``moge train --mtp N``): each engine
+step verifies 1 + D tokens per request; greedy output is unchanged.
 SIGTERM (or Ctrl-C) stops accepting requests and lets the running ones finish. See docs/serving.md.
 """
 
@@ -19,6 +21,7 @@ from ..checkpoint import load_pretrained
 from ..checkpoint.reading import read_tokenizer
 from ..engine.request import AdmissionError
 from ..engine.scheduler import Scheduler
+from ..engine.speculative import SpeculativeError
 from ..errors import MoGEError
 
 __all__ = ["ServeArgumentError", "add_arguments", "build", "run"]
@@ -38,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt + output tokens per request (default: the model's max_position_embeddings)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step (longer prompts take several steps)")
+    p.add_argument("--speculative", action="store_true",
+                   help="decode with the checkpoint's MTP predictors drafting (same greedy output, fewer steps)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="drafts per step with --speculative (default: every MTP predictor)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -58,6 +65,9 @@ def _checked(args: argparse.Namespace) -> Path:
         V.integer("--" + name.replace("_", "-"), getattr(args, name), 1, error=ServeArgumentError)
     V.integer("--max-model-len", args.max_model_len, 2, optional=True, error=ServeArgumentError)
     V.integer("--threads", args.threads, 1, optional=True, error=ServeArgumentError)
+    V.integer("--draft-tokens", args.draft_tokens, 1, optional=True, error=ServeArgumentError)
+    if args.draft_tokens is not None and not args.speculative:
+        raise ServeArgumentError("--draft-tokens needs --speculative")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ServeArgumentError(f"--device {args.device}: CUDA is not available")
     return ckpt
@@ -87,9 +97,15 @@ def build(args: argparse.Namespace):
     try:
         sched = Scheduler(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, eos_token_ids=eos,
-                          pad_token_id=cfg.pad_token_id or 0, decode=tok.decode)
+                          pad_token_id=cfg.pad_token_id or 0, decode=tok.decode, speculative=args.speculative,
+                          draft_tokens=args.draft_tokens)
     except AdmissionError as e:
         raise ServeArgumentError(str(e)) from None
+    except SpeculativeError as e:
+        mtp = getattr(cfg, "num_mtp_layers", 0)
+        why = (f"the checkpoint {ckpt} has no MTP predictors (num_mtp_layers = 0): serve it without "
+               "--speculative, or train predictors first (moge train --mtp 1)") if not mtp else str(e)
+        raise ServeArgumentError(f"--speculative: {why}") from None
     engine = AsyncEngine(sched)
     name = args.served_model_name or ckpt.resolve().name
     return create_app(engine, tok, name, args.api_key, args.max_body_bytes), engine

@@ -11,6 +11,7 @@
 * :mod:`.decode`: the generation loop on those pieces.
 * :mod:`.scheduler`: continuous batching of requests (per-row sampling settings, chunked prefill,
   aborts) over one static cache, what ``moge serve`` runs.
+* :mod:`.drafting`: MTP speculative decoding for the scheduler's rows (``moge serve --speculative``).
 """
 
 from ..model.cache import CacheError, DynamicKVCache, StaticKVCache

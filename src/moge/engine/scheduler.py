@@ -33,6 +33,9 @@ its ``on_event`` callback, called on the thread that runs :meth:`step`; an excep
 request's work (its prefill, its callback) fails that request alone (a batched prefill that fails
 is retried row by row to find it).
 
+With ``speculative`` (or ``draft_tokens``) the model's MTP predictors draft D tokens per row and a
+step verifies 1 + D per decoding row (:mod:`~moge.engine.drafting`); a row's output is unchanged.
+
 Prefix reuse (sharing the cache of a common prompt prefix) is not here: rows own contiguous slots.
 It needs a paged cache (fixed-size blocks plus a per-row block table that attention gathers through)
 and a hash of full blocks to find shared ones; see docs/serving.md.
@@ -50,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.cache import RowSubsetCache, StaticKVCache
+from .drafting import RowDrafter, RowSampling
 from .graphs import GraphCaptureError, GraphedStep, batch_bucket
 from .request import AdmissionError, Event, QueueFullError, Request, SamplingParams
 from .sampling import sample_rows
@@ -77,7 +81,7 @@ class Scheduler:
     def __init__(self, model: nn.Module, max_batch: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, eos_token_ids: Sequence[int] = (),
                  pad_token_id: int = 0, decode: Callable[[list[int]], str] | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, speculative: bool = False, draft_tokens: int | None = None):
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None)
         max_model_len = max_model_len or limit
@@ -92,7 +96,10 @@ class Scheduler:
         self.vocab_size = cfg.vocab_size
         self.eos = frozenset(eos_token_ids)
         self.pad = pad_token_id
-        self.cache = StaticKVCache.for_model(model, max_batch, max_model_len)
+        # Speculative: the MTP predictors draft, each step verifies 1 + D tokens per row (.drafting).
+        self._drafter = RowDrafter(model, max_batch, draft_tokens) if speculative or draft_tokens else None
+        self.cache = (StaticKVCache.for_model(model, max_batch, max_model_len) if self._drafter is None
+                      else self._drafter.new_cache(max_batch, max_model_len))
         self.device = self.cache.lengths_B.device
         self._steps: dict[int, DecodeStep] = {}
         self._graphs: dict[int, GraphedStep] = {}
@@ -106,8 +113,8 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
-            self._capture_graphs()
+        if self._drafter is None and (cuda_graphs if cuda_graphs is not None else self.device.type == "cuda"):
+            self._capture_graphs()  # speculative steps run eagerly (their gathers vary per step)
 
     def _capture_graphs(self) -> None:
         """One CUDA graph of the decode step per batch bucket, captured now: a capture writes a few slots
@@ -252,6 +259,7 @@ class Scheduler:
         view = RowSubsetCache(self.cache, rows_R, attended_slots(end, self.max_model_len))
         logits_R1V, h_RWH = prefill(self.model, view, ids_RW.to(self.device), mask_RW.to(self.device),
                                     kv_len=view.attend)
+        starts, firsts = [req.prefilled for req, _ in chunks], {}
         for i, (req, n) in enumerate(chunks):
             start = req.prefilled
             req.prefilled = self._len[req.row] = start + n
@@ -262,7 +270,16 @@ class Scheduler:
                 last_1V = logits_R1V[i, -1:]
                 tok_1 = sample_rows(last_1V, self._temp_B[row:row + 1], self._topk_B[row:row + 1],
                                     self._topp_B[row:row + 1], [req.generator])
-                self._emit_token(req, int(tok_1[0]), last_1V[0])
+                firsts[i] = int(tok_1[0])
+                self._emit_token(req, firsts[i], last_1V[0])
+        if self._drafter is None:
+            return
+        try:  # the prompts are counted as read: a failure here fails these requests, no retry
+            self._drafter.after_prefill(view, chunks, starts, firsts, mask_RW, h_RWH,
+                                        (self._temp_B, self._topk_B, self._topp_B))
+        except Exception as e:
+            for req, _ in chunks:
+                self._finish(req, Event(finish_reason="error", error=f"drafting failed: {e}"))
 
     def _prompt_logprobs(self, req: Request, start: int, logits_SV: Tensor) -> None:
         """Log-probabilities of prompt tokens ``start+1 ..`` from this chunk's logits (the first prompt
@@ -282,6 +299,8 @@ class Scheduler:
 
     def _decode(self, decoding: list[Request]) -> None:
         b = min(batch_bucket(max(r.row for r in decoding) + 1), self.max_batch)
+        if self._drafter is not None:
+            return self._decode_speculative(decoding, b)
         ids_B1 = torch.full((b, 1), self.pad, dtype=torch.long)
         for r in decoding:
             ids_B1[r.row, 0] = r.output_ids[-1]
@@ -301,6 +320,32 @@ class Scheduler:
         for r in decoding:
             self._len[r.row] += 1
             self._emit_token(r, tokens[r.row], logits_BV[r.row])
+
+    def _decode_speculative(self, decoding: list[Request], b: int) -> None:
+        """One verify step for the decoding rows: each emits its kept drafts and one more token (up to
+        where it finishes) and keeps their positions; the rejected drafts' positions are dropped by
+        not counting them."""
+        last_b = [self.pad] * b
+        for r in decoding:
+            last_b[r.row] = r.output_ids[-1]
+        newest = max(self._len[r.row] for r in decoding)
+        kv_len = attended_slots(newest + self._drafter.window, self.cache.capacity)
+        sampling = RowSampling(self._temp_B[:b], self._topk_B[:b], self._topp_B[:b],
+                               [None if q is None else q.generator for q in self._rows[:b]],
+                               [r.row for r in decoding if r.params.temperature > 0])
+        try:
+            logits_bSV, n_b, z_bS = self._drafter.decode(self.cache, last_b, self._len[:b], kv_len, sampling)
+        except Exception as e:  # a batch-wide failure fails the rows in it, not the scheduler
+            for r in decoding:
+                self._finish(r, Event(finish_reason="error", error=f"decode step failed: {e}"))
+            return
+        for r in decoding:
+            n = n_b[r.row]
+            self._len[r.row] += n + 1  # c and the n kept drafts are stored; a finish resets the row
+            for i in range(n + 1):
+                self._emit_token(r, z_bS[r.row][i], logits_bSV[r.row, i])
+                if r.finished:
+                    break
 
     def _emit_token(self, req: Request, tok: int, logits_V: Tensor) -> None:
         req.output_ids.append(tok)

@@ -25,6 +25,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from ..model import Backbone
 from ..model.cache import CacheError, StaticKVCache
 
 
@@ -67,11 +68,14 @@ def _attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a :class:`~moge.model.MoGEForCausalLM` or the transformers wrapper."""
+def _parts(model: nn.Module) -> tuple[Backbone, nn.Module]:
+    """``(backbone, lm_head)`` of a :class:`~moge.model.MoGEForCausalLM` or the transformers wrapper; the
+    engine runs the backbone through :meth:`~moge.model.Backbone.backbone_forward`, which both share (the
+    transformers base model's own ``forward`` takes transformers' arguments)."""
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if base is None or head is None or not hasattr(base, "layers"):
-        raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs .model.layers and .lm_head)")
+    if not isinstance(base, Backbone) or head is None:
+        raise CacheError(f"{type(model).__name__} is not a moge causal LM (needs a moge backbone as .model and "
+                         f".lm_head)")
     return base, head
 
 
@@ -103,8 +107,8 @@ def prefill(model: nn.Module, cache: StaticKVCache, input_ids_BS: Tensor, attent
         real_BS = attention_mask_BS.to(input_ids_BS.device).bool()
     pos_BS = slot_positions(real_BS, cache.lengths_B)
     mask_B1SL = causal_slot_mask(pos_BS, kv_len)
-    h_BSH, _ = base(input_ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS, past_key_values=cache,
-                    router_stats=False)
+    h_BSH, _ = base.backbone_forward(input_ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS,
+                                     past_key_values=cache, router_stats=False)
     cache.advance(real_BS.sum(-1))
     return head(h_BSH[:, -logits_to_keep:] if logits_to_keep else h_BSH), h_BSH
 
@@ -166,6 +170,6 @@ class DecodeStep:
     def _model_forward(self, ids_BS: Tensor, mask_B1SL: Tensor, pos_BS: Tensor) -> tuple[Tensor, Tensor]:
         # check_ids=False: the step feeds back ids the model sampled (generate checks the prompt once);
         # reading them to check would be the host sync the step exists to avoid.
-        h_BSH, _ = self.base(ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS, past_key_values=self.cache,
-                             router_stats=False, check_ids=False)
+        h_BSH, _ = self.base.backbone_forward(ids_BS, attention_mask=mask_B1SL, position_ids=pos_BS,
+                                              past_key_values=self.cache, router_stats=False, check_ids=False)
         return self.head(h_BSH), h_BSH

@@ -25,15 +25,19 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
     """The backend ``auto`` resolves to on ``device`` for a call with ``pairs_per_expert`` rows per
     expert on average (None: prefill/training sizes).
 
-    CUDA and ``torch.export`` get ``grouped_mm`` (no host sync, graph-capturable). On a CPU the one
+    CUDA, ``torch.export`` and ``torch.compile`` without autograd get ``grouped_mm`` (no host sync,
+    graph-capturable: a compiled inference graph must not break on routing data, e.g. transformers'
+    full-graph compile; a compiled training step keeps ``sorted``, whose graph break costs less than
+    ``grouped_mm``'s float32 fallback on CPU). On a CPU the one
     host sync of a per-expert loop is free: ``gemv`` at decode sizes, ``sorted`` (plain GEMMs with a
     hand-written backward, it beat ``grouped_mm`` there, see benchmarks/RESULTS.md) otherwise. ``auto``
     passes ``pairs_per_expert`` only under ``torch.inference_mode()`` (see :mod:`moge.experts.linear` for why).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    # Under torch.export the graph must not depend on routing data: grouped_mm keeps the counts on the
-    # device (every shape is T*K pairs, whatever the router chose).
-    if (dev.type == "cuda" or torch.compiler.is_exporting()) and "grouped_mm" in available_backends():
+    # Under torch.export / torch.compile the graph must not depend on routing data: grouped_mm keeps the
+    # counts on the device (every shape is T*K pairs, whatever the router chose).
+    graph = torch.compiler.is_exporting() or (torch.compiler.is_compiling() and not torch.is_grad_enabled())
+    if (dev.type == "cuda" or graph) and "grouped_mm" in available_backends():
         return "grouped_mm"
     if pairs_per_expert is not None and pairs_per_expert <= GEMV_MAX_ROWS:
         return "gemv"
@@ -42,11 +46,13 @@ def default_backend(device: torch.device | None = None, pairs_per_expert: float 
 
 def _auto_cpu(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any,
               kernels: KernelChoices | None = None) -> Tensor:
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and ids_TK.numel() <= GEMV_MAX_ROWS * gate_up_N2FH.shape[0]:
+    decode_sized = ids_TK.numel() <= GEMV_MAX_ROWS * gate_up_N2FH.shape[0]
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and decode_sized:
         # A compiled decode step: one graph, the touched experts read in place (moge.experts.reduce).
         return reduce_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
     # gemv's products round by memory alignment and row count (see moge.experts.linear): decoding only.
-    rows = ids_TK.numel() / gate_up_N2FH.shape[0] if torch.is_inference_mode_enabled() else None
+    rows = (ids_TK.numel() / gate_up_N2FH.shape[0]
+            if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() else None)
     name = default_backend("cpu", rows)
     if name == "gemv":  # decode sizes: gemv or grouped_mm, whichever this CPU runs faster (measured)
         return decode_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF, kernels)

@@ -40,13 +40,19 @@ def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Te
     bf16 while torch traces, as its meta kernel takes nothing else); otherwise (float64, odd sizes,
     float32 under ``torch.export`` / ``torch.compile``) a per-pair batched matmul on gathered weights:
     still no expert loop and no host sync, but it copies one weight matrix per pair, so it is a
-    correctness fallback, not a fast path.
+    correctness fallback, not a fast path; traced by ``torch.compile`` without autograd, the same
+    product as a multiply-and-sum, which Inductor computes without the copy.
     """
     row_bytes = (x_PI.shape[-1] * x_PI.element_size(), w_NOI.shape[1] * x_PI.element_size())
     dtypes = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
     if (x_PI.dtype in dtypes and hasattr(F, "grouped_mm")
             and all(b % 16 == 0 for b in row_bytes)):  # the kernel needs 16-byte aligned row strides
         return _ContiguousGrad.apply(F.grouped_mm(x_PI, w_NOI.transpose(1, 2), offs=offsets_N))
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # Traced, a multiply-and-sum reads each pair's weight in place (Inductor fuses the gather into
+        # the reduction): no [P, O, I] copy, which at prefill sizes would not fit in memory.
+        acc = torch.promote_types(x_PI.dtype, torch.float32)
+        return (w_NOI[expert_P].to(acc) * x_PI.unsqueeze(1).to(acc)).sum(-1).to(x_PI.dtype)
     return torch.bmm(w_NOI[expert_P], x_PI.unsqueeze(-1)).squeeze(-1)
 
 

@@ -56,21 +56,36 @@ def reduce_linear(x_1I: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None)
     return y_1O.to(x_1I.dtype)
 
 
+def _rows(w_NOI: Any, x_PI: Tensor, ids_P: Tensor) -> Tensor:
+    """Row p of ``x`` times matrix ``ids_P[p]`` of ``w`` in reduce form, ``[P, O]`` in ``x``'s dtype: a
+    float stack inline, a quantized kind through its own ``reduce_rows`` (the weight-kind seam; e.g.
+    :class:`moge.quant.WeightOnlyLinear` dequantizes inside the same reduction)."""
+    if is_float_weight(w_NOI):
+        return (w_NOI[ids_P].to(x_PI.dtype) * x_PI.unsqueeze(1)).sum(-1)
+    return w_NOI.reduce_rows(x_PI, ids_P)
+
+
 @register_experts_backend("reduce")
 def reduce_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any, down_NHF: Any,
                    kernels: Any = None) -> Tensor:
     """The routed experts pair by pair in reduce form, each pair's expert weights gathered inside the
     reduction: sync-free, fixed shapes, for a compiled decode step on CPU (in eager mode it
-    materialises ``[P, 2F, H]``, so ``auto`` picks it only under ``torch.compile``). Quantized
-    weights go through the ``sorted`` loop."""
-    if not (is_float_weight(gate_up_N2FH) and is_float_weight(down_NHF)):
+    materialises ``[P, 2F, H]``, so ``auto`` picks it only under ``torch.compile``). Quantized weights
+    with a ``reduce_rows`` method (weight-only int8/int4) are dequantized inside the reduction; other
+    kinds (W8A8) go through the ``sorted`` loop."""
+    if not all(is_float_weight(w) or hasattr(w, "reduce_rows") for w in (gate_up_N2FH, down_NHF)):
         return sorted_experts(x_TH, ids_TK, w_TK, gate_up_N2FH, down_NHF)
     t, k = ids_TK.shape
     f = down_NHF.shape[2]
     acc = _accumulation(x_TH)
-    ids_P = ids_TK.reshape(-1)
-    x_PH = x_TH.to(acc).repeat_interleave(k, dim=0)
-    gu_P2F = (gate_up_N2FH[ids_P].to(acc) * x_PH.unsqueeze(1)).sum(-1)
-    h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_TK.reshape(-1, 1).to(acc)
-    out_PH = (down_NHF[ids_P].to(acc) * h_PF.unsqueeze(1)).sum(-1)
-    return out_PH.view(t, k, -1).sum(1).to(x_TH.dtype)
+    ids_P, token_P, w_P = ids_TK.reshape(-1), torch.arange(t * k, device=x_TH.device) // k, w_TK.reshape(-1)
+    if t > 1:
+        # Pairs of one expert next to each other: its second read comes from the cache, so a batch
+        # reads about the distinct experts it touches rather than T*K of them.
+        order_P = torch.argsort(ids_P, stable=True)
+        ids_P, token_P, w_P = ids_P[order_P], token_P[order_P], w_P[order_P]
+    x_PH = x_TH.to(acc)[token_P]
+    gu_P2F = _rows(gate_up_N2FH, x_PH, ids_P)
+    h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_P.unsqueeze(1).to(acc)
+    out_PH = _rows(down_NHF, h_PF, ids_P)
+    return out_PH.new_zeros(t, out_PH.shape[1]).index_add_(0, token_P, out_PH).to(x_TH.dtype)

@@ -11,9 +11,11 @@ seconds), so it does not register.
 Modules, each importing only those listed before it:
 
 * :mod:`.config` -- the transformers config classes (a view of :class:`moge.config.MoGEConfig`);
-* :mod:`.forward` -- transformers-style inputs and outputs around :class:`moge.model.MoGEModel`;
+* :mod:`.static_cache` -- transformers' static caches at fixed shapes (full-graph compile);
+* :mod:`.forward` -- transformers-style inputs and outputs around the backbone (:class:`moge.model.Backbone`);
 * :mod:`.loading` -- ``from_pretrained`` through :mod:`moge.checkpoint`;
-* :mod:`.modeling` -- the base class, the base model and the causal LM;
+* :mod:`.modeling` -- the base class, the base model (a ``PreTrainedModel`` that is the backbone) and the
+  causal LM;
 * :mod:`.heads` -- transformers' generic task heads on the base model;
 * :mod:`.auto` -- :func:`register`.
 """
@@ -24,11 +26,11 @@ from .forward import UnsupportedArgumentError
 from .heads import (PanguProMoEForQuestionAnswering, PanguProMoEForSequenceClassification,
                     PanguProMoEForTokenClassification)
 from .modeling import (PanGuMoEForCausalLM, PanGuMoEModel, PanguProMoEForCausalLM, PanguProMoEModel,
-                       PanguProMoEPreTrainedModel)
+                       PanguProMoEModelOutput, PanguProMoEPreTrainedModel)
 
 __all__ = ["PanGuMoEConfig", "PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEConfig", "PanguProMoEForCausalLM",
            "PanguProMoEForQuestionAnswering", "PanguProMoEForSequenceClassification",
-           "PanguProMoEForTokenClassification", "PanguProMoEModel", "PanguProMoEPreTrainedModel",
-           "UnsupportedArgumentError", "register"]
+           "PanguProMoEForTokenClassification", "PanguProMoEModel", "PanguProMoEModelOutput",
+           "PanguProMoEPreTrainedModel", "UnsupportedArgumentError", "register"]
 
 register()

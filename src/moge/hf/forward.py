@@ -1,11 +1,11 @@
-"""The transformers wrapper's forward around :class:`~moge.model.MoGEModel`: inputs as transformers
-passes them, outputs as transformers' decoder models return them.
+"""The transformers wrapper's forward around the backbone (:class:`~moge.model.Backbone`, which the base
+model :class:`~moge.hf.PanguProMoEModel` is): inputs as transformers passes them, outputs as transformers'
+decoder models return them.
 
 Inputs. The cache comes as a ``DynamicCache`` (or moge's ``KVCache``) or as a transformers static
-cache (``StaticCache``, what ``generate(cache_implementation="static")`` makes). A static cache
-returns its whole preallocated ``[B,Hkv,max_len,D]`` buffers from ``update``; :class:`_FilledPrefix`
-hands the model only the filled positions, so the model's own 2-D padding masks apply unchanged. A
-4-D mask (``[B,1,S,L]``, boolean or additive float) is converted to the boolean form the model takes.
+cache (``StaticCache``, what ``generate(cache_implementation="static")`` makes), which the model attends
+at fixed shapes over all its slots (:mod:`moge.hf.static_cache`). A 4-D mask (``[B,1,S,L]``, boolean or
+additive float) is converted to the boolean form the model takes.
 
 Outputs. ``output_hidden_states`` (True, or the indices to keep) gives transformers' tuple of
 ``num_hidden_layers + 1`` states: the embeddings, each decoder layer's output, the last one after the
@@ -32,49 +32,18 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import find_packed_sequence_indices
 
 from ..model.attention import ATTENTION_KERNELS, eager_attention
 from ..errors import MoGEError
 from ..model.moe import RouterStats
 from ..routing import aux_loss, router_scores, z_loss
-from ..model import MoGEModel
+from ..model import Backbone, positions_from_padding
+from .static_cache import StaticSlots, cache_slots, is_static_cache, static_slot_mask
 
 
 class UnsupportedArgumentError(MoGEError, TypeError):
     """A keyword argument the model does not implement; the message names it."""
-
-
-def is_static_cache(cache: Any) -> bool:
-    """True for transformers caches with preallocated fixed-length layers (``StaticCache`` and kin)."""
-    return bool(getattr(cache, "is_compileable", False))
-
-
-class _FilledPrefix:
-    """A transformers static cache as the model sees it: ``update`` writes in place and returns only
-    the ``past + S`` filled positions, ``get_seq_length`` is a Python int. Lives for one forward.
-
-    The engine's own static cache (moge.engine) is the fixed-shape path; this adapter only lets
-    transformers' cache objects work through the model's growing-cache interface.
-    """
-
-    def __init__(self, cache: Any):
-        self.cache = cache
-        self.past = int(cache.get_seq_length())  # one host read per forward (0-d tensor in transformers)
-
-    def update(self, k_BgSD: Tensor, v_BgSD: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        k_BgLD, v_BgLD = self.cache.update(k_BgSD, v_BgSD, layer_idx, *args, **kwargs)
-        end = self.past + k_BgSD.shape[2]
-        if end > k_BgLD.shape[2]:
-            raise ValueError(f"the static cache holds {k_BgLD.shape[2]} positions, this call needs {end}")
-        return k_BgLD[:, :, :end], v_BgLD[:, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past
-
-
-def model_cache(cache: Any) -> Any:
-    """The object the model gets as its cache: static caches are wrapped (see :class:`_FilledPrefix`)."""
-    return _FilledPrefix(cache) if cache is not None and is_static_cache(cache) else cache
 
 
 def bool_mask(mask_B1SL: Tensor, past: int) -> Tensor:
@@ -113,7 +82,7 @@ class Recorded:
 
 
 @contextlib.contextmanager
-def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
+def record(backbone: Backbone, hidden: set[int] | None, attentions: bool) -> Iterator[Recorded]:
     """Record hidden states (the kept ``hidden`` indices) and/or attention probabilities during one
     forward of ``backbone``; everything installed is removed on exit (so a recompute under activation
     checkpointing records nothing). Attention is recorded by running each layer's attention through
@@ -147,7 +116,7 @@ def record(backbone: MoGEModel, hidden: set[int] | None, attentions: bool) -> It
             layer.self_attn.attention_kernel = kernel
 
 
-def set_attention_kernels(backbone: MoGEModel, implementation: str | None) -> None:
+def set_attention_kernels(backbone: Backbone, implementation: str | None) -> None:
     """Give every attention layer the kernel transformers' ``attn_implementation`` names (``eager`` or
     ``sdpa``; None or anything else transformers accepted for this model: SDPA)."""
     kernel = ATTENTION_KERNELS.get(implementation or "sdpa", ATTENTION_KERNELS["sdpa"])
@@ -165,7 +134,7 @@ class BackboneOutput:
     attentions: tuple[Tensor, ...] | None
 
 
-def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: MoGEModel
+def exclude_padding(stats: list[RouterStats | None], attention_mask: Tensor | None, backbone: Backbone
                     ) -> list[RouterStats | None]:
     """The layers' balance and z losses over the real tokens of a 2-D padding mask only, as transformers'
     MoE losses count them (padding would otherwise pull the balance towards whatever the pad token
@@ -196,54 +165,88 @@ def pick_cache(cache: Any, past_key_values: Any) -> Any:
     return cache if cache is not None else past_key_values
 
 
-def check_router_loss_trainable(wrapper: Any) -> None:
+def check_router_loss_trainable(backbone: Backbone) -> None:
     """Refuse reentrant activation checkpointing while the router loss trains: a reentrant checkpoint
     returns the layers' RouterStats outside autograd, so the aux loss would get no gradient, silently."""
-    backbone = wrapper.model
     fn = getattr(backbone, "_gradient_checkpointing_func", None)
-    if (backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled()
+    if (backbone.gradient_checkpointing and backbone.training and torch.is_grad_enabled()
             and getattr(fn, "keywords", {}).get("use_reentrant")):
         raise UnsupportedArgumentError("output_router_logits=True with use_reentrant=True activation checkpointing "
                                        "would train without the router's aux loss; use use_reentrant=False "
                                        "(transformers' default)")
 
 
-def run_backbone(wrapper: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+def _inputs(cache: Any, attention_mask: Tensor | None, position_ids: Tensor | None, input_ids: Tensor | None,
+            inputs_embeds: Tensor | None) -> tuple[Any, Tensor | None, Tensor | None]:
+    """``(cache, mask, positions)`` as the backbone takes them: a static cache as :class:`StaticSlots`
+    with its ``[B,1,S,L]`` slot mask and positions; a 4-D mask as the boolean ``[B,1,S,past+S]``."""
+    x = input_ids if input_ids is not None else inputs_embeds
+    b, s = x.shape[:2]
+    if attention_mask is not None and attention_mask.dim() not in (2, 4):
+        raise UnsupportedArgumentError(f"attention_mask must be 2-D [batch, past+seq] or 4-D [batch, 1, seq, keys]; "
+                                       f"got {attention_mask.dim()}-D")
+    if cache is not None and is_static_cache(cache):
+        slots, past = cache_slots(cache), cache.get_seq_length()  # past: a device tensor, not read here
+        if attention_mask is None and not torch.compiler.is_compiling() and int(past) + s > slots:
+            raise ValueError(f"the static cache holds {slots} positions, this call needs {int(past) + s}")
+        if position_ids is None:
+            position_ids = (positions_from_padding(attention_mask)[:, -s:] if attention_mask is not None
+                            and attention_mask.dim() == 2 else (torch.arange(s, device=x.device) + past).expand(b, s))
+        return StaticSlots(cache), static_slot_mask(attention_mask, past, b, s, slots, x.device), position_ids
+    if attention_mask is not None and attention_mask.dim() == 4:
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = bool_mask(attention_mask, past)
+        if position_ids is None:  # a 4-D mask does not say where a row starts: positions count from the cache
+            position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
+    elif attention_mask is None and position_ids is not None and (cache is None or cache.get_seq_length() == 0):
+        attention_mask = packed_sequence_mask(position_ids.expand(b, -1))
+    return cache, attention_mask, position_ids
+
+
+def packed_sequence_mask(position_ids_BS: Tensor) -> Tensor | None:
+    """Packed sequences (``DataCollatorWithFlattening``: no mask, positions restart at 0 where a sequence
+    starts, as transformers detects them, :func:`transformers.masking_utils.find_packed_sequence_indices`):
+    the boolean ``[B,1,S,S]`` block-diagonal causal mask, so no token attends across sequences. None when
+    every row is one sequence (plain causal attention)."""
+    seq_BS = find_packed_sequence_indices(position_ids_BS)
+    if seq_BS is None:
+        return None
+    s = seq_BS.shape[1]
+    causal_SS = torch.ones(s, s, dtype=torch.bool, device=seq_BS.device).tril()
+    return (seq_BS[:, None, :, None] == seq_BS[:, None, None, :]) & causal_SS
+
+
+def run_backbone(backbone: Any, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
                  cache: Any, inputs_embeds: Tensor | None, use_cache: bool | None,
                  output_hidden_states: bool | int | list[int] | None, output_attentions: bool | None,
-                 ) -> BackboneOutput:
-    """Run ``wrapper.model`` (a :class:`MoGEModel`) on transformers-style inputs (see the module docstring).
+                 router_stats: bool = True) -> BackboneOutput:
+    """Run ``backbone`` (the base model, a :class:`~moge.model.Backbone` with the transformers config) on
+    transformers-style inputs (see the module docstring), through :meth:`~moge.model.Backbone.backbone_forward`.
 
     ``use_cache`` defaults to the config's, and is switched off (with a warning, as transformers' models
     do) while activation checkpointing trains; a missing cache is a new ``DynamicCache``.
+    ``router_stats=False`` skips the routers' statistics (their ``stats`` are None).
     """
-    config, backbone = wrapper.config, wrapper.model
+    config = backbone.config
     if isinstance(attention_mask, dict):
         raise UnsupportedArgumentError("attention_mask must be a tensor (2-D padding mask or 4-D mask), not a dict "
                                        "of per-layer-type masks")
     use_cache = config.use_cache if use_cache is None else use_cache
-    if use_cache and backbone.gradient_checkpointing and wrapper.training and torch.is_grad_enabled():
+    if use_cache and backbone.gradient_checkpointing and backbone.training and torch.is_grad_enabled():
         warnings.warn("use_cache=True is incompatible with gradient checkpointing; running with use_cache=False",
                       stacklevel=3)
         use_cache = False
     if use_cache and cache is None:
         cache = DynamicCache(config=config)
-    run_cache = model_cache(cache) if use_cache else None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        past = run_cache.get_seq_length() if run_cache is not None else 0
-        attention_mask = bool_mask(attention_mask, past)
-        if position_ids is None:  # a 4-D mask does not say where a row starts: positions count from the cache
-            x = input_ids if input_ids is not None else inputs_embeds
-            position_ids = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)
-    elif attention_mask is not None and attention_mask.dim() != 2:
-        raise UnsupportedArgumentError(f"attention_mask must be 2-D [batch, past+seq] or 4-D [batch, 1, seq, keys]; "
-                                       f"got {attention_mask.dim()}-D")
+    run_cache, attention_mask, position_ids = _inputs(cache if use_cache else None, attention_mask, position_ids,
+                                                      input_ids, inputs_embeds)
     if output_hidden_states is None:
         output_hidden_states = config.output_hidden_states
     hidden = hidden_state_indices(output_hidden_states, len(backbone.layers) + 1)
     attentions = config.output_attentions if output_attentions is None else output_attentions
     with record(backbone, hidden, bool(attentions)) as rec:
-        h_BSH, stats = backbone(input_ids, attention_mask, position_ids, run_cache, inputs_embeds)
+        h_BSH, stats = backbone.backbone_forward(input_ids, attention_mask, position_ids, run_cache, inputs_embeds,
+                                                 router_stats=router_stats)
     hs = None
     if hidden is not None:
         if len(backbone.layers) in hidden:  # the last state is taken after the final norm (transformers' rule)

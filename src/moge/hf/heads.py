@@ -2,9 +2,9 @@
 
 ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification`` /
 ``AutoModelForQuestionAnswering`` build transformers' ``GenericFor*`` classes with
-:class:`~moge.hf.modeling.PanguProMoEModel` as ``model`` (so the backbone sits at ``model.model``; loading and
-saving map it to the checkpoint's ``model.``, see :mod:`moge.hf.loading`). A causal-LM checkpoint
-loads into them with the head newly initialised and reported, as transformers does.
+:class:`~moge.hf.modeling.PanguProMoEModel` as ``model`` (the checkpoint's ``model.*`` tensor names, as in
+the causal LM). A causal-LM checkpoint loads into them with the head newly initialised and reported, as
+transformers does.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ class PanguProMoEForTokenClassification(GenericForTokenClassification, PanguProM
 
 class PanguProMoEForQuestionAnswering(GenericForQuestionAnswering, PanguProMoEPreTrainedModel):
     """Extractive question answering: start/end logits (``qa_outputs`` ``[2, H]``)."""
-
-    # transformers' QA head reaches `<base model>.embed_tokens`; ours sits one level down, in the backbone.
-    get_input_embeddings = PanguProMoEPreTrainedModel.get_input_embeddings
-    set_input_embeddings = PanguProMoEPreTrainedModel.set_input_embeddings
 
 
 HEADS = (PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEForQuestionAnswering)

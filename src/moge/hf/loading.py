@@ -1,12 +1,13 @@
 """``from_pretrained`` / ``save_pretrained`` of the transformers wrapper classes: moge's memory-mapped
 loader (:mod:`moge.checkpoint`) behind transformers' keywords and loading contract.
 
-A checkpoint's ``model.*`` tensors are the backbone (:class:`~moge.model.MoGEModel`) wherever a class
-keeps it (``model`` in the causal LM and the base model, ``model.model`` in heads built on the base
-model). As in transformers, keys and shapes are loose: a tensor the checkpoint lacks is initialised
-(by the model's own rule) and reported, a tensor the class does not use is skipped and reported, and
-a tensor of another shape raises :class:`ShapeMismatchError` unless ``ignore_mismatched_sizes=True``
-re-initialises it (``output_loading_info=True`` returns the report). Integrity stays strict: with
+A checkpoint's ``model.*`` tensors are the backbone: the base model :class:`~moge.hf.PanguProMoEModel`,
+``model`` in the causal LM and the heads (the same names as the checkpoint's), the model itself when the
+base model is loaded alone (its names lack the ``model.`` prefix, as transformers' base models' do).
+As in transformers, keys and shapes are loose: a tensor the checkpoint lacks is initialised (by the
+model's own rule) and reported (transformers' own load report), a tensor the class does not use is
+skipped and reported, and a tensor of another shape raises :class:`ShapeMismatchError` unless
+``ignore_mismatched_sizes=True`` re-initialises it (``output_loading_info=True`` returns the report). Integrity stays strict: with
 ``verify`` (the default) a training manifest's SHA-256 is checked and NaN/inf tensors are refused
 (:func:`moge.checkpoint.load_state_dict`), and reads stay confined to the directory.
 
@@ -26,13 +27,15 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import DistributedConfig, GenerationConfig
+from transformers.utils import logging as hf_logging
+from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, load_into, load_state_dict, read_config, resolve_dtype
 from ..checkpoint.io import header_shapes, listing, open_shards, weight_files
@@ -40,7 +43,7 @@ from ..checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_
 from ..config import read_config_dict
 from ..errors import MoGEError
 from ..experts import StackedExperts
-from ..model import MoGEModel, RotaryEmbedding, init_module
+from ..model import Backbone, RotaryEmbedding, init_module
 from .forward import UnsupportedArgumentError
 
 # Only meaningful for Hub downloads or for transformers' own loader.
@@ -51,22 +54,30 @@ _IGNORED = {"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_s
 _HF_CONFIG_KEYS = ("use_cache", "output_router_logits", "id2label", "label2id", "problem_type")
 _ATTENTION = (None, "sdpa", "eager")  # moge.model.attention.ATTENTION_KERNELS
 BACKBONE_PREFIX = "model."
+_REPORT_FIELDS = {f.name for f in fields(LoadStateDictInfo)}
 
 
 def backbone_path(model: nn.Module) -> str:
-    """Qualified name of the :class:`MoGEModel` inside a wrapper (``model`` or ``model.model``)."""
-    return next(name for name, mod in model.named_modules() if isinstance(mod, MoGEModel))
+    """Qualified name of the backbone (:class:`~moge.model.Backbone`) in ``model``: ``"model"``, or ``""``
+    for the base model itself."""
+    return next(name for name, mod in model.named_modules() if isinstance(mod, Backbone))
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """The prefix of the backbone's parameter names in ``model``: ``"model."``, or ``""`` for the base model."""
+    path = backbone_path(model)
+    return path + "." if path else ""
 
 
 def to_model_names(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Checkpoint names (backbone under ``model.``) -> ``model``'s parameter names."""
-    bb = backbone_path(model) + "."
+    bb = backbone_prefix(model)
     return {bb + k[len(BACKBONE_PREFIX):] if k.startswith(BACKBONE_PREFIX) else k: v for k, v in sd.items()}
 
 
 def to_checkpoint_names(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """``model``'s parameter names -> checkpoint names (the inverse of :func:`to_model_names`)."""
-    bb = backbone_path(model) + "."
+    bb = backbone_prefix(model)
     return {BACKBONE_PREFIX + k[len(bb):] if k.startswith(bb) else k: v for k, v in sd.items()}
 
 
@@ -345,13 +356,13 @@ def initialised(model: nn.Module, names: list[str], std: float, device: torch.de
 
 
 def _report(model: nn.Module, path: Path, missing: list[str], unexpected: list[str], mismatched: list[tuple]) -> None:
-    """One warning naming what was initialised, skipped or re-initialised (as transformers reports it)."""
-    parts = [missing and listing("newly initialised", missing),
-             unexpected and listing("unused checkpoint tensors", unexpected),
-             mismatched and listing("reinitialised due to a size mismatch",
-                                    [f"{n}: found {list(f)}, model {list(w)}" for n, f, w in mismatched])]
-    if any(parts):
-        warnings.warn(f"loading {type(model).__name__} from {path}: " + "; ".join(x for x in parts if x), stacklevel=5)
+    """transformers' own load report of what was initialised, skipped or re-initialised: its table, as a
+    warning on its ``transformers.modeling_utils`` logger, where transformers' loader puts it."""
+    values = {"missing_keys": set(missing), "unexpected_keys": set(unexpected), "mismatched_keys": set(mismatched),
+              "error_msgs": [], "conversion_errors": {}, "skipped_pp_keys": set()}
+    # Only the fields this transformers version's report has (5.23 lacks some of 5.24's).
+    info = LoadStateDictInfo(**{k: v for k, v in values.items() if k in _REPORT_FIELDS})
+    log_state_dict_report(model, str(path), True, info, logger=hf_logging.get_logger("transformers.modeling_utils"))
 
 
 def _distribute(cls: type, model: nn.Module, distributed_config: Any) -> nn.Module:

@@ -1,8 +1,11 @@
 """The Pangu Pro MoE model classes for transformers: the shared base class, the base model and the causal LM.
 
-Every class holds our :class:`~moge.model.MoGEModel`; the causal LM's head, tying and losses are
-:mod:`moge.model`'s own functions, not copies. Loading and saving go through :mod:`moge.checkpoint`
-(memory-mapped, experts stacked on load, split on save; see :mod:`moge.hf.loading`).
+The base model :class:`PanguProMoEModel` is a ``PreTrainedModel`` that is also moge's backbone
+(:class:`~moge.model.Backbone`: embedding, decoder layers, norm, with the checkpoint's tensor names); the
+causal LM and the heads hold it as ``model``, as transformers' own models hold theirs. The causal LM's
+head, tying and losses are :mod:`moge.model`'s own functions, not copies. Loading and saving go
+through :mod:`moge.checkpoint` (memory-mapped, experts stacked on load, split on save; see
+:mod:`moge.hf.loading`).
 
 The forward follows transformers' MoE models: ``MoeCausalLMOutputWithPast`` with ``aux_loss`` and
 ``router_logits`` (``output_router_logits``), ``hidden_states`` and ``attentions`` when asked, tuples
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,15 +40,16 @@ from ..checkpoint.hf_files import GENERATION_CONFIG_NAME
 from ..checkpoint.io import write_json
 from ..checkpoint.layout import PER_EXPERT_RE, from_published_state_dict
 from ..experts import use_kernels
-from ..model import DecoderLayer, MoGEModel, RotaryEmbedding, head_forward, init_module, make_lm_head
+from ..model import Backbone, DecoderLayer, RotaryEmbedding, RouterStats, head_forward, init_module, make_lm_head
 from ..model.mtp import make_predictors
-from .config import PanGuMoEConfig, PanguProMoEConfig, backbone_tp_plan
+from .config import PanGuMoEConfig, PanguProMoEConfig
 from .forward import (BackboneOutput, UnsupportedArgumentError, check_router_loss_trainable, pick_cache,
                       exclude_padding, run_backbone, set_attention_kernels)
-from .loading import backbone_path, load, to_checkpoint_names, to_model_names
+from .static_cache import cache_slots, is_static_cache, static_slot_mask
+from .loading import BACKBONE_PREFIX, backbone_path, backbone_prefix, load, to_checkpoint_names, to_model_names
 
 __all__ = ["PanGuMoEForCausalLM", "PanGuMoEModel", "PanguProMoEForCausalLM", "PanguProMoEModel",
-           "PanguProMoEPreTrainedModel"]
+           "PanguProMoEModelOutput", "PanguProMoEPreTrainedModel"]
 
 # transformers 5.24 renamed the outputs' cache field from past_key_values to cache.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -62,10 +67,14 @@ _old_cache_name = (deprecate_kwarg("past_key_values", "5.40.0", new_name="cache"
 _DENSE_MLP_RULE = re.compile(r"\.mlp\.(gate|up|down)_proj$")  # a dense layer's MLP, not the shared expert's
 
 
-def _backbone_fsdp_plan(prefix: str) -> dict[str, str]:
-    """FSDP2 plan: each decoder layer and the embedding their own shard group; the final norm kept whole."""
-    return {f"{prefix}embed_tokens": "free_full_weight", f"{prefix}layers.*": "free_full_weight",
-            f"{prefix}norm": "keep_full_weight"}
+
+
+@dataclass
+class PanguProMoEModelOutput(MoeModelOutputWithPast):
+    """transformers' MoE base-model output plus ``router_stats``: each layer's
+    :class:`~moge.model.RouterStats` when asked for (``output_router_stats=True``), else None."""
+
+    router_stats: list[RouterStats | None] | None = None
 
 
 class PanguProMoEDecoderLayer(GradientCheckpointingLayer, DecoderLayer):
@@ -83,6 +92,10 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PanguProMoEDecoderLayer"]
     _supports_sdpa = True
+    # The forward compiles without graph breaks (transformers' full-graph compile of generate's decode
+    # step, with a static cache): fixed-shape static-cache attention (moge.hf.static_cache), the experts'
+    # graph-safe backend under compile (moge.experts.auto), no host reads while tracing.
+    _can_compile_fullgraph = True
     _tied_weights_keys: dict[str, str] = {}
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -98,6 +111,12 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
         super().init_parallel_plans()
         if not self.config.mlp_only_layers:
             self._tp_plan = {k: v for k, v in self._tp_plan.items() if not _DENSE_MLP_RULE.search(k)}
+
+    def set_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> None:
+        """transformers' runtime switch (``"eager"``/``"sdpa"``), applied to moge's attention layers too:
+        they hold their kernel, chosen when it changes, not looked up on every call."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        set_attention_kernels(self.get_submodule(backbone_path(self)), self.config._attn_implementation)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(backbone_path(self)).embed_tokens
@@ -149,8 +168,12 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that also takes a state dict in the released layout (per-expert
         tensors, backbone under ``model.``), as transformers' ``Trainer`` reads back a saved checkpoint."""
-        bb = backbone_path(self) + "."
-        if any(PER_EXPERT_RE.match(k) for k in state_dict) or not any(k.startswith(bb) for k in state_dict):
+        bb = backbone_prefix(self)
+        # Checkpoint layout: per-expert tensors, or (base model) the backbone under `model.`, or (the others)
+        # no backbone tensor under its own name
+        released = (any(k.startswith(BACKBONE_PREFIX) for k in state_dict) if not bb
+                    else not any(k.startswith(bb) for k in state_dict))
+        if any(PER_EXPERT_RE.match(k) for k in state_dict) or released:
             cfg = self.config.to_moge_config()
             state_dict = to_model_names(from_published_state_dict(state_dict, cfg), self)
             head = getattr(self, "lm_head", None)
@@ -159,17 +182,25 @@ class PanguProMoEPreTrainedModel(PreTrainedModel):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-class PanguProMoEModel(PanguProMoEPreTrainedModel):
-    """The base model (``AutoModel``): :class:`MoGEModel` as ``model``; returns the final hidden states."""
+class PanguProMoEModel(PanguProMoEPreTrainedModel, Backbone):
+    """The base model (``AutoModel``): moge's backbone (:class:`~moge.model.Backbone`: ``embed_tokens``,
+    ``layers``, ``norm``) as a ``PreTrainedModel``; ``forward`` returns the final hidden states.
 
-    _tp_plan = backbone_tp_plan("model.")
-    _fsdp_plan = _backbone_fsdp_plan("model.")
+    Its tensor-parallel plan is the config's ``base_model_tp_plan`` (transformers adds the embedding's
+    vocabulary sharding); the causal LM and the heads take it, and the FSDP plan, under ``model.``.
+    """
+
+    # FSDP2: each decoder layer and the embedding their own shard group; the final norm kept whole.
+    _fsdp_plan = {"embed_tokens": "free_full_weight", "layers.*": "free_full_weight", "norm": "keep_full_weight"}
+    # What transformers' output recording would hook for `hidden_states` (each decoder layer's output[0]); the
+    # forward records them itself (moge.hf.forward.record), with the same selection rules (indices).
+    _can_record_outputs = {"hidden_states": PanguProMoEDecoderLayer}
 
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
-        self.model = MoGEModel(config.to_moge_config(), PanguProMoEDecoderLayer)
+        self.init_backbone(config.to_moge_config(), PanguProMoEDecoderLayer)
         self.post_init()
-        set_attention_kernels(self.model, config._attn_implementation)
+        set_attention_kernels(self, config._attn_implementation)
 
     @_old_cache_name
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -177,22 +208,27 @@ class PanguProMoEModel(PanguProMoEPreTrainedModel):
                 use_cache: bool | None = None, output_router_logits: bool | None = None,
                 output_hidden_states: bool | int | list[int] | None = None, output_attentions: bool | None = None,
                 return_dict: bool | None = None, cache: Any = None, num_items_in_batch: Any = None,
-                **kwargs: Any) -> MoeModelOutputWithPast | tuple:
+                output_router_stats: bool = False, **kwargs: Any) -> PanguProMoEModelOutput | tuple:
         """Final hidden states ``[B,S,H]`` (after the norm), the cache, and on request every layer's
-        hidden states, attention probabilities and router logits ``[B*S,N]``. ``num_items_in_batch``
-        is accepted for transformers' ``Trainer`` and unused (the base model has no loss)."""
+        hidden states, attention probabilities and router logits ``[B*S,N]``. ``output_router_stats``
+        adds each layer's :class:`~moge.model.RouterStats` (None for dense layers): expert counts, group
+        loads and the scaled balance and z losses, from which the causal LM builds its losses.
+        ``num_items_in_batch`` is accepted for transformers' ``Trainer`` and unused (no loss here)."""
         _check_forward_kwargs(type(self).__name__, kwargs)
+        asked = self.config.output_router_logits if output_router_logits is None else output_router_logits
         out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
-                           inputs_embeds, use_cache, output_hidden_states, output_attentions)
-        res = MoeModelOutputWithPast(last_hidden_state=out.h_BSH, hidden_states=out.hidden_states,
+                           inputs_embeds, use_cache, output_hidden_states, output_attentions,
+                           router_stats=bool(asked or output_router_stats))
+        res = PanguProMoEModelOutput(last_hidden_state=out.h_BSH, hidden_states=out.hidden_states,
                                      attentions=out.attentions,
                                      router_logits=_router_logits(self, out, output_router_logits),
+                                     router_stats=out.stats if output_router_stats else None,
                                      **{_CACHE_FIELD: out.cache})
         return res if _return_dict(self, return_dict) else res.to_tuple()
 
 
 class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
-    """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`MoGEModel`) plus ``lm_head``.
+    """Pangu Pro MoE causal LM for transformers: ``model`` (:class:`PanguProMoEModel`) plus ``lm_head``.
 
     ``forward`` returns :class:`~transformers.modeling_outputs.MoeCausalLMOutputWithPast` and accepts
     any cache with ``DynamicCache``'s interface, or a transformers static cache. A checkpoint's MTP
@@ -200,19 +236,18 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
     ``generate`` ignore them (speculative decoding with them: :func:`moge.generate.generate`).
     """
 
-    _tp_plan = {**backbone_tp_plan("model."), "lm_head": "colwise_gather_output"}
-    _fsdp_plan = {**_backbone_fsdp_plan("model."), "lm_head": "keep_full_weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # the base model's plan joins under `model.`
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: PanguProMoEConfig):
         super().__init__(config)
         self.moge_config = config.to_moge_config()
-        self.model = MoGEModel(self.moge_config, PanguProMoEDecoderLayer)
+        self.model = PanguProMoEModel(config)
         self.lm_head = make_lm_head(self.moge_config, self.model.embed_tokens)
         # MTP predictors (moge.model.mtp) are kept and saved, but forward / generate use the main model only.
         self.mtp = make_predictors(self.moge_config)
         use_kernels(self, self.model.kernels)  # the head and predictors share the backbone's kernel choices
         self.post_init()
-        set_attention_kernels(self.model, config._attn_implementation)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -231,9 +266,15 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         return outside_inference_mode(out)
 
     @staticmethod
-    def create_masks_for_generate(attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-        """``generate`` with a static cache would build a 4-D mask; the model builds its own from the 2-D one."""
-        return attention_mask
+    def create_masks_for_generate(config: Any = None, inputs_embeds: Tensor | None = None,
+                                  attention_mask: Tensor | None = None, cache: Any = None, **kwargs: Any) -> Any:
+        """``generate``'s mask for a static cache: the fixed-shape ``[B,1,S,max_len]`` slot mask
+        (:func:`~moge.hf.static_cache.static_slot_mask`), built outside the (possibly compiled) forward."""
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if inputs_embeds is None or cache is None or not is_static_cache(cache):
+            return attention_mask
+        b, s = inputs_embeds.shape[:2]
+        return static_slot_mask(attention_mask, cache.get_seq_length(), b, s, cache_slots(cache), inputs_embeds.device)
 
     @_old_cache_name
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -259,12 +300,18 @@ class PanguProMoEForCausalLM(PanguProMoEPreTrainedModel, GenerationMixin):
         is not shifted or used.
         """
         _check_forward_kwargs(type(self).__name__, kwargs)
-        if (labels is not None or shift_labels is not None) and (
-                self.config.output_router_logits if output_router_logits is None else output_router_logits):
-            check_router_loss_trainable(self)
-        out = run_backbone(self, input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values),
-                           inputs_embeds, use_cache, output_hidden_states, output_attentions)
-        if self.config.output_router_logits if output_router_logits is None else output_router_logits:
+        asked = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if (labels is not None or shift_labels is not None) and asked:
+            check_router_loss_trainable(self.model)
+        # The router statistics (losses) only when asked for: decoding skips them.
+        base = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=False,
+                          output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                          return_dict=True, output_router_stats=bool(asked),
+                          **{_CACHE_FIELD: pick_cache(cache, past_key_values)})
+        out = BackboneOutput(base.last_hidden_state, base.router_stats or [], getattr(base, _CACHE_FIELD),
+                             base.hidden_states, base.attentions)
+        if asked:
             out.stats = exclude_padding(out.stats, attention_mask, self.model)
         logits, loss, aux = head_forward(self.lm_head, out.h_BSH, out.stats, None if shift_labels is not None
                                          else labels, logits_to_keep, num_items_in_batch)

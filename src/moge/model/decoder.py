@@ -48,8 +48,31 @@ class ModelOutput:
     mtp: list = field(default_factory=list)
 
 
-class MoGEModel(nn.Module):
-    """Embedding, decoder layers and the final norm (no output head)."""
+class Backbone:
+    """Embedding, decoder layers, the final norm and the RoPE table (no output head): built by
+    :meth:`init_backbone`, run by :meth:`backbone_forward`.
+
+    A mixin for ``nn.Module`` classes, so that :class:`MoGEModel` and the transformers base model
+    (:class:`moge.hf.PanguProMoEModel`, a ``PreTrainedModel`` whose own ``forward`` speaks transformers'
+    signature) are the same backbone with the same parameter names: whoever needs the backbone's
+    ``(hidden, router stats)`` form (the engine, the transformers heads) calls :meth:`backbone_forward`
+    on either.
+    """
+
+    def init_backbone(self, config: MoGEConfig, layer_class: type[DecoderLayer] = DecoderLayer) -> None:
+        """Create the submodules (call once, after ``nn.Module.__init__``). ``layer_class``: a
+        :class:`DecoderLayer` subclass the transformers wrapper passes (transformers' checkpointing
+        layer); a layer with its own ``gradient_checkpointing`` flag checkpoints itself."""
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+        # This model's measured CPU kernel choices (moge.experts.choice): owned here, not by the process.
+        self.kernels = KernelChoices()
+        use_kernels(self, self.kernels)
+        # Activation checkpointing of each decoder layer while training; transformers'
+        # gradient_checkpointing_enable() sets this flag and `_gradient_checkpointing_func` (moge.hf).
+        self.gradient_checkpointing = False
 
     def check_inputs(self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
                      past_key_values, inputs_embeds: Tensor | None, check_ids: bool | None = None) -> None:
@@ -112,22 +135,7 @@ class MoGEModel(nn.Module):
                 raise V.InvalidArgumentError(f"position_ids must be [B, S] = [{b}, {s}] (or [1, S]), got "
                                              f"{tuple(position_ids.shape)}")
 
-    def __init__(self, config: MoGEConfig, layer_class: type[DecoderLayer] = DecoderLayer):
-        """``layer_class``: a :class:`DecoderLayer` subclass the transformers wrapper passes (transformers'
-        checkpointing layer); a layer with its own ``gradient_checkpointing`` flag checkpoints itself."""
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
-        # This model's measured CPU kernel choices (moge.experts.choice): owned here, not by the process.
-        self.kernels = KernelChoices()
-        use_kernels(self, self.kernels)
-        # Activation checkpointing of each decoder layer while training; transformers'
-        # gradient_checkpointing_enable() sets this flag and `_gradient_checkpointing_func` (moge.hf).
-        self.gradient_checkpointing = False
-
-    def forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
+    def backbone_forward(self, input_ids_BS: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
                 inputs_embeds: Tensor | None = None, check_ids: bool | None = None,
                 router_stats: bool = True) -> tuple[Tensor, list[RouterStats | None]]:
@@ -167,6 +175,16 @@ class MoGEModel(nn.Module):
                 x_BSH, st = layer(x_BSH, cos_sin, mask, past_key_values, cache_kwargs, router_stats)
             stats.append(st)
         return self.norm(x_BSH), stats
+
+
+class MoGEModel(Backbone, nn.Module):
+    """The backbone (:class:`Backbone`) as a plain module: ``forward`` is :meth:`Backbone.backbone_forward`."""
+
+    def __init__(self, config: MoGEConfig, layer_class: type[DecoderLayer] = DecoderLayer):
+        super().__init__()
+        self.init_backbone(config, layer_class)
+
+    forward = Backbone.backbone_forward
 
 
 def _checkpoint(fn, *args):

@@ -5,7 +5,8 @@ submitted until every prompt passed the context check, and a failed submit close
 made, so a refused request leaves no row or queue entry behind. Streaming answers are server-sent
 events ending in ``data: [DONE]``; the response generator's ``finally`` closes the streams, so a
 client that goes away mid-stream aborts its requests (their rows are free by the next step). A
-non-streaming request is watched for a disconnect too.
+non-streaming request's handler awaits the server's ``http.disconnect`` message beside the answer, so
+its disconnect aborts it as quickly.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ def _usage(choices: list[Choice], prompts: list[list[int]]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _watch_disconnect(raw: Request, choices: list[Choice]) -> None:
-    while not all(c.finish_reason is not None for c in choices):
-        if await raw.is_disconnected():
-            for c in choices:
-                c.stream.close()
-            return
-        await asyncio.sleep(0.05)
+async def _abort_on_disconnect(raw: Request, choices: list[Choice]) -> None:
+    """Close the choices' streams (aborting their requests) the moment the client goes away.
+
+    The body is read before the handler runs, so the next ASGI message is ``http.disconnect``: the
+    server sends it when the connection is lost. Awaiting it, rather than polling
+    ``Request.is_disconnected``, puts the abort in the scheduler within the step that is running
+    (a poll every 50 ms let two or three more 20 ms steps run) and costs nothing while waiting.
+    Cancelled by the handler once the answer is complete.
+    """
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass  # nothing else can come after a complete body; a server that sends more is ignored
+    for c in choices:
+        c.stream.close()
 
 
 class OpenAIRoutes:
@@ -103,7 +110,7 @@ class OpenAIRoutes:
         head = {**self._head("cmpl"), "object": "text_completion"}
         if req.stream:
             return StreamingResponse(self._stream_completion(req, head, choices, prompts), media_type="text/event-stream")
-        watcher = asyncio.create_task(_watch_disconnect(raw, choices))
+        watcher = asyncio.create_task(_abort_on_disconnect(raw, choices))
         try:
             await collect(choices)
         finally:
@@ -152,7 +159,7 @@ class OpenAIRoutes:
         head = {**self._head("chatcmpl")}
         if req.stream:
             return StreamingResponse(self._stream_chat(req, head, choices, [prompt]), media_type="text/event-stream")
-        watcher = asyncio.create_task(_watch_disconnect(raw, choices))
+        watcher = asyncio.create_task(_abort_on_disconnect(raw, choices))
         try:
             await collect(choices)
         finally:
