@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_quant import decode, write_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from bench_quant import decode  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from results_md import copy_bandwidth, machine  # noqa: E402
 from moge.config import get_config  # noqa: E402
 from moge.experts import StackedExperts  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    body = [f"Machine: {machine()}, {args.threads} threads. {args.note}".rstrip(), ""]
+    body = [f"Machine: {machine()}. {args.note}".rstrip(), ""]
     if args.part in ("kernels", "both"):
         body += ["Kernels: GB/s of weight read per call (cold weights, best of "
                  f"{args.rounds} interleaved rounds; int4 group {GROUP}; act = activation dtype):", "",
@@ -179,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_section(Path(args.results), body)
     return 0
+
+
+def write_section(path: Path, body: list[str]) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    block = "\n".join([SECTION, "", *body])
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        text = head + block + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

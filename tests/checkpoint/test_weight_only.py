@@ -149,6 +149,10 @@ BAD = [
     ("NaN scale", lambda t, c: t[f"{K}.weight_scale"].__setitem__((0, 0), float("nan")),
      rf"tensor {K}.weight_scale in .* holds 1 non-finite value"),
     ("asymmetric", lambda t, c: _group(c).update(symmetric=False), r"only symmetric, static weights"),
+    ("num_bits not a number", lambda t, c: _group(c).update(num_bits=[4]),
+     r"weights 'int' \[4\]-bit with strategy 'group' are not supported"),
+    ("float packed as 8-bit", lambda t, c: _group(c).update(num_bits=8),
+     r"weights 'int' 8-bit with strategy 'group' are not supported"),
     ("another method", lambda t, c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}),
      r"quant_method 'gptq' / format None is not supported; moge reads compressed-tensors 'pack-quantized'"),
     ("quantized activations", lambda t, c: c["quantization_config"]["config_groups"]["group_0"].update(

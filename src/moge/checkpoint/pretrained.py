@@ -24,8 +24,7 @@ from .io import (CheckpointError, atomic_write, confined, header_shapes, listing
                  to_dtype_device, weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, check_shared_heads, config_from_dict,
                      config_quantization, group_expert_names, mtp_native_name, published_shapes, quantization_format,
-                     released_config_dict,
-                     shared_head_names, stack_experts, to_published_state_dict)
+                     released_config_dict, shared_head_names, stack_experts, to_published_state_dict)
 from .quantized import load_quantized_into, save_quantized
 from .reading import (CONFIG_NAME, FLOAT_DTYPES, QUANT_DTYPES, TOKENIZER_NAME, assign_loaded, check_tokenizer_file,
                       resolve_device, resolve_dtype, tensor_reader, verify_against_manifest)

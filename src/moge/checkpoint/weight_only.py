@@ -44,7 +44,8 @@ from .io import (CheckpointError, atomic_write, header_shapes, listing, open_sha
                  weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
                      stack_experts, to_published_state_dict)
-from .reading import CONFIG_NAME, assign_loaded, check_tokenizer_file, resolve_device, tensor_reader, verify_against_manifest
+from .reading import (CONFIG_NAME, assign_loaded, check_tokenizer_file, resolve_device, tensor_reader,
+                      verify_against_manifest)
 
 FORMAT = "pack-quantized"
 METHOD = "compressed-tensors"
@@ -87,7 +88,7 @@ def parse_quantization_config(qc: Any, where: str) -> tuple[int, int | None]:
         raise CheckpointError(f"{where}: quantized activations are not supported in {FORMAT} (weight-only only)")
     bits, strategy, gs = w.get("num_bits"), w.get("strategy"), w.get("group_size")
     wanted = {8: "channel", 4: "group"}
-    if w.get("type", "int") != "int" or bits not in wanted or strategy != wanted[bits]:
+    if w.get("type", "int") != "int" or not isinstance(bits, int) or bits not in wanted or strategy != wanted[bits]:
         raise CheckpointError(f"{where}: weights {w.get('type')!r} {bits}-bit with strategy {strategy!r} are not "
                               f"supported; moge runs int 8-bit 'channel' and int 4-bit 'group'")
     if w.get("symmetric") is not True or w.get("dynamic", False) or w.get("actorder"):

@@ -144,7 +144,8 @@ class WeightOnlyLinear(nn.Module):
         self.compute, self.act_dtype = compute, act_dtype
         e = () if stack is None else (stack,)
         cols = in_features if bits == 8 else in_features // 2
-        self.register_buffer("qweight", torch.zeros(*e, out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8))
+        qdtype = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.zeros(*e, out_features, cols, dtype=qdtype))
         self.register_buffer("weight_scale", torch.ones(*e, out_features, in_features // g))
         self.register_buffer("bias", torch.zeros(*e, out_features) if bias else None)
         self._kernel_cache: dict[Any, tuple[Tensor, ...]] = {}  # derived kernel operands, see _operands
