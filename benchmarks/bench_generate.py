@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
               for b in args.batches}
     rows: list[dict] = []
     bounds: dict[tuple[str, int], float] = {}
-    t_start, done = time.perf_counter(), 0
     clocked = device.type == "cpu"
     for dt_name in dtypes:
         dtype = getattr(torch, dt_name)
@@ -412,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                     bounds[(dt_name + " W8A8", b)] = (touched_expert_bytes(models["w8a8"], inputs[b], n_new)
                                                       + other_bytes(models["w8a8"], b, ctx))
         best: dict[tuple[int, str], float] = {}
+        t_start, done = time.perf_counter(), 0  # progress per dtype (each has its own contenders)
+        total = args.repeats * len(args.batches) * len(contenders)
         for rnd in range(args.repeats):  # interleaved rounds, best kept: filters other jobs' noise
             for b in args.batches:
                 for name, run in contenders.items():
@@ -428,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
                     best[(b, name)] = min(best.get((b, name), float("inf")), sec)
                     done += 1
                     el = time.perf_counter() - t_start
-                    total = len(dtypes) * args.repeats * len(args.batches) * len(contenders)
                     print(f"[{done}/{total} round {rnd + 1}] {dt_name:8s} B={b:<3d} {name:36s} {sec * 1e3:9.1f} ms/step"
                           f"  (elapsed {el:.0f}s, ETA {el / done * (total - done):.0f}s)", flush=True)
         for b in args.batches:
@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                                    **({"speculative": spec_rows} if spec_rows else {})}, indent=1))
         png = Path(args.results).with_name("results_generate.png")
         plot(rows, bounds, png, device)
-        write_section(Path(args.results), lines, args, device, bw, n_new, prompt_len, png.name)
+        write_section(Path(args.results), lines, args, device, bw, n_new, prompt_len, png.name,
+                      llama_ran=any(r["name"] in LLAMA_FMT for r in rows))
         print(f"wrote {args.results} and {png}")
     return 0
 
@@ -566,22 +567,26 @@ def plot(rows: list[dict], bounds: dict, path: Path, device) -> None:
     plt.close(fig)
 
 
-def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_len, png_name) -> None:
+def write_section(path: Path, lines: list[str], args, device, bw, n_new, prompt_len, png_name,
+                  llama_ran: bool = False) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
     sizes = ", ".join(f"batch {b}: prompt {prompt_len(b)}" for b in args.batches)
     body = [SECTION, "",
             f"Machine: {machine(device)}. Read bandwidth measured in the same run: {bw / 1e9:.1f} GB/s "
-            f"(`x.sum()` over 512 MiB written first, best of the run's start and end). `small` preset, random weights, greedy, {sizes}; "
-            f"{n_new} new tokens.",
-            f"Method: ms/step = " + ("median gap between consecutive tokens of a run" if device.type == "cpu" else
+            f"(`x.sum()` over 512 MiB written first, best of the run's start and end). `small` preset, "
+            f"random weights, greedy, {sizes}; {n_new} new tokens.",
+            "Method: ms/step = " + ("median gap between consecutive tokens of a run" if device.type == "cpu" else
                                      f"(time of {n_new} new tokens - time of 1) / {n_new - 1}")
             + f" (prefill excluded), best of {args.repeats} interleaved rounds; tokens/s = batch / step. Bound = bytes one "
             f"step must read (the experts the batch touches, counted, plus all other weights, the embedding "
             f"rows and the KV cache) / read bandwidth. transformers = `Qwen2MoeForCausalLM`, best experts "
             f"implementation marked.",
             f"Command: `PYTHONPATH=src python benchmarks/bench_generate.py --device {args.device} --dtypes "
-            f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}`"
-            .replace("--dtypes  ", ""),
+            f"{' '.join(args.dtypes or [])} --batches {' '.join(map(str, args.batches))} --threads {args.threads}"
+            f"{' --w8a8-batches ' + ' '.join(map(str, args.w8a8_batches)) if args.w8a8_batches != [1, 8] else ''}"
+            f"{' --contenders ' + ' '.join(repr(c) for c in args.contenders) if args.contenders else ''}`"
+            .replace("--dtypes  ", "")
+            + (" with `LLAMA_BENCH` and `LLAMA_CONVERT` set (benchmarks/llamacpp.py)." if llama_ran else ""),
             "", *lines, "", f"![generation benchmark]({png_name})", ""]
     replace_section(path, SECTION, body)
 

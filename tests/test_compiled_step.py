@@ -96,6 +96,8 @@ def test_compile_refuses_what_it_does_not_compile():
         generate(model, ids, max_new_tokens=2, cache="dynamic", compile=True)
     with pytest.raises(GenerationError, match="True or False"):
         generate(model, ids, max_new_tokens=2, compile="yes")
+    with pytest.raises(GenerationError, match="built without it"):
+        generate(model, ids, max_new_tokens=2, compile=True, engine=DecodeEngine(model, 8))
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])

@@ -100,9 +100,10 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     with no host syncs and, on CUDA (``cuda_graphs`` None or True), that step replayed as a CUDA graph;
     pass an ``engine`` (:class:`moge.engine.decode.DecodeEngine`) to reuse its caches and graphs across
     calls. ``compile=True`` compiles that step with ``torch.compile`` (the first call compiles: tens
-    of seconds; then the fastest batch-1 path on CPU, see :class:`moge.engine.step.DecodeStep`; reuse
-    the ``engine`` to compile once). ``cache="dynamic"`` is the plain loop over the model's forward with a growing cache. Both
-    give the same tokens (greedy: token for token, up to floating-point ties).
+    of seconds; then the fastest batch-1 path on CPU, see :class:`moge.engine.step.DecodeStep`; pass
+    an ``engine`` built with ``compile=True`` to compile once). ``cache="dynamic"`` is the plain loop
+    over the model's forward with a growing cache. Both give the same tokens (greedy: token for token,
+    up to floating-point ties).
 
     ``speculative=True`` (or ``draft_tokens=D``, at most the model's ``num_mtp_layers``, default all)
     drafts D tokens per step with the model's MTP predictors and verifies them in one forward
@@ -152,6 +153,9 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
                                         compile=compile))
         elif engine.model is not model:
             raise GenerationError("engine= was built for another model")
+        elif compile and not getattr(engine, "compile", False):
+            raise GenerationError("compile=True with an engine= built without it: pass "
+                                  "DecodeEngine(model, capacity, compile=True)")
         elif speculative and draft_tokens is not None and engine.num_drafts != draft_tokens:
             raise GenerationError(f"engine= drafts {engine.num_drafts} tokens, draft_tokens={draft_tokens} asked")
         return engine.decode(ids_BS, mask_BL, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id,

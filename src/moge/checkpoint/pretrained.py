@@ -9,7 +9,7 @@ is checked against the model before any data is read. Saving takes a config and 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 

@@ -133,7 +133,7 @@ class DecodeStep:
                  compile: bool = False):
         self.base, self.head = _parts(model)
         self.compiled = compile
-        # dynamic=False: one graph per step shape (a step's shapes never change; see compiled_forward).
+        # dynamic=False: one graph per step (its shapes never change: the cache's batch and slots, S).
         self._forward = torch.compile(self._model_forward, dynamic=False) if compile else self._model_forward
         self.cache, self.num_new = cache, num_new
         self.kv_len = cache.capacity if kv_len is None else kv_len

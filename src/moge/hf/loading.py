@@ -39,7 +39,7 @@ from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, load_into, load_state_dict, read_config, resolve_dtype
 from ..checkpoint.io import header_shapes, listing, open_shards, weight_files
-from ..checkpoint.layout import IGNORED_RE, PER_EXPERT_RE, from_published_state_dict, quantization_format
+from ..checkpoint.layout import IGNORED_RE, from_published_state_dict, quantization_format
 from ..config import read_config_dict
 from ..errors import MoGEError
 from ..experts import StackedExperts
