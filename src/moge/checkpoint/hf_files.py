@@ -12,12 +12,15 @@ post-processor's business (transformers reads it there, not from ``add_bos_token
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..config import MoGEConfig
-from .io import CheckpointError, read_json, write_json
+from .io import CheckpointError, atomic_write, read_json, write_json
+from .reading import TOKENIZER_NAME
+
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -71,3 +74,28 @@ def write_tokenizer_config(directory: str | Path, config: MoGEConfig) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "left",
         "model_max_length": config.max_position_embeddings, "clean_up_tokenization_spaces": False,
         "chat_template": DEFAULT_CHAT_TEMPLATE})
+
+
+# moge's quantization notes beside a quantized checkpoint (W8A8 or weight-only).
+QUANT_NOTES_NAME = "moge_quantization.json"
+
+
+def write_quant_notes(directory: Path, metadata: Mapping[str, Any] | None) -> None:
+    """Write ``metadata`` as the quantization notes, or remove notes an earlier save left there."""
+    if metadata is not None:
+        write_json(directory / QUANT_NOTES_NAME, dict(metadata))
+    elif (directory / QUANT_NOTES_NAME).exists():
+        (directory / QUANT_NOTES_NAME).unlink()
+
+
+def write_companions(directory: Path, config: MoGEConfig, tokenizer_file: str | Path | None = None,
+                     generation_extra: Mapping[str, Any] | None = None) -> None:
+    """The files every checkpoint layout writes beside its weights: ``generation_config.json`` and, with
+    a tokenizer file, ``tokenizer.json`` (copied atomically unless it already is that file) and
+    ``tokenizer_config.json``."""
+    write_generation_config(directory, config, generation_extra)
+    if tokenizer_file is not None:
+        src, dst = Path(tokenizer_file), directory / TOKENIZER_NAME
+        if src.resolve() != dst.resolve():
+            atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+        write_tokenizer_config(directory, config)

@@ -8,7 +8,6 @@ is checked against the model before any data is read. Saving takes a config and 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,15 @@ from torch import Tensor
 from ..config import ConfigError, MoGEConfig, read_config_dict
 from ..errors import ArgumentTypeError
 from ..model import MoGEForCausalLM
-from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (CheckpointError, atomic_write, confined, header_shapes, listing, open_shards, save_shards,
-                 to_dtype_device, weight_files, writable_dir, write_json, writing)
+from .hf_files import write_companions
+from .io import (CheckpointError, confined, header_shapes, listing, open_shards, save_shards, to_dtype_device,
+                 weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, check_shared_heads, config_from_dict,
                      config_quantization, group_expert_names, mtp_native_name, published_shapes, quantization_format,
                      released_config_dict, shared_head_names, stack_experts, to_published_state_dict)
 from .quantized import load_quantized_into, save_quantized
-from .reading import (CONFIG_NAME, FLOAT_DTYPES, QUANT_DTYPES, TOKENIZER_NAME, assign_loaded, check_tokenizer_file,
-                      resolve_device, resolve_dtype, tensor_reader, verify_against_manifest)
+from .reading import (CONFIG_NAME, FLOAT_DTYPES, QUANT_DTYPES, assign_loaded, check_tokenizer_file, resolve_device,
+                      resolve_dtype, tensor_reader, verify_against_manifest)
 from .weight_only import load_weight_only_into, save_weight_only
 
 
@@ -250,12 +249,7 @@ def save_pretrained(directory: str | Path, config: MoGEConfig, state_dict: Mappi
         dtypes = {t.dtype for t in published.values() if t.is_floating_point()}
         dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
         write_json(directory / CONFIG_NAME, released_config_dict(config, dtype, config_overrides))
-        write_generation_config(directory, config, generation_config)
-        if tokenizer_file is not None:
-            src = Path(tokenizer_file)
-            if src.resolve() != (directory / TOKENIZER_NAME).resolve():
-                atomic_write(directory / TOKENIZER_NAME, lambda tmp: shutil.copyfile(src, tmp))
-            write_tokenizer_config(directory, config)
+        write_companions(directory, config, tokenizer_file, generation_config)
     return directory
 
 

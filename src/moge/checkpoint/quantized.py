@@ -28,7 +28,6 @@ Pure functions (:func:`to_ascend_state_dict`, :func:`from_ascend`) between our i
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,9 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from ..quant import QuantError, install_quantized
-from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (CheckpointError, atomic_write, header_shapes, listing, open_shards, read_json, save_shards,
-                 to_dtype_device, weight_files, writable_dir, write_json, writing)
+from .hf_files import QUANT_NOTES_NAME, write_companions, write_quant_notes
+from .io import (CheckpointError, header_shapes, listing, open_shards, read_json, save_shards, to_dtype_device,
+                 weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
                      stack_experts, to_published_state_dict)
 from .reading import assign_loaded, check_tokenizer_file, resolve_device, tensor_reader, verify_against_manifest
@@ -49,7 +48,7 @@ from .reading import assign_loaded, check_tokenizer_file, resolve_device, tensor
 ASCEND_TYPES = {"static": "W8A8", "dynamic": "W8A8_DYNAMIC"}
 ACT_OF_TYPE = {v: k for k, v in ASCEND_TYPES.items()}
 FLOAT = "FLOAT"
-METADATA_NAME = "moge_quantization.json"
+METADATA_NAME = QUANT_NOTES_NAME
 # description keys that are not tensor names
 _META_KEYS = {"model_quant_type", "kv_quant_type", "fa_quant_type", "reduce_quant_type", "version", "group_size",
               "metadata", "model_type"}
@@ -329,17 +328,9 @@ def save_quantized(directory: str | Path, config: MoGEConfig, state_dict: Mappin
     with writing("checkpoint", directory):
         save_shards(tensors, directory, max_shard_size, progress)
         write_json(directory / QUANT_DESCRIPTION_NAME, desc)
-        if metadata is not None:
-            write_json(directory / METADATA_NAME, dict(metadata))
-        elif (directory / METADATA_NAME).exists():  # notes of an earlier save into this directory
-            (directory / METADATA_NAME).unlink()
+        write_quant_notes(directory, metadata)
         dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and desc.get(k) == FLOAT}
         write_json(directory / "config.json",
                    released_config_dict(config, next(iter(dtypes)) if len(dtypes) == 1 else None, config_overrides))
-        write_generation_config(directory, config)
-        if tokenizer_file is not None:
-            src = Path(tokenizer_file)
-            if src.resolve() != (directory / "tokenizer.json").resolve():
-                atomic_write(directory / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
-            write_tokenizer_config(directory, config)
+        write_companions(directory, config, tokenizer_file)
     return directory

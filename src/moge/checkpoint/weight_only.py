@@ -28,7 +28,6 @@ around the confined I/O of :mod:`.io`; every name, shape and dtype is checked be
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,17 +38,18 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from ..quant import QuantError, install_weight_only
-from .hf_files import write_generation_config, write_tokenizer_config
-from .io import (CheckpointError, atomic_write, header_shapes, listing, open_shards, save_shards, to_dtype_device,
-                 weight_files, writable_dir, write_json, writing)
+from .hf_files import QUANT_NOTES_NAME, write_companions, write_quant_notes
+from .io import (CheckpointError, header_shapes, listing, open_shards, save_shards, to_dtype_device, weight_files,
+                 writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
                      stack_experts, to_published_state_dict)
 from .reading import (CONFIG_NAME, assign_loaded, check_tokenizer_file, resolve_device, tensor_reader,
                       verify_against_manifest)
 
+
 FORMAT = "pack-quantized"
 METHOD = "compressed-tensors"
-METADATA_NAME = "moge_quantization.json"
+METADATA_NAME = QUANT_NOTES_NAME
 _FIELDS = ("weight_packed", "weight_scale", "weight_shape")
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj$")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -279,17 +279,9 @@ def save_weight_only(directory: str | Path, config: MoGEConfig, state_dict: Mapp
         save_shards(tensors, directory, max_shard_size, progress)
         if (directory / QUANT_DESCRIPTION_NAME).exists():
             (directory / QUANT_DESCRIPTION_NAME).unlink()
-        if metadata is not None:
-            write_json(directory / METADATA_NAME, dict(metadata))
-        elif (directory / METADATA_NAME).exists():  # notes of an earlier save into this directory
-            (directory / METADATA_NAME).unlink()
+        write_quant_notes(directory, metadata)
         dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".weight_scale")}
         cfg = released_config_dict(config, next(iter(dtypes)) if len(dtypes) == 1 else None, config_overrides)
         write_json(directory / CONFIG_NAME, {**cfg, "quantization_config": qc})
-        write_generation_config(directory, config)
-        if tokenizer_file is not None:
-            src = Path(tokenizer_file)
-            if src.resolve() != (directory / "tokenizer.json").resolve():
-                atomic_write(directory / "tokenizer.json", lambda tmp: shutil.copyfile(src, tmp))
-            write_tokenizer_config(directory, config)
+        write_companions(directory, config, tokenizer_file)
     return directory
