@@ -31,10 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import validate as V
 from ..model.cache import RowSubsetCache, StaticKVCache
 from .sampling import _filtered_probs_rows, race_sample
-from .speculative import SpeculativeError, accept_drafts, mtp_predictors
+from .speculative import accept_drafts, drafting_predictors
 from .step import DecodeStep, _parts, causal_slot_mask, slot_positions
 
 __all__ = ["RowDrafter", "RowSampling"]
@@ -63,15 +62,8 @@ class RowDrafter:
     def __init__(self, model: nn.Module, max_batch: int, draft_tokens: int | None = None):
         self.model = model
         self.base, self.head = _parts(model)
-        mtp = mtp_predictors(model)
-        self.num_drafts = V.integer("draft_tokens", len(mtp) if draft_tokens is None else draft_tokens, 1, len(mtp),
-                                    error=SpeculativeError)
-        self.predictors = list(mtp)[:self.num_drafts]
-        self.num_main = len(self.base.layers)
-        for k, pred in enumerate(self.predictors):
-            if pred.self_attn.layer_idx != self.num_main + k:
-                raise SpeculativeError(f"MTP predictor {k + 1} writes cache layer {pred.self_attn.layer_idx}, "
-                                       f"expected {self.num_main + k} (L = {self.num_main} main layers)")
+        self.predictors = drafting_predictors(model, draft_tokens)
+        self.num_drafts, self.num_main = len(self.predictors), len(self.base.layers)
         p = next(self.base.parameters())
         self.drafts_BD = torch.zeros(max_batch, self.num_drafts, dtype=torch.long, device=p.device)
         self.q_BDV = torch.zeros(max_batch, self.num_drafts, self.head.out_features, device=p.device)

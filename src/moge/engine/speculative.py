@@ -98,6 +98,21 @@ def mtp_predictors(model: nn.Module) -> nn.ModuleList:
     return mtp
 
 
+def drafting_predictors(model: nn.Module, draft_tokens: int | None) -> list[nn.Module]:
+    """The first D of ``model``'s MTP predictors (D = ``draft_tokens``, default all), each checked to
+    write cache layer L + k (L main layers), where the verify step's cache keeps predictor k's keys;
+    :class:`SpeculativeError` naming what is wrong otherwise."""
+    mtp = mtp_predictors(model)
+    d = V.integer("draft_tokens", len(mtp) if draft_tokens is None else draft_tokens, 1, len(mtp),
+                  error=SpeculativeError)
+    num_main = len(_parts(model)[0].layers)
+    for k, pred in enumerate(list(mtp)[:d]):
+        if pred.self_attn.layer_idx != num_main + k:
+            raise SpeculativeError(f"MTP predictor {k + 1} writes cache layer {pred.self_attn.layer_idx}, "
+                                   f"expected {num_main + k} (L = {num_main} main layers)")
+    return list(mtp)[:d]
+
+
 def _verify(logits_BSV: Tensor, ver_BS: Tensor, q_BDV: Tensor | None, temperature: float, top_k: int, top_p: float,
             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """``(n_B, z_BS)`` of one verify step: how many drafts each row keeps, and the main model's tokens
@@ -139,15 +154,8 @@ class SpeculativeDecoder:
     def __init__(self, model: nn.Module, capacity: int, draft_tokens: int | None = None):
         self.model = model
         self.base, self.head = _parts(model)
-        mtp = mtp_predictors(model)
-        self.num_drafts = V.integer("draft_tokens", len(mtp) if draft_tokens is None else draft_tokens, 1, len(mtp),
-                                    error=SpeculativeError)
-        self.predictors = list(mtp)[:self.num_drafts]
-        L = len(self.base.layers)
-        for k, pred in enumerate(self.predictors):
-            if pred.self_attn.layer_idx != L + k:
-                raise SpeculativeError(f"MTP predictor {k + 1} writes cache layer {pred.self_attn.layer_idx}, "
-                                       f"expected {L + k} (L = {L} main layers)")
+        self.predictors = drafting_predictors(model, draft_tokens)
+        self.num_drafts = len(self.predictors)
         self.capacity = V.integer("capacity", capacity, 1, error=SpeculativeError)
         self._slots: dict[int, tuple[StaticKVCache, DecodeStep]] = {}
         self._cos_CD: Tensor | None = None
