@@ -11,7 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PreTrainedModel, StaticCache
 
 import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
-from moge.hf import (PanguProMoEConfig, PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
+from helpers import single_thread  # noqa: F401 (fixture)
+from hf_helpers import lm, tiny_config  # noqa: F401 (lm: fixture)
+from moge.hf import (PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
                      PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEModel)
 from moge.model import Backbone, MoGEForCausalLM
 from moge.model.attention import ATTENTION_KERNELS
@@ -21,25 +23,7 @@ HEADS = (PanguProMoEForCausalLM, PanguProMoEForSequenceClassification, PanguProM
 IDS = torch.tensor([[1, 5, 9, 33, 70, 12], [3, 44, 3, 8, 18, 61]])
 
 
-def tiny_config(**kw) -> PanguProMoEConfig:
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                num_experts=8, num_experts_per_tok=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                initializer_range=0.2, num_labels=3)
-    return PanguProMoEConfig(**(base | kw))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def lm() -> PanguProMoEForCausalLM:
-    torch.manual_seed(0)
-    return PanguProMoEForCausalLM(tiny_config()).eval()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)

@@ -3,20 +3,21 @@ transformers' own test suite checks of every in-tree model, asserted here with o
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
 import moge.hf  # noqa: F401  (registers PanguProMoE with transformers)
+from helpers import single_thread  # noqa: F401 (fixture)
+from hf_helpers import lm, tiny_config  # noqa: F401 (lm: fixture)
 from moge.model import Backbone
 from moge.model.attention import ATTENTION_KERNELS, RotaryEmbedding
-from moge.hf import (PanguProMoEConfig, PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
+from moge.hf import (PanguProMoEForCausalLM, PanguProMoEForQuestionAnswering,
                      PanguProMoEForSequenceClassification, PanguProMoEForTokenClassification, PanguProMoEModel)
 from moge.hf.loading import MetaDeviceContextError, ShapeMismatchError
 
@@ -30,25 +31,7 @@ def load_report() -> CaptureLogger:
     return CaptureLogger(hf_logging.get_logger("transformers.modeling_utils"))
 
 
-def tiny_config(**kw) -> PanguProMoEConfig:
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                num_experts=8, num_experts_per_tok=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                initializer_range=0.2, num_labels=3)
-    return PanguProMoEConfig(**(base | kw))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def lm():
-    torch.manual_seed(0)
-    return PanguProMoEForCausalLM(tiny_config()).eval()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_generate_returns_tensors_autograd_can_train_on(lm):
