@@ -5,11 +5,14 @@ through safetensors (not through moge's writer), so loading is tested against an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from moge.engine.sampling import sampling_probs
 
 
 @pytest.fixture(scope="module", autouse=False)
@@ -199,3 +202,33 @@ def greedy_uncached(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
             nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
     return ids
+
+
+def chi2_upper(df: int, z: float = 3.719) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at the normal quantile z (3.719: 1 - 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_three_tokens_follow(model, prompt_1P: torch.Tensor, got_R3: torch.Tensor, temperature: float,
+                               top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The rows of ``got`` (three sampled tokens after ``prompt``) follow the model's own filtered
+    distribution of those three tokens, computed exactly over every continuation (a tiny vocabulary):
+    no excluded token ever, and a chi-square test at 1e-4 (expected counts under 5 pooled). Returns the
+    filtered probabilities ``[V^2, 3, V]`` of every two-token continuation."""
+    v, rows = model.config.vocab_size, got_R3.shape[0]
+    t1, t2 = torch.meshgrid(torch.arange(v), torch.arange(v), indexing="ij")
+    seqs = torch.cat([prompt_1P.expand(v ** 2, -1), t1.reshape(-1, 1), t2.reshape(-1, 1)], dim=1)
+    with torch.no_grad():
+        probs = sampling_probs(model(seqs).logits[:, -3:], temperature, top_k, top_p).double()
+    exact = (probs[0, 0][:, None, None] * probs[:, 1].reshape(v, v, v)[:, 0][:, :, None]
+             * probs[:, 2].reshape(v, v, v)).reshape(-1)
+    counts = torch.bincount((got_R3[:, 0] * v + got_R3[:, 1]) * v + got_R3[:, 2], minlength=v ** 3).double()
+    expected = exact * rows
+    big = expected >= 5
+    assert counts[exact == 0].sum() == 0  # never a token the filtered main distribution excludes
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum().item()
+    df = int(big.sum()) if exp[-1] > 0 else int(big.sum()) - 1
+    assert stat < chi2_upper(df), (stat, df)
+    return probs

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 
 import openai
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from helpers import single_thread, train_tokenizer  # noqa: F401
+from helpers import assert_three_tokens_follow, single_thread, train_tokenizer  # noqa: F401
 from moge.checkpoint import load_pretrained, read_config, save_model, write_tokenizer_config
 from moge.cli import main as cli_main
 from moge.config import get_config
 from moge.engine.drafting import RowDrafter
 from moge.engine.request import SamplingParams
-from moge.engine.sampling import sampling_probs
 from moge.engine.scheduler import Scheduler
 from moge.engine.step import causal_slot_mask, prefill
 from moge.engine.speculative import SpeculativeDecoder, SpeculativeError
@@ -181,11 +179,6 @@ def test_scheduler_seeded_sampling_is_reproducible_per_request(model):
     assert other_seed != together[0]
 
 
-def chi2_upper(df: int, z: float = 3.719) -> float:
-    """Wilson-Hilferty approximation of the chi-square quantile at the normal quantile z (3.719: 1 - 1e-4)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 def test_scheduler_speculative_sampling_has_the_main_models_distribution():
     """The first three tokens of 3000 seeded requests against the exact product of the main model's
     conditionals (a vocabulary of 8, predictors far from the main model); chi-square over cells with
@@ -197,21 +190,7 @@ def test_scheduler_speculative_sampling_has_the_main_models_distribution():
     sp = [SamplingParams(max_tokens=3, temperature=0.8, top_k=5, seed=i) for i in range(rows)]
     got = torch.tensor(Scheduler(m, max_batch=64, max_model_len=16, max_queue=rows, draft_tokens=2).run(
         [prompt] * rows, sp))
-    t1, t2 = torch.meshgrid(torch.arange(v), torch.arange(v), indexing="ij")
-    seqs = torch.cat([torch.tensor([prompt]).expand(v ** 2, -1), t1.reshape(-1, 1), t2.reshape(-1, 1)], dim=1)
-    with torch.no_grad():
-        probs = sampling_probs(m(seqs).logits[:, -3:], 0.8, 5).double()
-    exact = (probs[0, 0][:, None, None] * probs[:, 1].reshape(v, v, v)[:, 0][:, :, None]
-             * probs[:, 2].reshape(v, v, v)).reshape(-1)
-    counts = torch.bincount((got[:, 0] * v + got[:, 1]) * v + got[:, 2], minlength=v ** 3).double()
-    expected = exact * rows
-    big = expected >= 5
-    assert counts[exact == 0].sum() == 0  # never a token the filtered main distribution excludes
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum().item()
-    df = int(big.sum()) if exp[-1] > 0 else int(big.sum()) - 1
-    assert stat < chi2_upper(df), (stat, df)
+    assert_three_tokens_follow(m, torch.tensor([prompt]), got, 0.8, 5)
 
 
 def test_server_greedy_equals_generate(mtp_ckpt, model, monkeypatch):

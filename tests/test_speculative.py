@@ -3,12 +3,11 @@ greedy token for token, EOS inside a draft, cache rollback against a plain run, 
 distribution against the main model's exact one, the acceptance rule alone, and named errors."""
 
 import copy
-import math
 
 import pytest
 import torch
 
-from helpers import single_thread  # noqa: F401
+from helpers import assert_three_tokens_follow, single_thread  # noqa: F401
 from moge.config import get_config
 from moge.engine import StaticKVCache
 from moge.engine.sampling import sampling_probs
@@ -176,11 +175,6 @@ def test_acceptance_rule_keeps_the_target_distribution():
         accept_drafts(p[None], q[None, :, :3], drafts[:1])
 
 
-def chi2_upper(df, z=3.719):
-    """Wilson-Hilferty approximation of the chi-square quantile at the normal quantile z (3.719: 1 - 1e-4)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 @pytest.mark.parametrize("draft,temperature,top_k,top_p", [(1, 1.0, 0, 1.0), (2, 1.0, 0, 1.0), (2, 0.8, 5, 0.9)])
 def test_speculative_sampling_has_the_main_models_distribution(draft, temperature, top_k, top_p):
     """Joint distribution of the first three tokens over 8000 rows (one call) against the exact product
@@ -195,24 +189,8 @@ def test_speculative_sampling_has_the_main_models_distribution(draft, temperatur
     out = dec.decode(prompt.expand(rows, -1), None, 3, temperature, top_k, top_p,
                        generator=torch.Generator().manual_seed(0), stats=st)
     assert 0.1 < st["accepted"][0] / st["row_steps"] < 0.9  # both accept and reject happened often
-    t1, t2 = torch.meshgrid(torch.arange(v), torch.arange(v), indexing="ij")
-    seqs = torch.cat([prompt.expand(v ** 2, -1), t1.reshape(-1, 1), t2.reshape(-1, 1)], dim=1)
-    with torch.no_grad():
-        probs = sampling_probs(m(seqs).logits[:, -3:], temperature, top_k, top_p).double()
-    p1 = probs[0, 0]  # [v]
-    p2 = probs[:, 1].reshape(v, v, v)[:, 0]  # [t1, t2]
-    p3 = probs[:, 2].reshape(v, v, v)  # [t1, t2, t3]
-    exact = (p1[:, None, None] * p2[:, :, None] * p3).reshape(-1)
-    got = out[:, -3:]
-    counts = torch.bincount((got[:, 0] * v + got[:, 1]) * v + got[:, 2], minlength=v ** 3).double()
-    expected = exact * rows
-    big = expected >= 5
-    assert counts[exact == 0].sum() == 0  # never a token the filtered main distribution excludes
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum().item()
-    df = int(big.sum()) if exp[-1] > 0 else int(big.sum()) - 1
-    assert stat < chi2_upper(df), (stat, df)
+    probs = assert_three_tokens_follow(m, prompt, out[:, -3:], temperature, top_k, top_p)
+    p1, p2 = probs[0, 0], probs[:, 1].reshape(v, v, v)[:, 0]  # [v], [t1, t2]
     # the test has power: predictor 1's distribution of the second token (what drafts follow) is far
     # from the main model's, so a rule that kept drafts too often would show
     pairs = torch.cat([prompt.expand(v, -1), torch.arange(v).view(v, 1)], dim=1)
