@@ -39,8 +39,9 @@ sys.path.insert(0, str(HERE))
 
 from results_md import copy_bandwidth, machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from moge.config import get_config  # noqa: E402
+from moge.experts import StackedExperts  # noqa: E402
 from moge.model import KVCache, MoGEForCausalLM  # noqa: E402
-from moge.quant import QuantizedExperts, quantize, set_compute  # noqa: E402
+from moge.quant import quantize, set_compute  # noqa: E402
 
 SECTION = "## W8A8 (bench_quant.py)"
 PROMPT, PREFILL = 64, 512
@@ -60,8 +61,7 @@ def step_weight_bytes(model: torch.nn.Module, distinct_per_layer: list[float], b
     """Bytes of weights one decode step reads: everything but the embedding table (``batch`` rows of it)
     and, per MoE layer, only the routed experts the step chose (``distinct_per_layer``)."""
     total = 0.0
-    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts) or hasattr(m, "gate_up_proj")
-               and not isinstance(getattr(m, "gate_up_proj"), torch.nn.Module)]
+    experts = [m for m in model.modules() if isinstance(m, StackedExperts)]  # float, W8A8 or weight-only
     expert_ids = {id(t) for e in experts for t in (list(e.parameters()) + list(e.buffers()))}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in expert_ids or "rotary" in name:

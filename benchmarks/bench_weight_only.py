@@ -33,10 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_quant import decode  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from bench_quant import decode, step_weight_bytes  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from results_md import copy_bandwidth, machine  # noqa: E402
 from moge.config import get_config  # noqa: E402
-from moge.experts import StackedExperts  # noqa: E402
 from moge.model import MoGEForCausalLM  # noqa: E402
 from moge.quant import quantize_weights  # noqa: E402
 from moge.quant.weight_only import dequantize_weight, quantize_weight_only, unpack_int4  # noqa: E402
@@ -103,21 +102,6 @@ def bench_kernels(rounds: int) -> list[str]:
     return lines
 
 
-def step_bytes(model: torch.nn.Module, distinct: list[float], batch: int) -> float:
-    """Weight bytes one decode step reads: everything but the embedding table (``batch`` rows of it) and,
-    per MoE layer, only the experts the step chose."""
-    experts = [m for m in model.modules() if isinstance(m, StackedExperts)]
-    ids = {id(t) for e in experts for t in [*e.parameters(), *e.buffers()]}
-    total = 0.0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in ids or "rotary" in name:
-            continue
-        total += t.numel() * t.element_size() * (batch / t.shape[0] if "embed_tokens" in name else 1)
-    for e, d in zip(experts, distinct):
-        total += d * sum(t.numel() * t.element_size() for t in [*e.parameters(), *e.buffers()]) / e.num_experts
-    return total
-
-
 def bench_decode(preset: str, rounds: int, steps: int) -> tuple[list[str], float]:
     torch.manual_seed(0)
     fp = MoGEForCausalLM(get_config(preset)).eval()
@@ -143,7 +127,7 @@ def bench_decode(preset: str, rounds: int, steps: int) -> tuple[list[str], float
              "|---:|---|---:|---:|---:|---:|---:|"]
     for b in (1, 8):
         for name, m in variants.items():
-            wb = step_bytes(m, distinct[(b, name)], b)
+            wb = step_weight_bytes(m, distinct[(b, name)], b)
             rate, bound = best[(b, name)], b * bw / wb
             lines.append(f"| {b} | {name} | {rate:,.1f} | {rate / best[(b, 'fp32')]:.2f}x | {wb / 1e6:,.0f} MB | "
                          f"{bound:,.0f} | {100 * rate / bound:.0f}% |")
