@@ -7,15 +7,15 @@ Shape legend
     P  token-expert pairs (T*K)
 
 At one row a matrix product is a weight stream, and on a CPU neither of torch's eager kernels
-streams at the memory's speed: MKL's one-row product reads float32 weights at about 17-40 GB/s on
-the 2-core AMD EPYC VM that reads 60-80 GB/s with ``x.sum()`` (``benchmarks/RESULTS.md``), and its
-bfloat16 product is slower still. The same product written as a broadcast multiply and a sum over the
-input dimension, ``(W[O,I] * x[1,I]).sum(-1)``, is a reduction that Inductor's C++ backend compiles
-to one vectorised loop per output block, parallel over the outputs, reading each weight once at the
-memory's speed (60 GB/s for a 32000 x 768 head in float32 and bfloat16, where ``F.linear`` gets
-17 and 8; the accumulation is float32 for either). In eager mode that expression would materialise
-the ``[O, I]`` product, so these functions are only worth calling while ``torch.compile`` traces:
-:func:`moge.experts.linear.linear` and ``auto``'s experts use them there, and nowhere else.
+streams at the memory's speed: ``F.linear`` reads float32 and bfloat16 weights at 17-23 GB/s at one
+row on the 2-core AMD EPYC VM that reads 60-80 GB/s with ``x.sum()``. The same product written as a
+broadcast multiply and a sum over the input dimension, ``(W[O,I] * x[1,I]).sum(-1)``, is a reduction
+that Inductor's C++ backend compiles to one vectorised loop per output block, parallel over the
+outputs, reading each weight once: 59 GB/s for a 32000 x 768 head in float32 and bfloat16
+(``benchmarks/probe_reduce.py``; the accumulation is float32 for either). In eager mode that
+expression would materialise the ``[O, I]`` product, so these functions are only worth calling while
+``torch.compile`` traces: :func:`moge.experts.linear.linear` and ``auto``'s experts use them there,
+and nowhere else.
 
 The routed experts use the same trick with the gather folded in: ``(gate_up[ids] * x).sum(-1)``
 compiles to a loop that reads each chosen expert's rows in place (an indirect load), so the K

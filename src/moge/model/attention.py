@@ -55,9 +55,9 @@ def decode_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: 
     """Masked attention for a few queries per row as two batched matmuls with the query heads of a
     key/value head stacked as rows (no repeated keys), the softmax in float32 (or float64).
 
-    Why: SDPA's CPU kernel (flash attention for CPU) costs ~1.9 ms for one decode query per row at batch
-    16, 12 heads, 128 slots (bf16, one thread; measured on the 2-core AMD EPYC VM), where these two
-    matmuls take 0.14 ms, compiled or not: its fixed cost per call is larger than the work."""
+    Why: SDPA's CPU kernel (flash attention for CPU) costs 1.08 ms for one decode query per row at batch
+    16, 12 heads over 4 key/value heads, 128 slots (bf16, 2 threads, the 2-core AMD EPYC VM), where these
+    two matmuls take 0.11 ms (``benchmarks/probe_reduce.py``): its fixed cost per call is larger than the work."""
     b, h, s, d = q_BhSD.shape
     g = k_BgLD.shape[1]
     q_BgRD = q_BhSD.reshape(b, g, (h // g) * s, d)  # R = the group's heads x S queries, heads outer
