@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .eager import is_float_weight, sort_by_expert, swiglu
+from .reduce import reduce_rows
 from .registry import register_experts_backend
 from .sorted import sorted_experts
 
@@ -51,8 +52,7 @@ def _grouped_linear(x_PI: Tensor, w_NOI: Tensor, offsets_N: Tensor, expert_P: Te
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
         # Traced, a multiply-and-sum reads each pair's weight in place (Inductor fuses the gather into
         # the reduction): no [P, O, I] copy, which at prefill sizes would not fit in memory.
-        acc = torch.promote_types(x_PI.dtype, torch.float32)
-        return (w_NOI[expert_P].to(acc) * x_PI.unsqueeze(1).to(acc)).sum(-1).to(x_PI.dtype)
+        return reduce_rows(w_NOI, x_PI.to(torch.promote_types(x_PI.dtype, torch.float32)), expert_P).to(x_PI.dtype)
     return torch.bmm(w_NOI[expert_P], x_PI.unsqueeze(-1)).squeeze(-1)
 
 

@@ -38,7 +38,7 @@ from .registry import register_experts_backend
 from .sorted import sorted_experts
 
 
-__all__ = ["reduce_experts", "reduce_linear"]
+__all__ = ["reduce_experts", "reduce_linear", "reduce_rows"]
 
 
 def _accumulation(x: Tensor) -> torch.dtype:
@@ -56,7 +56,7 @@ def reduce_linear(x_1I: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None)
     return y_1O.to(x_1I.dtype)
 
 
-def _rows(w_NOI: Any, x_PI: Tensor, ids_P: Tensor) -> Tensor:
+def reduce_rows(w_NOI: Any, x_PI: Tensor, ids_P: Tensor) -> Tensor:
     """Row p of ``x`` times matrix ``ids_P[p]`` of ``w`` in reduce form, ``[P, O]`` in ``x``'s dtype: a
     float stack inline, a quantized kind through its own ``reduce_rows`` (the weight-kind seam; e.g.
     :class:`moge.quant.WeightOnlyLinear` dequantizes inside the same reduction)."""
@@ -85,7 +85,7 @@ def reduce_experts(x_TH: Tensor, ids_TK: Tensor, w_TK: Tensor, gate_up_N2FH: Any
         order_P = torch.argsort(ids_P, stable=True)
         ids_P, token_P, w_P = ids_P[order_P], token_P[order_P], w_P[order_P]
     x_PH = x_TH.to(acc)[token_P]
-    gu_P2F = _rows(gate_up_N2FH, x_PH, ids_P)
+    gu_P2F = reduce_rows(gate_up_N2FH, x_PH, ids_P)
     h_PF = F.silu(gu_P2F[:, :f]) * gu_P2F[:, f:] * w_P.unsqueeze(1).to(acc)
-    out_PH = _rows(down_NHF, h_PF, ids_P)
+    out_PH = reduce_rows(down_NHF, h_PF, ids_P)
     return out_PH.new_zeros(t, out_PH.shape[1]).index_add_(0, token_P, out_PH).to(x_TH.dtype)
