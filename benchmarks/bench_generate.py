@@ -1,7 +1,9 @@
 """Benchmark generation: ms per decode step and tokens/s of moge against transformers' Qwen2-MoE.
 
 Model: the ``small`` preset (H=768, 12 layers, 64 experts in 8 groups, K=8, F=256, shared 1024,
-V=32000), random weights, greedy decoding, equal-length prompts. Contenders:
+V=32000), random weights, greedy decoding, equal-length prompts. On a CPU moge's weights and caches lie
+on transparent huge pages, as ``load_pretrained`` and ``StaticKVCache`` put them (``moge.memory``);
+transformers' stay where torch's allocator puts them, as transformers runs. Contenders:
 
 * ``moge static (MoGE)`` / ``moge static (top-K)``: ``moge.generate`` on its default fast path
   (static cache, fixed-shape step; on CUDA replayed as a CUDA graph), the same model with either router;
@@ -35,7 +37,7 @@ for moge, by a wrapper around the sampler; on CUDA (asynchronous) it is (time of
 1) / (n - 1); llama.cpp's is ``llama-bench``'s own tokens/s. Contenders run in ``--repeats`` interleaved
 rounds and keep their best, which filters other jobs on a shared machine; tokens/s = batch / (ms/step).
 In the same run the script measures the machine's read bandwidth (``x.sum()`` over 512 MiB written
-first, best of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
+first, on huge pages where there are any, best of 5) and prints the weights-read bound per step: the bytes of the experts the batch actually
 touches (counted by a hook on one extra run of that model) plus every other weight read per step (attention,
 norms, router, shared expert, output head), the batch's embedding rows and the KV cache at the mean
 context, over that bandwidth. With llama.cpp rows it adds a table of moge's best row per weight format
@@ -65,6 +67,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from moge.config import get_config  # noqa: E402
 from moge.engine.decode import DecodeEngine  # noqa: E402
 from moge.generate import generate  # noqa: E402
+from moge.memory import huge_page_bytes, move_to_huge_pages  # noqa: E402
 from moge.model import MoGEForCausalLM, count_parameters  # noqa: E402
 from llamacpp import LlamaCpp, save_qwen  # noqa: E402
 from results_md import machine, read_bandwidth, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
@@ -115,8 +118,12 @@ def init_(model: torch.nn.Module, std: float = 0.02) -> None:
 
 
 def build_moge(router: str, dtype, device) -> MoGEForCausalLM:
+    """The ``small`` preset with seeded random weights; on a CPU they go on huge pages, as
+    ``load_pretrained`` puts a loaded checkpoint's (moge.memory)."""
     torch.manual_seed(0)
-    return MoGEForCausalLM(get_config("small", router=router)).to(device=device, dtype=dtype).eval()
+    model = MoGEForCausalLM(get_config("small", router=router)).to(device=device, dtype=dtype).eval()
+    move_to_huge_pages(model)
+    return model
 
 
 def build_wrapper(native: MoGEForCausalLM):
@@ -339,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                 models[fmt] = build_weight_only(models["moge"], fmt)
         if OURS[1] in names:
             models["topk"] = build_moge("topk", dtype, device)
+        for key in ("w8a8", "int8", "int4"):  # built from the moved model: their new tensors move too
+            if key in models:
+                move_to_huge_pages(models[key])
+        if device.type == "cpu":
+            print(f"{dt_name}: {huge_page_bytes() / 2**20:.0f} MiB of this process on huge pages", flush=True)
         engines: dict = {}
 
         def ours_static(key, compile=False):

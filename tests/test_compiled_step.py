@@ -23,6 +23,7 @@ from moge.model import MoGEForCausalLM
 from moge.quant import WeightOnlyLinear, quantize_weights, set_weight_only
 from moge.routing import moge_select, router_scores
 
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -77,6 +78,23 @@ def test_compiled_step_gives_the_eager_steps_logits_and_tokens_for_a_padded_batc
     logits_e, _ = e_step(nxt)
     assert torch.equal(c_cache.lengths_B, lengths + 1)
     torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_steps_of_two_models_each_replay_their_own():
+    """A compiled step keeps no guards (it replays its trace), so two steps of equal shapes must not share
+    a graph: a MoGE model and a top-K model with other weights, called in turn, each give their own eager
+    step's logits, and ids passed as a strided column are read correctly."""
+    from moge.engine.step import DecodeStep
+    from moge.model.cache import StaticKVCache
+    models = [tiny("moge", seed=1), tiny("topk", seed=2)]
+    steps = [(DecodeStep(m, StaticKVCache.for_model(m, 1, 8), compile=True),
+              DecodeStep(m, StaticKVCache.for_model(m, 1, 8))) for m in models]
+    wide = torch.tensor([[5, 60, 7, 11, 3, 90, 41, 2]])
+    for t in range(4):
+        ids = wide[:, 2 * t:2 * t + 1]  # a column of a wider tensor: stride 8, not 1
+        for compiled, eager in steps:
+            torch.testing.assert_close(compiled(ids)[0], eager(ids)[0], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(steps[0][0](wide[:, :1])[0], steps[1][0](wide[:, :1])[0])
 
 
 def test_generate_compile_command_from_a_relative_path(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ ROOT = Path(moge.__file__).parent
 # Bottom-up; a module may import its own unit and units of strictly lower layers, never a sibling in its
 # own layer or anything above.
 LAYERS: list[set[str]] = [
-    {"errors"}, {"validate", "progress"}, {"config"}, {"routing"}, {"metrics", "data"}, {"experts"}, {"model"},
+    {"errors"}, {"validate", "progress", "memory"}, {"config"}, {"routing"}, {"metrics", "data"}, {"experts"}, {"model"},
     {"quant"}, {"engine", "parallel"}, {"generate", "checkpoint"}, {"serve", "hf"}, {"train", "analysis", "sim"},
     {"cli"}, {"moge"}, {"__main__"},
 ]

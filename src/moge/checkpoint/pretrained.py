@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..config import ConfigError, MoGEConfig, read_config_dict
 from ..errors import ArgumentTypeError
+from ..memory import move_to_huge_pages
 from ..model import MoGEForCausalLM
 from .hf_files import write_companions
 from .io import (CheckpointError, confined, header_shapes, listing, open_shards, save_shards, to_dtype_device,
@@ -172,7 +173,7 @@ def load_into(module: torch.nn.Module, directory: str | Path, config: MoGEConfig
 
 
 def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu", verify: bool = True):
+                    device: str | torch.device = "cpu", verify: bool = True, huge_pages: bool = True):
     """Load a released-layout checkpoint directory into a :class:`~moge.model.MoGEForCausalLM`.
 
     The model is built on the meta device and the memory-mapped tensors are assigned to it, cast to
@@ -181,7 +182,9 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     (scales stay float32). Missing /
     unexpected / mis-shaped tensors, unreadable files and a missing ``config.json`` raise :class:`CheckpointError` naming them. ``verify`` (default True): a directory
     with a training manifest is checked against it (SHA-256) and tensors holding NaN/inf are refused
-    by name (see :func:`load_state_dict`). Returns the model in eval mode.
+    by name (see :func:`load_state_dict`). ``huge_pages`` (default True): on a CPU the weights then
+    move to transparent huge pages, where a decode step streams them faster (:mod:`moge.memory`).
+    Returns the model in eval mode.
     """
     if not isinstance(directory, (str, Path)):
         raise ArgumentTypeError(f"load_pretrained(directory) must be a str or Path, got {type(directory).__name__}")
@@ -193,6 +196,8 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     resolve_device(device)  # argument errors before any file is read
     config = read_config(directory)
     model = load_into(build_on_meta(config), directory, config, dtype, device, verify)
+    if huge_pages:
+        move_to_huge_pages(model)  # CPU tensors only; a no-op elsewhere
     return model.eval()
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MoGEError
+from ..memory import huge_pages_zeros
 
 
 __all__ = ["CacheError", "DynamicKVCache", "RowSubsetCache", "StaticKVCache"]
@@ -100,8 +101,11 @@ class StaticKVCache:
                 raise CacheError(f"StaticKVCache {name} must be a positive integer, got {v!r}")
         self.capacity, self.batch_size = capacity, batch_size
         shape = (batch_size, num_kv_heads, capacity + 1, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # On a CPU the planes, read whole by every step's attention, go on huge pages (moge.memory).
+        planes = huge_pages_zeros([shape] * (2 * num_layers), dtype) if torch.device(device).type == "cpu" else None
+        if planes is None:
+            planes = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.keys, self.values = planes[:num_layers], planes[num_layers:]
         self.lengths_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows_B1 = torch.arange(batch_size, device=device).view(batch_size, 1)
 
