@@ -53,19 +53,24 @@ DECODE_QUERIES = 8
 
 def decode_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: Tensor) -> Tensor:
     """Masked attention for a few queries per row as two batched matmuls with the query heads of a
-    key/value head stacked as rows (no repeated keys), the softmax in float32 (or float64).
+    key/value head stacked as rows (no repeated keys), in float32 (float64 kept), the output in the
+    query's dtype.
 
     Why: SDPA's CPU kernel (flash attention for CPU) costs 1.08 ms for one decode query per row at batch
     16, 12 heads over 4 key/value heads, 128 slots (bf16, 2 threads, the 2-core AMD EPYC VM), where these
-    two matmuls take 0.11 ms (``benchmarks/probe_reduce.py``): its fixed cost per call is larger than the work."""
+    two matmuls take 0.11 ms (``benchmarks/probe_reduce.py``): its fixed cost per call is larger than the work.
+    The matmuls run in float32 even for bf16 keys and values: torch's bf16 ``bmm`` copies its operands
+    first and took 39 us a call against float32's 10 in the compiled bf16 ``small`` step at batch 1
+    (0.45 ms of its ~8 ms, 24 calls), while converting the attended keys and values is one pass over a
+    few hundred kilobytes."""
     b, h, s, d = q_BhSD.shape
     g = k_BgLD.shape[1]
-    q_BgRD = q_BhSD.reshape(b, g, (h // g) * s, d)  # R = the group's heads x S queries, heads outer
-    acc = torch.promote_types(q_BhSD.dtype, torch.float32)  # float32 softmax, float64 kept
-    scores_BgRL = (q_BgRD @ k_BgLD.transpose(-1, -2)).to(acc) * d ** -0.5
+    acc = torch.promote_types(q_BhSD.dtype, torch.float32)
+    q_BgRD = q_BhSD.reshape(b, g, (h // g) * s, d).to(acc)  # R = the group's heads x S queries, heads outer
+    scores_BgRL = (q_BgRD @ k_BgLD.to(acc).transpose(-1, -2)) * d ** -0.5
     keep_B1RL = mask_B1SL.unsqueeze(2).expand(b, 1, h // g, s, mask_B1SL.shape[-1]).reshape(b, 1, (h // g) * s, -1)
-    probs_BgRL = scores_BgRL.masked_fill(~keep_B1RL, float("-inf")).softmax(-1).to(q_BhSD.dtype)
-    return (probs_BgRL @ v_BgLD).view(b, h, s, d)
+    probs_BgRL = scores_BgRL.masked_fill(~keep_B1RL, float("-inf")).softmax(-1)
+    return (probs_BgRL @ v_BgLD.to(acc)).to(q_BhSD.dtype).view(b, h, s, d)
 
 
 def sdpa_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: Tensor | None, causal: bool,
