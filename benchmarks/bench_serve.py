@@ -15,6 +15,8 @@ Contenders, measured in the same run, ``--rounds`` interleaved rounds, best kept
   16 rows, prefill included: what the server's scheduler and HTTP layer cost is the gap.
 * ``--transformers-serve``: ``transformers serve --continuous-batching`` on transformers' Qwen2-MoE at the
   same shapes (bench_generate's peer), random weights, the same tokenizer, the same thread count.
+* ``--compile``: ``moge serve --compile`` beside it (decode steps compiled per batch bucket at startup,
+  the fast CPU path of ``docs/inference.md``), the same requests.
 * ``--url NAME=URL`` (repeatable): any running OpenAI-compatible server given by its base URL
   (``http://127.0.0.1:8001``), at the same concurrency levels, same token-id prompts.
 
@@ -167,9 +169,12 @@ def write_qwen_checkpoint(directory: Path, tokenizer_json: Path) -> Path:
 
 
 def start_server(ckpt: Path, port: int, max_batch: int, threads: int, peer: str = "moge") -> subprocess.Popen:
-    if peer == "moge":
+    """``moge serve`` (``peer="moge"``, or ``"moge-compile"`` for ``--compile``, which compiles a step per
+    batch bucket before it answers) or transformers serve, in its own process, once it answers."""
+    if peer.startswith("moge"):
         cmd = [sys.executable, "-m", "moge", "serve", str(ckpt), "--port", str(port), "--max-batch", str(max_batch),
                "--max-model-len", "512", "--threads", str(threads), "--served-model-name", "small"]
+        cmd += ["--compile"] if peer == "moge-compile" else []
     else:  # transformers serve, its continuous batching on, same thread count
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(ckpt), "--continuous-batching",
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--log-level", "warning",
@@ -178,7 +183,7 @@ def start_server(ckpt: Path, port: int, max_batch: int, threads: int, peer: str 
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
@@ -188,7 +193,7 @@ def start_server(ckpt: Path, port: int, max_batch: int, threads: int, peer: str 
                 raise RuntimeError(f"{cmd[0]} {cmd[1]} exited before it was ready")
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"{cmd[0]} {cmd[1]} did not start in 300 s")
+    raise RuntimeError(f"{cmd[0]} {cmd[1]} did not start in 900 s")
 
 
 def model_name(host: str, port: int) -> str:
@@ -314,6 +319,8 @@ def main() -> None:
     p.add_argument("--url", action="append", default=[], help="NAME=http://HOST:PORT of another OpenAI-compatible server")
     p.add_argument("--transformers-serve", action="store_true",
                    help="also start `transformers serve --continuous-batching` on a Qwen2-MoE at the same shapes")
+    p.add_argument("--compile", action="store_true",
+                   help="also start `moge serve --compile` (compiled decode steps, the fast CPU path)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -331,6 +338,9 @@ def main() -> None:
             qwen = write_qwen_checkpoint(Path(tmp.name), ckpt / "tokenizer.json")
             procs.append(start_server(qwen, args.port + 1, args.max_batch, args.threads, peer="transformers"))
             servers["transformers serve --continuous-batching"] = ("127.0.0.1", args.port + 1, str(qwen))
+        if args.compile:
+            procs.append(start_server(ckpt, args.port + 2, args.max_batch, args.threads, peer="moge-compile"))
+            servers["moge serve --compile"] = ("127.0.0.1", args.port + 2, "small")
         for spec in args.url:
             name, url = spec.split("=", 1)
             host, port = url.split("//", 1)[-1].rstrip("/").split(":")

@@ -232,3 +232,17 @@ def test_cuda_graph_decoding_equals_generate_alone():
     reqs = staggered(sched, PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS])
     for r, p, n in zip(reqs, PROMPTS, MAX_TOKENS):
         assert r.output_ids == alone(m, p, n)
+
+
+def test_compiled_steps_give_what_generate_gives_alone(model):
+    """``compile=True``: every bucket's step is compiled when the scheduler is built (the lengths that
+    compiling advanced are reset), then staggered requests get their prompts' greedy tokens alone."""
+    sched = Scheduler(model, max_batch=2, max_model_len=48, compile=True, show_progress=False)
+    assert sorted(sched._steps) == [1, 2] and all(s.compiled for s in sched._steps.values())
+    assert not sched.cache.lengths_B.any()
+    prompts, n = PROMPTS[:4], MAX_TOKENS[:4]
+    reqs = staggered(sched, prompts, [SamplingParams(max_tokens=k) for k in n])
+    for req, p, k in zip(reqs, prompts, n):
+        assert req.output_ids == alone(model, p, k), req.id
+    with pytest.raises(AdmissionError, match="speculative"):
+        Scheduler(model, max_batch=2, compile=True, speculative=True)

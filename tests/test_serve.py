@@ -415,3 +415,35 @@ def test_text_stream_deltas_add_up_to_the_decoded_text(ckpt):
         stream = TextStream(decode, (stop, "zzz"))
         got = "".join(stream.push(i) for i in ids) + stream.finish()
         assert got == text[:text.find(stop)] if stop in text else got == text
+
+
+def test_compiled_server_answers_what_the_library_gives(ckpt, library, capsys):
+    """``moge serve --compile``: the decode steps are compiled before the server answers, and its greedy
+    completions equal the library's; ``--compile --speculative`` is refused with a named error."""
+    model, tok, encode, greedy = library
+    s = Server(ckpt, "--compile", "--max-batch", "2", "--max-model-len", "64")
+    try:
+        assert all(step.compiled for step in s.engine.scheduler._steps.values())
+        c = client(s)
+        for text, n in zip(PROMPTS[:3], (6, 3, 9)):
+            r = c.completions.create(model=MODEL, prompt=text, max_tokens=n, temperature=0)
+            assert r.choices[0].text == tok.decode(greedy(encode(text), n), skip_special_tokens=True)
+    finally:
+        s.close()
+    assert cli_main(["serve", str(ckpt), "--compile", "--speculative"]) == 2
+    assert "use one or the other" in capsys.readouterr().err
+
+
+def test_engine_thread_runs_every_call_on_one_thread_and_hands_back_errors():
+    """``moge serve`` loads, builds and steps the model on one thread (torch's kernels slow down on a
+    thread other than the one that first used them): calls run there in order; errors come back."""
+    import threading
+
+    from moge.serve.engine import EngineThread
+    worker = EngineThread()
+    idents = [worker.call(threading.get_ident) for _ in range(3)]
+    assert len(set(idents)) == 1 and idents[0] != threading.get_ident()
+    assert worker.call(lambda: torch.ones(3).sum().item()) == 3.0
+    with pytest.raises(ZeroDivisionError):
+        worker.call(lambda: 1 / 0)
+    assert worker.call(lambda: "still serving") == "still serving"

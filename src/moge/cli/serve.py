@@ -4,7 +4,8 @@
 (streaming too), GET /v1/models, /health, /metrics, POST /tokenize, /detokenize, GET /tokenizer_info.
 The checkpoint needs its tokenizer.json. Float and W8A8 checkpoints, MoGE and top-K routers.
 ``--speculative`` drafts with the checkpoint's MTP predictors (``moge train --mtp N``): each engine
-step verifies 1 + D tokens per request; greedy output is unchanged.
+step verifies 1 + D tokens per request; greedy output is unchanged. ``--compile`` decodes through
+compiled steps (the fast CPU path, compiled per batch bucket before the server answers).
 SIGTERM (or Ctrl-C) stops accepting requests and lets the running ones finish. See docs/serving.md.
 """
 
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode with the checkpoint's MTP predictors drafting (same greedy output, fewer steps)")
     p.add_argument("--draft-tokens", type=int, default=None,
                    help="drafts per step with --speculative (default: every MTP predictor)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd steps, one per batch bucket, compiled before serving "
+                        "(the fast CPU path; tens of seconds per bucket at startup)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -68,6 +72,9 @@ def _checked(args: argparse.Namespace) -> Path:
     V.integer("--draft-tokens", args.draft_tokens, 1, optional=True, error=ServeArgumentError)
     if args.draft_tokens is not None and not args.speculative:
         raise ServeArgumentError("--draft-tokens needs --speculative")
+    if args.compile and args.speculative:
+        raise ServeArgumentError("--compile compiles the one-token decode step; --speculative verifies drafts "
+                                 "eagerly: use one or the other")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ServeArgumentError(f"--device {args.device}: CUDA is not available")
     return ckpt
@@ -80,7 +87,7 @@ def build(args: argparse.Namespace):
     # without it this command says how to get it instead of raising an ImportError.
     try:
         from ..serve.app import create_app
-        from ..serve.engine import AsyncEngine
+        from ..serve.engine import AsyncEngine, EngineThread
         from ..serve.text import ServeTokenizer
     except ImportError as e:
         raise ServeArgumentError(f"moge serve needs the serve extra ({e.name} is missing): "
@@ -88,17 +95,22 @@ def build(args: argparse.Namespace):
     raw_tok = read_tokenizer(ckpt, args.verify)
     if raw_tok is None:
         raise ServeArgumentError(f"no tokenizer.json in {ckpt}: moge serve needs the checkpoint's tokenizer")
-    model = load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                            verify=args.verify)
+    # The model is loaded, the scheduler built (its steps compiled) and then stepped on one thread: torch's
+    # kernels run about 2x slower on a thread other than the one that first used them (EngineThread).
+    worker = EngineThread()
+    if args.threads:
+        worker.call(lambda: torch.set_num_threads(args.threads))
+    model = worker.call(lambda: load_pretrained(ckpt, dtype=None if args.dtype == "auto" else args.dtype,
+                                                device=args.device, verify=args.verify))
     cfg = model.config
     eos = [] if cfg.eos_token_id is None else ([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int)
                                                 else list(cfg.eos_token_id))
     tok = ServeTokenizer(raw_tok, ckpt, cfg.bos_token_id, args.max_model_len or cfg.max_position_embeddings)
     try:
-        sched = Scheduler(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, eos_token_ids=eos,
-                          pad_token_id=cfg.pad_token_id or 0, decode=tok.decode, speculative=args.speculative,
-                          draft_tokens=args.draft_tokens)
+        sched = worker.call(lambda: Scheduler(
+            model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk, eos_token_ids=eos, pad_token_id=cfg.pad_token_id or 0,
+            decode=tok.decode, speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile))
     except AdmissionError as e:
         raise ServeArgumentError(str(e)) from None
     except SpeculativeError as e:
@@ -106,15 +118,13 @@ def build(args: argparse.Namespace):
         why = (f"the checkpoint {ckpt} has no MTP predictors (num_mtp_layers = 0): serve it without "
                "--speculative, or train predictors first (moge train --mtp 1)") if not mtp else str(e)
         raise ServeArgumentError(f"--speculative: {why}") from None
-    engine = AsyncEngine(sched)
+    engine = AsyncEngine(sched, thread=worker)
     name = args.served_model_name or ckpt.resolve().name
     return create_app(engine, tok, name, args.api_key, args.max_body_bytes), engine
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    app, engine = build(args)
+    app, engine = build(args)  # --threads applies on the engine thread, which does all torch work
     import uvicorn
 
     print(f"moge serve: {args.checkpoint} on http://{args.host}:{args.port}/v1 "

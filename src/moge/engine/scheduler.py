@@ -21,7 +21,8 @@ request per row. Each :meth:`Scheduler.step`:
    rows not decoding (free, still prefilling) ride along with a pad token and their stored length
    is restored from the host's count before every call, so their one written slot is overwritten by
    their next real token before any query can read it; on CUDA each bucket's step is one CUDA graph
-   (:class:`~moge.engine.graphs.GraphedStep`), captured when the scheduler is built;
+   (:class:`~moge.engine.graphs.GraphedStep`), captured when the scheduler is built, and with
+   ``compile=True`` (the fast CPU path) each bucket's step is compiled when the scheduler is built;
 4. samples with each row's own settings (:func:`~moge.engine.sampling.sample_rows`: per-row
    temperature / top-k / top-p tensors, a generator per seeded request), checks stop conditions
    (max_tokens, EOS, stop token ids, stop strings) and frees finished rows.
@@ -53,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.cache import RowSubsetCache, StaticKVCache
+from ..progress import progress
 from .drafting import RowDrafter, RowSampling
 from .graphs import GraphCaptureError, GraphedStep, batch_bucket
 from .request import AdmissionError, Event, QueueFullError, Request, SamplingParams
@@ -75,13 +77,17 @@ class Scheduler:
     ``max_model_len``: the most positions (prompt + new tokens) a request may use, the cache's
     capacity per row (default: the model's ``max_position_embeddings``). ``decode``: ids -> text,
     needed for stop strings. :meth:`submit` and :meth:`abort` may be called from any thread;
-    :meth:`step` from one thread only (the owner of the model).
+    :meth:`step` from one thread only (the owner of the model). ``compile=True`` (CPU) decodes through
+    compiled steps (:class:`~moge.engine.step.DecodeStep` with ``compile=True``), one per batch bucket,
+    all compiled here (a progress line per bucket unless ``show_progress=False``); a compiled step
+    attends every slot of ``max_model_len``, so a smaller ``max_model_len`` means less attention work.
     """
 
     def __init__(self, model: nn.Module, max_batch: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, eos_token_ids: Sequence[int] = (),
                  pad_token_id: int = 0, decode: Callable[[list[int]], str] | None = None,
-                 cuda_graphs: bool | None = None, speculative: bool = False, draft_tokens: int | None = None):
+                 cuda_graphs: bool | None = None, speculative: bool = False, draft_tokens: int | None = None,
+                 compile: bool = False, show_progress: bool = True):
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None)
         max_model_len = max_model_len or limit
@@ -96,6 +102,10 @@ class Scheduler:
         self.vocab_size = cfg.vocab_size
         self.eos = frozenset(eos_token_ids)
         self.pad = pad_token_id
+        if compile and (speculative or draft_tokens):
+            raise AdmissionError("compile=True compiles the one-token decode step; speculative decoding verifies "
+                                 "a varying number of drafts per row and runs eagerly: use one or the other")
+        self.compile = compile
         # Speculative: the MTP predictors draft, each step verifies 1 + D tokens per row (.drafting).
         self._drafter = RowDrafter(model, max_batch, draft_tokens) if speculative or draft_tokens else None
         self.cache = (StaticKVCache.for_model(model, max_batch, max_model_len) if self._drafter is None
@@ -115,13 +125,30 @@ class Scheduler:
         self._ids = itertools.count()
         if self._drafter is None and (cuda_graphs if cuda_graphs is not None else self.device.type == "cuda"):
             self._capture_graphs()  # speculative steps run eagerly (their gathers vary per step)
+        elif compile:
+            self._compile_steps(show_progress)
+
+    def _buckets(self) -> list[int]:
+        return sorted({min(batch_bucket(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+
+    def _compile_steps(self, show: bool) -> None:
+        """Compile the decode step of every batch bucket now (tens of seconds each for the ``small``
+        preset on 2 cores), so that no request waits for a compile. Like a CUDA graph capture, a first
+        call writes a slot of every row in its bucket: harmless only before any request holds a row,
+        and the lengths it advanced are reset."""
+        bar = progress(len(self._buckets()), "compile decode steps", "bucket", disable=not show)
+        for b in self._buckets():
+            self._step(b)(torch.full((b, 1), self.pad, dtype=torch.long, device=self.device))
+            self.cache.lengths_B.zero_()
+            bar.update(1)
+        bar.close()
 
     def _capture_graphs(self) -> None:
         """One CUDA graph of the decode step per batch bucket, captured now: a capture writes a few slots
         of every row in its bucket, harmless only before any request holds a row."""
         if self.device.type != "cuda":
             raise AdmissionError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
-        for b in sorted({min(batch_bucket(n), self.max_batch) for n in range(1, self.max_batch + 1)}):
+        for b in self._buckets():
             try:
                 self._graphs[b] = GraphedStep(self._step(b))
             except GraphCaptureError as e:
@@ -294,7 +321,7 @@ class Scheduler:
     def _step(self, b: int) -> DecodeStep:
         """The fixed-shape decode step over the leading ``b`` rows (views of the one cache)."""
         if b not in self._steps:
-            self._steps[b] = DecodeStep(self.model, self.cache.rows(0, b))
+            self._steps[b] = DecodeStep(self.model, self.cache.rows(0, b), compile=self.compile)
         return self._steps[b]
 
     def _decode(self, decoding: list[Request]) -> None:

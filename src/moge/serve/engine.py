@@ -15,16 +15,20 @@ engine thread when each event is produced.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..engine.request import Event, SamplingParams
 from ..engine.scheduler import Scheduler
 
-__all__ = ["AsyncEngine", "Stream"]
+__all__ = ["AsyncEngine", "EngineThread", "Stream"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     2.5, 5.0, 10.0, 30.0)
@@ -93,28 +97,63 @@ class Stream:
             self._engine.abort(self.request.id)
 
 
-class AsyncEngine:
-    """A :class:`Scheduler` stepped by one background thread (see the module docstring)."""
+class EngineThread:
+    """One daemon thread that runs the callables given to it, in order: all of a server's torch work
+    (loading the model, building the scheduler and compiling its steps, then the engine loop).
 
-    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05):
+    Why one thread for all of it: torch's OpenMP and MKL kernels ran about 2x slower on a thread other
+    than the one that first used them (2 threads, the 2-core AMD EPYC VM: a ``small`` float32 decode step
+    22-24 ms on the thread that had built the model, 40-47 ms on a second thread, 47-53 ms after setting
+    its thread count there too), so a model loaded on the main thread and stepped on an engine thread
+    decoded at half speed (``moge serve`` at 50-57% of the engine's own batch, ``benchmarks/RESULTS.md``)."""
+
+    def __init__(self, name: str = "moge-engine"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._calls.get()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to whoever waits on the future
+                    fut.set_exception(e)
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the thread and return its result (or raise its exception) here."""
+        return self.submit(fn).result()
+
+
+class AsyncEngine:
+    """A :class:`Scheduler` stepped by one background thread (see the module docstring): ``thread``, the
+    :class:`EngineThread` that built the scheduler's model (``moge serve`` passes it), or a new one."""
+
+    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05, thread: EngineThread | None = None):
         self.scheduler, self.idle_wait = scheduler, idle_wait
         self.metrics = _Metrics(scheduler)
         self._wake = threading.Event()
         self._stopping = False
         self._drain = True
-        self._thread = threading.Thread(target=self._loop, name="moge-engine", daemon=True)
+        self._thread = thread or EngineThread()
+        self._loop_done: Future | None = None
         self.error: str | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop_done = self._thread.submit(self._loop)
 
     @property
     def started(self) -> bool:
-        return self._thread.ident is not None
+        return self._loop_done is not None
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._loop_done is not None and not self._loop_done.done() and not self._stopping
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         """Queue a request; raises the scheduler's :class:`AdmissionError` / :class:`QueueFullError`."""
@@ -132,8 +171,8 @@ class AsyncEngine:
         """Stop the thread; with ``drain`` after the running and queued requests finish."""
         self._stopping, self._drain = True, drain
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._loop_done is not None:
+            wait([self._loop_done], timeout)
 
     def _loop(self) -> None:
         sched = self.scheduler
