@@ -237,11 +237,11 @@ def keep(results: dict, name: str, key: str, r: dict) -> None:
 def report(args, results: dict, mach: str) -> list[str]:
     eng = results["engine generate"]
     lines = [SECTION, "",
-             f"Machine: {mach}. Shared with other jobs while it ran: numbers are noisy (best of {args.rounds} "
-             f"interleaved rounds). Model: `small` preset, random weights, float32; prompts of {args.prompt_len} "
-             f"tokens, {args.output_len} output tokens, greedy, streamed over loopback; `moge serve --max-batch "
-             f"{args.max_batch} --threads {args.threads}` in its own process, the engine and the load generator "
-             f"in another ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
+             f"Machine: {mach}. Best of {args.rounds} interleaved rounds. Model: `small` preset, random weights, "
+             f"float32; prompts of {args.prompt_len} tokens, {args.output_len} output tokens, greedy, streamed "
+             f"over loopback; `moge serve --max-batch {args.max_batch} --threads {args.threads}` in its own "
+             f"process, the engine and the load generator in another "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
              "Output tokens/s at fixed concurrency (TPOT p50 / p99 in ms); `engine generate` is moge.generate "
              "on the same prompts as one batch of that size, prefill included:", "",
              "| contender | " + " | ".join(f"concurrency {c}" for c in CONCURRENCY) + " |",

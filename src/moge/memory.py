@@ -2,9 +2,10 @@
 
 A CPU decode step streams every weight it touches once per token, so its speed is the memory's read
 rate, and on 4 KiB pages that rate is lower: the hardware prefetchers stop at each page boundary and
-every page costs a TLB entry. On 2 MiB pages a sum over 512 MiB read 16% faster on the benchmark
-machine, and the compiled bf16 decode step of the ``small`` preset ran 13% faster
-(``benchmarks/RESULTS.md``, "Huge pages"). torch's CPU allocator asks the kernel for huge pages only
+every page costs a TLB entry. On 2 MiB pages a sum over 512 MiB read 15-23% faster on the benchmark
+machine, and the compiled decode steps of the ``small`` preset ran -2% to +7% faster (+24% once), eager
+ones unchanged within the noise (``benchmarks/bench_huge_pages.py``, ``benchmarks/RESULTS.md``, "Huge
+pages"). torch's CPU allocator asks the kernel for huge pages only
 when ``THP_MEM_ALLOC_ENABLE=1`` is set before torch starts, which a library cannot arrange, and where
 the system's policy is ``madvise`` (the usual default) nothing else asks. So loading moves a model's
 tensors into one anonymous mapping marked ``MADV_HUGEPAGE``; each tensor keeps a storage of its own
