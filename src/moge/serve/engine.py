@@ -105,7 +105,7 @@ class EngineThread:
     than the one that first used them (2 threads, the 2-core AMD EPYC VM: a ``small`` float32 decode step
     22-24 ms on the thread that had built the model, 40-47 ms on a second thread, 47-53 ms after setting
     its thread count there too), so a model loaded on the main thread and stepped on an engine thread
-    decoded at half speed (``moge serve`` at 50-57% of the engine's own batch, ``benchmarks/RESULTS.md``)."""
+    decoded at half speed (``moge serve`` at 50-57% of the engine's own batch; docs/serving.md, "Measured")."""
 
     def __init__(self, name: str = "moge-engine"):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
