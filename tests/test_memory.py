@@ -114,3 +114,15 @@ def test_load_pretrained_puts_cpu_weights_on_huge_pages(tmp_path):
     assert huge_page_bytes() - base >= 4 * HUGE_PAGE
     for (k, a), b in zip(plain.state_dict().items(), placed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_without_huge_pages_nothing_moves_and_caches_allocate_as_usual(monkeypatch):
+    """Policy ``never`` (or no THP at all): weights stay where they are, a KV cache is ordinary zeros."""
+    import moge.memory as memory
+    monkeypatch.setattr(memory, "huge_page_policy", lambda: "never")
+    model = model_of()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert move_to_huge_pages(model) == 0 and [p.data_ptr() for p in model.parameters()] == ptrs
+    assert huge_pages_zeros([(3, 1000, 400)], torch.bfloat16) is None
+    cache = StaticKVCache(num_layers=2, batch_size=2, num_kv_heads=4, head_dim=64, capacity=1023)
+    assert not cache.keys[0].any() and cache.keys[0].shape == (2, 4, 1024, 64)

@@ -65,7 +65,10 @@ def _arena(nbytes: int) -> tuple[mmap.mmap, int]:
     probe = torch.frombuffer(m, dtype=torch.uint8, count=1)
     start = -probe.data_ptr() % HUGE_PAGE
     del probe
-    m.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except OSError:  # a kernel that refuses the advice: the mapping still works, on ordinary pages
+        pass
     return m, start
 
 
