@@ -5,9 +5,9 @@ rate, and on 4 KiB pages that rate is lower: the hardware prefetchers stop at ea
 every page costs a TLB entry. On 2 MiB pages a sum over 512 MiB read 15-23% faster on the benchmark
 machine, and the compiled decode steps of the ``small`` preset ran -2% to +7% faster (+24% once), eager
 ones unchanged within the noise (``benchmarks/bench_huge_pages.py``, ``benchmarks/RESULTS.md``, "Huge
-pages"). torch's CPU allocator asks the kernel for huge pages only
-when ``THP_MEM_ALLOC_ENABLE=1`` is set before torch starts, which a library cannot arrange, and where
-the system's policy is ``madvise`` (the usual default) nothing else asks. So loading moves a model's
+pages"). torch's CPU allocator asks the kernel for huge pages only when ``THP_MEM_ALLOC_ENABLE=1`` is
+set before torch starts, which a library cannot arrange, and where the system's policy is ``madvise``
+(the usual default) nothing else asks. So loading moves a model's
 tensors into one anonymous mapping marked ``MADV_HUGEPAGE``; each tensor keeps a storage of its own
 (a slice of the mapping), so saving, ``safetensors``' shared-memory checks and ``torch.save`` see
 ordinary separate tensors. The mapping is unmapped when the last of its tensors is freed.
