@@ -126,3 +126,19 @@ def test_without_huge_pages_nothing_moves_and_caches_allocate_as_usual(monkeypat
     assert huge_pages_zeros([(3, 1000, 400)], torch.bfloat16) is None
     cache = StaticKVCache(num_layers=2, batch_size=2, num_kv_heads=4, head_dim=64, capacity=1023)
     assert not cache.keys[0].any() and cache.keys[0].shape == (2, 4, 1024, 64)
+
+
+@needs_thp
+def test_transformers_auto_class_puts_cpu_weights_on_huge_pages(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import moge.hf  # noqa: F401 (registers the Auto classes)
+    save_model(model_of(16), tmp_path / "ckpt")
+    gc.collect()
+    base = huge_page_bytes()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert huge_page_bytes() - base >= 4 * HUGE_PAGE
+    native = load_pretrained(tmp_path / "ckpt", huge_pages=False)
+    ids = torch.tensor([[1, 7, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, native(ids).logits)

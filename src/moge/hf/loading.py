@@ -19,7 +19,8 @@ experts already stacked), ``output_loading_info``, ``ignore_mismatched_sizes``, 
 ``path`` None and ``config``), ``attn_implementation`` (``sdpa``/``eager``), ``tqdm_class``
 (transformers uses it for Hub downloads only; moge reads local directories), config attributes
 (``output_router_logits=True``, ``num_labels=3``, ``tie_word_embeddings=...``) and moge's ``verify``.
-Anything else is refused by name.
+Anything else is refused by name. On a CPU the loaded weights go on transparent huge pages, as
+``load_pretrained`` puts them (:mod:`moge.memory`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..checkpoint.io import header_shapes, listing, open_shards, weight_files
 from ..checkpoint.layout import IGNORED_RE, from_published_state_dict, quantization_format
 from ..config import read_config_dict
 from ..errors import MoGEError
+from ..memory import move_to_huge_pages
 from ..experts import StackedExperts
 from ..model import Backbone, RotaryEmbedding, init_module
 from .forward import UnsupportedArgumentError
@@ -228,6 +230,7 @@ def load(cls: type, path: str | Path | None, model_args: tuple, config: Any, dty
         config = _config(cls, path, config, config_kwargs)
         set_attention(config, attn)
         model, info = _from_directory(cls, path, config, resolve_dtype(dtype), device_map, opts)
+        move_to_huge_pages(model)  # as load_pretrained: CPU weights on huge pages (moge.memory)
         _load_generation_config(model, path)
         model.config.name_or_path = str(path)
     model.eval()
