@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from results_md import copy_bandwidth, machine  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from results_md import copy_bandwidth, machine, replace_section  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from moge.config import get_config  # noqa: E402
 from moge.experts import StackedExperts  # noqa: E402
 from moge.model import KVCache, MoGEForCausalLM  # noqa: E402
@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                 "per-operator overhead, not weight reading, in both variants (see the share of the bound), so "
                 "the speed-up is smaller than the byte ratio. The decode benchmark of issue 10 "
                 "(`bench_generate.py`) was not on main when this was written; this stands in for its W8A8 rows.")
-        write_section(Path(args.results), [head, "", note, "",
-                                           f"Command: `PYTHONPATH=src python benchmarks/bench_quant.py --threads "
-                                           f"{args.threads}{' --quick' if args.quick else ''}`.", "", *lines, "",
-                                           f"![W8A8 benchmark]({png})", ""])
+        replace_section(Path(args.results), SECTION, [
+            SECTION, "", head, "", note, "",
+            f"Command: `PYTHONPATH=src python benchmarks/bench_quant.py --threads "
+            f"{args.threads}{' --quick' if args.quick else ''}`.", "", *lines, "", f"![W8A8 benchmark]({png})", ""])
     return 0
 
 
@@ -202,19 +202,6 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, body: list[str]) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    block = "\n".join([SECTION, "", *body])
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        text = head + block + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from bench_quant import decode, step_weight_bytes  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
-from results_md import copy_bandwidth, machine  # noqa: E402
+from results_md import copy_bandwidth, machine, replace_section  # noqa: E402
 from moge.config import get_config  # noqa: E402
 from moge.model import MoGEForCausalLM  # noqa: E402
 from moge.quant import quantize_weights  # noqa: E402
@@ -161,21 +161,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.threads} --rounds {args.rounds}`.", ""]
     print("\n".join(body))
     if not args.no_write:
-        write_section(Path(args.results), body)
+        replace_section(Path(args.results), SECTION, [SECTION, "", *body])
     return 0
-
-
-def write_section(path: Path, body: list[str]) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    block = "\n".join([SECTION, "", *body])
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        text = head + block + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from ..quant import QuantError, install_quantized
-from .hf_files import QUANT_NOTES_NAME, write_companions, write_quant_notes
+from .hf_files import write_companions, write_quant_notes
 from .io import (CheckpointError, header_shapes, listing, open_shards, read_json, save_shards, to_dtype_device,
                  weight_files, writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
@@ -48,7 +48,6 @@ from .reading import assign_loaded, check_tokenizer_file, resolve_device, tensor
 ASCEND_TYPES = {"static": "W8A8", "dynamic": "W8A8_DYNAMIC"}
 ACT_OF_TYPE = {v: k for k, v in ASCEND_TYPES.items()}
 FLOAT = "FLOAT"
-METADATA_NAME = QUANT_NOTES_NAME
 # description keys that are not tensor names
 _META_KEYS = {"model_quant_type", "kv_quant_type", "fa_quant_type", "reduce_quant_type", "version", "group_size",
               "metadata", "model_type"}

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..config import MoGEConfig
 from ..quant import QuantError, install_weight_only
-from .hf_files import QUANT_NOTES_NAME, write_companions, write_quant_notes
+from .hf_files import write_companions, write_quant_notes
 from .io import (CheckpointError, header_shapes, listing, open_shards, save_shards, to_dtype_device, weight_files,
                  writable_dir, write_json, writing)
 from .layout import (QUANT_DESCRIPTION_NAME, check_names_and_shapes, group_expert_names, released_config_dict,
@@ -49,7 +49,6 @@ from .reading import (CONFIG_NAME, assign_loaded, check_tokenizer_file, resolve_
 
 FORMAT = "pack-quantized"
 METHOD = "compressed-tensors"
-METADATA_NAME = QUANT_NOTES_NAME
 _FIELDS = ("weight_packed", "weight_scale", "weight_shape")
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj$")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")

@@ -136,8 +136,9 @@ class Scheduler:
         preset on 2 cores), so that no request waits for a compile. Like a CUDA graph capture, a first
         call writes a slot of every row in its bucket: harmless only before any request holds a row,
         and the lengths it advanced are reset."""
-        bar = progress(len(self._buckets()), "compile decode steps", "bucket", disable=not show)
-        for b in self._buckets():
+        buckets = self._buckets()
+        bar = progress(len(buckets), "compile decode steps", "bucket", disable=not show)
+        for b in buckets:
             self._step(b)(torch.full((b, 1), self.pad, dtype=torch.long, device=self.device))
             self.cache.lengths_B.zero_()
             bar.update(1)
