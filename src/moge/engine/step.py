@@ -120,8 +120,8 @@ def _compile_replayed(fn):
     step compiles in a region of its own (``isolate_recompiles``) and keeps none of Dynamo's guards:
     the step's model and cache are fixed at construction, ids are shape-checked by the step and mask and
     positions are its own buffers, so the ~2,400 guards (module structure, hooks, every weight's
-    metadata) would check nothing that a call can change, at 0.5-0.8 ms per call (5-8% of a bf16
-    ``small`` step on the 2-core VM). The price is the CUDA graph's contract: change the model after
+    metadata) would check nothing that a call can change, at 0.6 ms per call (8% of a bf16 ``small``
+    step at batch 1 on the 2-core VM, ``benchmarks/probe_step.py``). The price is the CUDA graph's contract: change the model after
     the first call (its modules, dtype, hooks) and build a new step."""
     return torch.compile(fn, dynamic=False, isolate_recompiles=True,
                          options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})

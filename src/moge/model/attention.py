@@ -59,10 +59,10 @@ def decode_attention(q_BhSD: Tensor, k_BgLD: Tensor, v_BgLD: Tensor, mask_B1SL: 
     Why: SDPA's CPU kernel (flash attention for CPU) costs 1.08 ms for one decode query per row at batch
     16, 12 heads over 4 key/value heads, 128 slots (bf16, 2 threads, the 2-core AMD EPYC VM), where these
     two matmuls take 0.11 ms (``benchmarks/probe_reduce.py``): its fixed cost per call is larger than the work.
-    The matmuls run in float32 even for bf16 keys and values: torch's bf16 ``bmm`` copies its operands
-    first and took 39 us a call against float32's 10 in the compiled bf16 ``small`` step at batch 1
-    (0.45 ms of its ~8 ms, 24 calls), while converting the attended keys and values is one pass over a
-    few hundred kilobytes."""
+    The matmuls run in float32 even for bf16 keys and values: compiled, one ``small`` layer's attention
+    at batch 1 took 56 us with bf16 matmuls and 39 us with float32 ones (``benchmarks/probe_step.py``;
+    torch's bf16 ``bmm`` copies its operands first), while converting the attended keys and values is
+    one pass over a few hundred kilobytes. In eager mode the two forms cost about the same."""
     b, h, s, d = q_BhSD.shape
     g = k_BgLD.shape[1]
     acc = torch.promote_types(q_BhSD.dtype, torch.float32)

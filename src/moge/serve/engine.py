@@ -102,10 +102,10 @@ class EngineThread:
     (loading the model, building the scheduler and compiling its steps, then the engine loop).
 
     Why one thread for all of it: torch's OpenMP and MKL kernels ran about 2x slower on a thread other
-    than the one that first used them (2 threads, the 2-core AMD EPYC VM: a ``small`` float32 decode step
-    22-24 ms on the thread that had built the model, 40-47 ms on a second thread, 47-53 ms after setting
-    its thread count there too), so a model loaded on the main thread and stepped on an engine thread
-    decoded at half speed (``moge serve`` at 50-57% of the engine's own batch; docs/serving.md, "Measured")."""
+    than the one that built the model and first ran it (2 threads, the 2-core AMD EPYC VM: a ``small``
+    float32 decode step 22.5 ms there, 46.1 ms on a second thread, ``benchmarks/probe_step.py``), so a
+    model loaded on the main thread and stepped on an engine thread decoded at half speed (``moge serve``
+    at 50-57% of the engine's own batch; docs/serving.md, "Measured")."""
 
     def __init__(self, name: str = "moge-engine"):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
